@@ -1,0 +1,1 @@
+"""Data components: readers per input format -> one record type, templates, convert, stats, tokenize."""

@@ -1,0 +1,1 @@
+"""Using a model: load base + adapter, chat/generate, batch predict, merge."""

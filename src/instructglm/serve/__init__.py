@@ -1,0 +1,1 @@
+"""Serving: Gradio web chat and an OpenAI-compatible API."""

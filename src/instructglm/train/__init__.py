@@ -1,0 +1,1 @@
+"""Training components (collator, peft set-up, callbacks) and the fine-tuning recipe."""
