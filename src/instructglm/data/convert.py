@@ -1,0 +1,229 @@
+"""convert: an instruction dataset (JSON / JSON Lines file, or a `datasets` name or dir) -> jsonl.
+
+Writes one `{"context": prompt, "target": answer}` per line (UTF-8, non-ASCII kept), a sidecar
+`<save_path>.meta.json` (template, format, source, counts), and prints the length table.
+
+    instructglm convert --data_path data/alpaca_data.json --save_path data/alpaca_data.jsonl
+    instructglm convert --dataset_name BelleGroup/generated_train_0.5M_CN --save_path data/belle_data.jsonl
+
+The format is detected from the first record's fields (`--format` to choose), the template
+defaults to the format's (alpaca -> alpaca, belle -> belle, records with history and dialogues
+-> chatglm; `--template` to choose). Rows that cannot be used — malformed JSON lines, missing or
+non-string fields, text that is not valid Unicode, bad history or conversations, empty prompts
+or outputs — are skipped and counted by reason with their first locations; `--strict` stops at
+the first instead. The output appears at `--save_path` only when the whole run succeeds.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from tqdm import tqdm
+
+from instructglm.data import stats as stats_lib
+from instructglm.data.io import iter_dataset_rows, iter_json_rows, write_json, write_jsonl
+from instructglm.data.readers import FORMATS, describe_formats, detect_format, read_rows
+from instructglm.data.records import BadRow, DataError, Example
+from instructglm.data.templates import TEMPLATES, Template, get_template
+
+SHOWN_LOCATIONS = 5  # how many bad-row locations per reason the report keeps
+
+
+def meta_path(save_path: str) -> str:
+    """Where convert puts the sidecar of a jsonl (tokenize reads it from there)."""
+    return f"{save_path}.meta.json"
+
+
+def render(example: Example, template: Template) -> dict[str, str]:
+    """One output line. A system prompt, where the format has one, goes before the template's prompt."""
+    context = template.render(example.instruction, example.input, example.history)
+    if example.system:
+        context = f"{example.system}\n{context}"
+    return {"context": context, "target": example.output}
+
+
+@dataclass
+class Skipped:
+    """Bad rows by reason: how many, and the first few (location, detail)."""
+
+    counts: Counter = field(default_factory=Counter)
+    first: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+
+    def add(self, location: str, bad: BadRow) -> None:
+        self.counts[bad.reason] += 1
+        shown = self.first.setdefault(bad.reason, [])
+        if len(shown) < SHOWN_LOCATIONS:
+            shown.append((location, bad.detail))
+
+    def report(self) -> str:
+        lines = []
+        for reason, n in self.counts.most_common():
+            where = ", ".join(loc for loc, _ in self.first[reason])
+            more = ", ..." if n > len(self.first[reason]) else ""
+            lines.append(f"  {reason}: {n} (at {where}{more}; first: {self.first[reason][0][1]})")
+        return "\n".join(lines)
+
+
+def _peek_fields(rows: Iterator[tuple[str, Any]]) -> tuple[list[str] | None, Iterator[tuple[str, Any]]]:
+    """The fields of the first JSON object among `rows`, and the rows with nothing consumed."""
+    buffered = []
+    fields = None
+    for location, row in rows:
+        buffered.append((location, row))
+        if isinstance(row, Mapping):
+            fields = sorted(row)
+            break
+    return fields, itertools.chain(buffered, rows)
+
+
+def _source_rows(data_path: str | None, dataset_name: str | None, split: str) -> tuple[str, Iterator]:
+    if bool(data_path) == bool(dataset_name):
+        raise DataError("give exactly one of --data_path (a json/jsonl file) and --dataset_name (a datasets name or dir)")
+    if data_path:
+        return data_path, iter_json_rows(data_path)
+    return dataset_name, iter_dataset_rows(dataset_name, split)
+
+
+def convert(
+    save_path: str,
+    data_path: str | None = None,
+    dataset_name: str | None = None,
+    split: str = "train",
+    format: str = "auto",
+    template: str | None = None,
+    strict: bool = False,
+) -> dict:
+    """Convert a dataset to a `{context, target}` jsonl at `save_path` and its sidecar; return the meta.
+
+    Raises:
+        DataError: no source or two; an unrecognised record shape (the message lists the fields
+            seen and the formats); an unknown template; no usable row; with `strict`, the first
+            bad row (with its location). Nothing is written then.
+        FileNotFoundError: `data_path` does not exist.
+    """
+    if format != "auto" and format not in FORMATS:
+        raise DataError(f"--format {format!r}: unknown; use auto or one of {', '.join(FORMATS)}")
+    if template is not None:
+        try:
+            get_template(template)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+    source, rows = _source_rows(data_path, dataset_name, split)
+    fields, rows = _peek_fields(rows)
+    if fields is None:
+        raise DataError(f"{source}: no JSON object found; is it an instruction dataset (formats: {describe_formats()})?")
+    if format == "auto":
+        format = detect_format(fields)
+        if format is None:
+            raise DataError(
+                f"{source}: unrecognised record shape; fields seen: {', '.join(fields)}. "
+                f"Known formats: {describe_formats()}. Rename the fields, or pass --format "
+                f"({' / '.join(FORMATS)}) to say which reader to use"
+            )
+    chosen = get_template(template or FORMATS[format].default_template)
+    skipped = Skipped()
+    written = 0
+
+    def lines(examples: Iterable[tuple[str, Example | BadRow]]) -> Iterator[dict[str, str]]:
+        nonlocal written
+        for location, example in examples:
+            if isinstance(example, BadRow):
+                if strict:
+                    raise DataError(
+                        f"{location}: {example.reason}: {example.detail} "
+                        "(--strict stops at the first bad row; without it bad rows are skipped and counted)"
+                    )
+                skipped.add(location, example)
+                continue
+            written += 1
+            yield render(example, chosen)
+        if not written:
+            # raised inside the atomic write, so no empty file replaces an existing one
+            raise DataError(
+                f"{source}: no usable row as format {format!r} (first record's fields: {', '.join(fields)}); "
+                f"skipped:\n{skipped.report()}"
+            )
+
+    progress = tqdm(read_rows(rows, format), desc="formatting", unit=" rows", disable=None)
+    write_jsonl(save_path, lines(progress))
+    meta = {
+        "template": chosen.name,
+        "format": format,
+        "source": source,
+        **({"split": split} if dataset_name and not data_path else {}),
+        "counts": {"rows": written + sum(skipped.counts.values()), "written": written, "skipped": dict(skipped.counts)},
+        "skipped_at": {reason: [loc for loc, _ in shown] for reason, shown in skipped.first.items()},
+    }
+    write_json(meta_path(save_path), meta)
+    meta["report"] = skipped.report()
+    return meta
+
+
+@dataclass
+class ConvertArguments:
+    save_path: str = field(metadata={"help": "Output jsonl of {context, target} lines (its sidecar: <save_path>.meta.json)."})
+    data_path: str | None = field(
+        default=None, metadata={"help": "Input JSON array or JSON Lines file (.json or .jsonl; BOM and CRLF are fine)."}
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Input for datasets.load_dataset: a hub name or a local dir/file."}
+    )
+    split: str = field(default="train", metadata={"help": "Split of --dataset_name to convert."})
+    format: Literal["auto", "alpaca", "history", "belle", "sharegpt", "firefly"] = field(
+        default="auto", metadata={"help": "Input format; auto detects it from the first record's fields."}
+    )
+    template: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Prompt template: {', '.join(TEMPLATES)}, or a format string with {{instruction}} {{input}} "
+            "[{history}]. Default: the format's (alpaca, belle, or chatglm for history/dialogues)."
+        },
+    )
+    strict: bool = field(default=False, metadata={"help": "Stop at the first bad row (with its location) instead of skipping it."})
+    stats_path: str | None = field(default=None, metadata={"help": "Also save the length stats as JSON here."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer (model dir or hub name) for the stats in tokens; characters only if unset."}
+    )
+    max_seq_length: int | None = field(
+        default=None, metadata={"help": "Count the rows tokenize would truncate or drop at this length in tokens (needs --model_name_or_path)."}
+    )
+
+
+ARGUMENTS = (ConvertArguments,)
+
+
+def main(args: ConvertArguments) -> int:
+    try:
+        # the tokenizer and --max_seq_length are checked first, so a typo fails before the work
+        tokenizer, model_type = stats_lib.check_token_args(args.model_name_or_path, args.max_seq_length)
+        meta = convert(
+            args.save_path,
+            data_path=args.data_path,
+            dataset_name=args.dataset_name,
+            split=args.split,
+            format=args.format,
+            template=args.template,
+            strict=args.strict,
+        )
+    except (DataError, OSError) as e:
+        print(f"convert: error: {e}", file=sys.stderr)
+        return 2
+    counts = meta["counts"]
+    print(
+        f"wrote {counts['written']} of {counts['rows']} rows to {args.save_path} "
+        f"(format {meta['format']}, template {meta['template']!r}; meta: {meta_path(args.save_path)})"
+    )
+    if meta["report"]:
+        print(f"skipped {counts['rows'] - counts['written']} rows:\n{meta['report']}", file=sys.stderr)
+    stats = stats_lib.jsonl_stats(args.save_path, tokenizer, args.max_seq_length, model_type)
+    print()
+    print(stats_lib.format_stats(stats))
+    if args.stats_path:
+        write_json(args.stats_path, stats)
+        print(f"\nsaved {args.stats_path}")
+    return 0

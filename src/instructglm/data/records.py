@@ -1,0 +1,40 @@
+"""The one record type every input format is read into, and the two errors of the data stage.
+
+Readers (`readers.py`) turn a raw row into an `Example` or raise `BadRow`; convert counts bad
+rows by reason and skips them (or stops at the first with `--strict`). `DataError` is for
+problems with the input as a whole — an unrecognised shape, a file that is not UTF-8 — and
+is what the commands turn into a non-zero exit with the message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training example: the prompt parts, the answer, and earlier rounds of a dialogue.
+
+    `instruction` and `input` follow Alpaca; formats with a single prompt field (BELLE's
+    `input`/`target`, a chat's last user turn) leave `input` empty. `history` holds the earlier
+    (query, answer) rounds, oldest first. `system` is a system prompt where the format has one.
+    """
+
+    instruction: str
+    output: str
+    input: str = ""
+    history: tuple[tuple[str, str], ...] = ()
+    system: str = ""
+
+
+class BadRow(Exception):
+    """One row that cannot become an `Example`; `reason` is a short key that convert counts by."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class DataError(ValueError):
+    """The input as a whole is unusable; the message names the file or record and the fix."""
