@@ -1,0 +1,160 @@
+"""Load a model for inference: base checkpoint + optional LoRA adapter + the prompt template.
+
+Every inference command (chat, predict, web, serve, merge) starts here, so they all agree on
+three things: how an adapter is attached (through the training side's `load_adapter`, which
+checks the adapter's tensors against the base), which template turns a query and its history
+into a prompt (the one the adapter was trained with, saved as `instructglm_train.json` in the
+run dir, else the model family's chat template), and that tokenizers pad on the left, as
+batched decoder-only generation needs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+RUN_CONFIG = "instructglm_train.json"
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="THUDM/chatglm-6b",
+        metadata={"help": "Base model: a hub name or a local directory in the hub layout."},
+    )
+    adapter: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "LoRA adapter to apply: a peft directory (a `train` run dir or checkpoint) or a "
+            "`chatglm-lora.pt` state dict in the original InstructGLM naming."
+        },
+    )
+    template: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Prompt template name (or a custom format string). Default: the `template` saved in "
+            f"the adapter's {RUN_CONFIG}, else the model family's chat template."
+        },
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Weights dtype: auto (float32 on CPU, the checkpoint's dtype on GPU), float32, float16, bfloat16."
+        },
+    )
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (cuda when available)."})
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> Any:
+    """torch dtype for `from_pretrained`; "auto" keeps the checkpoint's dtype except on the CPU,
+    where half precision is slow or unsupported for several ops, so float32 is used."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype == "auto":
+        return torch.float32 if device == "cpu" else "auto"
+    return getattr(torch, dtype)
+
+
+def run_config_path(path: str | None) -> Path | None:
+    """Where a run's `instructglm_train.json` would sit for an adapter dir, a `.pt` file or a model dir."""
+    if not path:
+        return None
+    p = Path(path)
+    candidate = (p if p.is_dir() else p.parent) / RUN_CONFIG
+    return candidate if candidate.is_file() else None
+
+
+def template_name_for(model_config: Any, adapter: str | None, model_name_or_path: str | None = None) -> str:
+    """The template the adapter (or a merged model) was trained with, else the family's chat template."""
+    from instructglm.models.registry import family_for
+
+    for source in (adapter, model_name_or_path):
+        saved = run_config_path(source)
+        if saved is None:
+            continue
+        try:
+            name = json.loads(saved.read_text(encoding="utf-8")).get("template")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{saved}: not valid JSON ({err}); fix or delete it, or pass --template") from err
+        if name:
+            return name
+    return family_for(model_config).chat_template
+
+
+def load_tokenizer(model_name_or_path: str):
+    """The base model's tokenizer, set up for batched generation (left padding, a pad token)."""
+    from transformers import AutoTokenizer
+
+    import instructglm  # noqa: F401  (registers ChatGLM with the Auto classes)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    # Decoder-only generation continues from the last position of every row, so padding must
+    # come first; right padding would make the model continue after pad tokens.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        # Llama-style tokenizers ship without a pad token; the mask hides it, any id works.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    model_name_or_path: str,
+    adapter: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    template: str | None = None,
+):
+    """Load `(model, tokenizer, template)` ready for generation.
+
+    Args:
+        model_name_or_path: hub name or local directory of the base (or an already merged) model.
+        adapter: a peft adapter directory or a `chatglm-lora.pt` state dict; None for the base alone.
+        dtype: "auto", "float32", "float16" or "bfloat16" (see `resolve_dtype`).
+        device: "auto", "cpu", "cuda", "cuda:N".
+        template: a template name or format string overriding the saved/family one.
+
+    Returns:
+        The model in eval mode (a `PeftModel` when an adapter is given), its tokenizer with left
+        padding, and the template object (`.render(instruction, input, history)`).
+
+    Raises:
+        FileNotFoundError: the adapter path does not exist.
+        ValueError: bad dtype; the adapter does not fit the base (the message names the tensors).
+    """
+    from transformers import AutoModelForCausalLM
+
+    import instructglm  # noqa: F401  (registers ChatGLM with the Auto classes)
+    from instructglm.data.templates import get_template
+
+    if adapter is not None and not Path(adapter).exists():
+        raise FileNotFoundError(f"--adapter {adapter}: no such file or directory")
+    device = resolve_device(device)
+    tokenizer = load_tokenizer(model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_name_or_path, dtype=resolve_dtype(dtype, device), device_map={"": device}
+    )
+    if adapter is not None:
+        from instructglm.train.lora import load_adapter
+
+        model = load_adapter(model, adapter, is_trainable=False)
+    model.eval()
+    name = template or template_name_for(model.config, adapter, model_name_or_path)
+    return model, tokenizer, get_template(name)
+
+
+def load_from_args(args: ModelArguments):
+    """`load_model` with a command's `ModelArguments`."""
+    return load_model(args.model_name_or_path, args.adapter, args.dtype, args.device, args.template)

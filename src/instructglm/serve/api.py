@@ -1,0 +1,461 @@
+"""OpenAI-compatible API: `GET /v1/models` and `POST /v1/chat/completions` (plain and SSE streaming).
+
+    instructglm serve --model_name_or_path THUDM/chatglm-6b --adapter output/alpaca --port 8000
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client.chat.completions.create(model="instructglm", messages=[{"role": "user", "content": "你好"}])
+
+Conversation mapping: the messages become ChatGLM's (history, query) — the last message must
+come from the user and is the query; earlier user/assistant messages pair up into history
+rounds (consecutive messages of one role are joined with a newline). The model has no system
+role, so `system` (and `developer`) messages are joined and put before the first user message
+of the conversation, separated by a blank line: the instruction reaches the model once, at the
+start, as it would if a user had typed it. The prompt is then the run's template.
+
+One model, one worker thread: requests queue and are generated one at a time, in arrival order
+(`--max_queue` bounds the waiting line; beyond it requests get a 503 that clients retry). A
+streaming client that disconnects stops its generation. `model` in a request is not checked:
+every name is answered by the loaded model, so clients with a hard-coded name work.
+
+Limits and errors: `--api_key` (or INSTRUCTGLM_API_KEY) requires `Authorization: Bearer <key>`
+(401 otherwise); bodies over `--max_request_bytes` get 413; `max_tokens` over `--max_tokens_limit`,
+or a prompt plus `max_tokens` longer than the model's context, get 400. Every error has
+OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at
+# run time, and `Request` is imported inside `create_app`, not at module level.
+import asyncio
+import hmac
+import json
+import os
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from instructglm.infer.generate import GenerationArguments, build_prompt, context_limit, prompt_length, stream_generate
+from instructglm.infer.load import ModelArguments, load_from_args
+
+
+@dataclass
+class ServeArguments:
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to bind; 0.0.0.0 exposes the API to the network."})
+    port: int = field(default=8000, metadata={"help": "TCP port."})
+    api_key: Optional[str] = field(
+        default=None,
+        metadata={"help": "Require `Authorization: Bearer <key>`. Default: $INSTRUCTGLM_API_KEY if set, else no key."},
+    )
+    model_id: Optional[str] = field(
+        default=None, metadata={"help": "Model name shown by /v1/models and in responses (default: `instructglm`)."}
+    )
+    max_tokens_limit: int = field(default=2048, metadata={"help": "Largest `max_tokens` a request may ask for."})
+    max_request_bytes: int = field(default=1_000_000, metadata={"help": "Largest request body in bytes."})
+    max_queue: int = field(default=256, metadata={"help": "Requests allowed to wait for the model; more get 503."})
+
+
+ARGUMENTS = (ModelArguments, ServeArguments, GenerationArguments)
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An error returned to the client in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# --- request schema -----------------------------------------------------------------------------
+
+
+def _schemas():
+    """Pydantic models, built on first use so importing this module stays light."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class TextPart(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        type: Literal["text"]
+        text: str
+
+    class Message(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        role: str
+        content: Union[str, list[TextPart], None] = None
+
+    class StreamOptions(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        include_usage: bool = False
+
+    class ChatCompletionRequest(BaseModel):
+        # Parameters this server does not implement (penalties, logit_bias, tools, …) are ignored.
+        model_config = ConfigDict(extra="ignore")
+        model: str = "instructglm"
+        messages: list[Message] = Field(min_length=1)
+        max_tokens: Optional[int] = Field(default=None, ge=1)
+        max_completion_tokens: Optional[int] = Field(default=None, ge=1)
+        temperature: Optional[float] = Field(default=None, ge=0, le=2)
+        top_p: Optional[float] = Field(default=None, ge=0, le=1)
+        n: int = Field(default=1, ge=1, le=1)
+        stream: bool = False
+        stream_options: Optional[StreamOptions] = None
+        stop: Union[str, list[str], None] = None
+
+    return ChatCompletionRequest
+
+
+def _text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.text for part in content)
+
+
+def messages_to_chat(messages: list) -> tuple[str, list[tuple[str, str]]]:
+    """(query, history) from OpenAI chat messages; see the module docstring for the rules."""
+    system: list[str] = []
+    turns: list[list] = []  # [role, text] with consecutive same-role messages joined
+    for i, message in enumerate(messages):
+        role = "system" if message.role == "developer" else message.role
+        if role not in ("system", "user", "assistant"):
+            raise APIError(400, f"messages[{i}].role {message.role!r} is not supported; use system, user or assistant", param=f"messages[{i}].role")
+        text = _text(message.content)
+        if role == "system":
+            system.append(text)
+        elif turns and turns[-1][0] == role:
+            turns[-1][1] += "\n" + text
+        else:
+            turns.append([role, text])
+    if not turns or turns[-1][0] != "user":
+        raise APIError(400, "the last non-system message must come from the user (it is the question answered)", param="messages")
+    if turns[0][0] != "user":
+        raise APIError(400, "the conversation must start with a user message (after any system messages)", param="messages")
+    if system and any(system):
+        turns[0][1] = "\n".join(s for s in system if s) + "\n\n" + turns[0][1]
+    history = [(turns[j][1], turns[j + 1][1]) for j in range(0, len(turns) - 1, 2)]
+    return turns[-1][1], history
+
+
+# --- stop strings -------------------------------------------------------------------------------
+
+
+class StopScanner:
+    """Cuts streamed text at the first stop string. Text that could be the start of a stop string
+    is held back until the next piece shows whether it is."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> str:
+        if self.stopped:
+            return ""  # pieces decoded before the cancelled generation noticed
+        if not self.stops:
+            return piece
+        self.pending += piece
+        hits = [self.pending.find(s) for s in self.stops]
+        found = [h for h in hits if h >= 0]
+        if found:
+            self.stopped = True
+            out, self.pending = self.pending[: min(found)], ""
+            return out
+        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(out) :]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
+
+
+# --- the worker ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    prompt: str
+    settings: GenerationArguments
+    stops: list[str]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, kind: str, value: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:
+            # The event loop is gone (server shutting down); nobody is listening any more.
+            self.cancel.set()
+
+
+class Engine:
+    """Owns the model; one thread runs the queued jobs one after another."""
+
+    _STOP = object()
+
+    def __init__(self, model: Any, tokenizer: Any, template: Any, max_queue: int = 256):
+        self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._work, name="instructglm-engine", daemon=True)
+            self.thread.start()
+
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.jobs.put(self._STOP)
+            self.thread.join()
+            self.thread = None
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise APIError(503, "the server is busy: too many requests waiting; retry shortly", type="server_error", code="overloaded") from None
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is self._STOP:
+                return
+            if job.cancel.is_set():
+                continue
+            try:
+                self._run(job)
+            except Exception as err:  # reported to that request; the worker keeps serving
+                job.emit("error", err)
+
+    def _run(self, job: Job) -> None:
+        scanner = StopScanner(job.stops)
+        stream = stream_generate(self.model, self.tokenizer, job.prompt, job.settings, cancel_event=job.cancel)
+        for piece in stream:
+            text = scanner.feed(piece)
+            if text:
+                job.emit("delta", text)
+            if scanner.stopped:
+                job.cancel.set()
+        tail = scanner.flush()
+        if tail:
+            job.emit("delta", tail)
+        completion = stream.completion
+        if scanner.stopped or completion.finish_reason == "cancelled":
+            completion.finish_reason = "stop"
+        job.emit("done", completion)
+
+
+# --- the app ------------------------------------------------------------------------------------
+
+
+def create_app(
+    engine: Engine,
+    model_id: str = "instructglm",
+    api_key: str | None = None,
+    defaults: GenerationArguments | None = None,
+    max_tokens_limit: int = 2048,
+    max_request_bytes: int = 1_000_000,
+):
+    """The FastAPI app; the engine's worker starts and stops with it."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from pydantic import ValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    defaults = defaults or GenerationArguments()
+    ChatCompletionRequest = _schemas()
+    created = int(time.time())
+    limit = context_limit(engine.model)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="InstructGLM OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError):
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException):
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {err.detail}"
+        return JSONResponse(APIError(err.status_code, message, type=kind).body(), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, err: Exception):
+        return JSONResponse(APIError(500, f"internal error: {err}", type="server_error").body(), status_code=500)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`", code="invalid_api_key")
+
+    async def read_body(request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_request_bytes:
+            raise APIError(413, f"request body of {declared} bytes exceeds the limit of {max_request_bytes}", code="request_too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_request_bytes:
+                raise APIError(413, f"request body exceeds the limit of {max_request_bytes} bytes", code="request_too_large")
+        return bytes(body)
+
+    def model_card() -> dict:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "instructglm"}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str, request: Request):
+        authorize(request)
+        if name != model_id:
+            raise APIError(404, f"The model {name!r} does not exist; this server serves {model_id!r}", param="model", code="model_not_found")
+        return model_card()
+
+    def parse(body: bytes):
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise APIError(400, f"the request body is not valid JSON ({err})") from None
+        try:
+            return ChatCompletionRequest.model_validate(payload)
+        except ValidationError as err:
+            first = err.errors()[0]
+            param = ".".join(str(part) for part in first["loc"]) or None
+            raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+
+    def settings_for(req, prompt_tokens: int) -> GenerationArguments:
+        asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        if asked is not None and asked > max_tokens_limit:
+            raise APIError(400, f"{param} is {asked}, above this server's limit of {max_tokens_limit}", param=param, code="max_tokens_exceeded")
+        room = max_tokens_limit if limit is None else min(max_tokens_limit, limit - prompt_tokens)
+        if room < 1 or (asked is not None and limit is not None and prompt_tokens + asked > limit):
+            raise APIError(
+                400,
+                f"the prompt has {prompt_tokens} tokens and {param} asks for {asked or room}; the model's context is "
+                f"{limit} tokens. Shorten the messages or lower {param}",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        temperature = defaults.temperature if req.temperature is None else req.temperature
+        return GenerationArguments(
+            max_new_tokens=asked or room,
+            top_p=defaults.top_p if req.top_p is None else req.top_p,
+            temperature=temperature,
+            do_sample=defaults.do_sample and temperature > 0,
+        )
+
+    def usage(c) -> dict:
+        return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        authorize(request)
+        req = parse(await read_body(request))
+        query, history = messages_to_chat(req.messages)
+        prompt = build_prompt(engine.template, query, history)
+        settings = settings_for(req, prompt_length(engine.tokenizer, prompt))
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        job = Job(prompt, settings, stops, asyncio.get_running_loop(), asyncio.Queue())
+        engine.submit(job)
+        ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        if not req.stream:
+            parts = []
+            try:
+                while True:
+                    kind, value = await job.events.get()
+                    if kind == "delta":
+                        parts.append(value)
+                    elif kind == "error":
+                        raise APIError(500, f"generation failed: {value}", type="server_error")
+                    else:
+                        break
+            finally:
+                job.cancel.set()  # no-op when finished; stops the work if the client went away
+            return {
+                "id": ident,
+                "object": "chat.completion",
+                "created": now,
+                "model": model_id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)}, "finish_reason": value.finish_reason}],
+                "usage": usage(value),
+            }
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            body = {"id": ident, "object": "chat.completion.chunk", "created": now, "model": model_id,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            if include_usage:
+                body["usage"] = None
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        async def events():
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                while True:
+                    kind, value = await job.events.get()
+                    if kind == "delta":
+                        yield chunk({"content": value})
+                    elif kind == "error":
+                        yield f"data: {json.dumps(APIError(500, f'generation failed: {value}', type='server_error').body())}\n\n"
+                        break
+                    else:
+                        yield chunk({}, value.finish_reason)
+                        if include_usage:
+                            body = {"id": ident, "object": "chat.completion.chunk", "created": now, "model": model_id, "choices": [], "usage": usage(value)}
+                            yield f"data: {json.dumps(body)}\n\n"
+                        break
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancel.set()  # client disconnected mid-stream: stop generating for it
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return app
+
+
+def main(model_args: ModelArguments, args: ServeArguments, defaults: GenerationArguments) -> int:
+    import uvicorn
+
+    model, tokenizer, template = load_from_args(model_args)
+    engine = Engine(model, tokenizer, template, args.max_queue)
+    app = create_app(
+        engine,
+        model_id=args.model_id or "instructglm",
+        api_key=args.api_key or os.environ.get("INSTRUCTGLM_API_KEY") or None,
+        defaults=defaults,
+        max_tokens_limit=args.max_tokens_limit,
+        max_request_bytes=args.max_request_bytes,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

@@ -1,0 +1,91 @@
+"""Gradio streaming chat, laid out like the seed's web demo.
+
+    instructglm web --model_name_or_path THUDM/chatglm-6b --adapter output/alpaca --port 7860
+
+Answers stream into the chat as they are generated; the conversation so far is the history of
+the next question; "Clear History" starts over; the Maximum length, Top P and Temperature
+sliders set the decoding of each answer (temperature 0 decodes greedily). The app binds
+127.0.0.1 unless `--host` says otherwise and never creates a public share link. One answer is
+generated at a time; other visitors queue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from instructglm.infer.generate import GenerationArguments, stream_chat
+from instructglm.infer.load import ModelArguments, load_from_args
+
+TITLE = "InstructGLM: Streaming Chatbot with Gradio"
+
+
+@dataclass
+class WebArguments:
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to bind; 0.0.0.0 exposes the app to the network."})
+    port: int = field(default=7860, metadata={"help": "TCP port."})
+
+
+ARGUMENTS = (ModelArguments, WebArguments, GenerationArguments)
+
+
+def build_app(model: Any, tokenizer: Any, template: Any, defaults: GenerationArguments | None = None):
+    """The Gradio Blocks app for one loaded model (not launched)."""
+    import gradio as gr
+
+    defaults = defaults or GenerationArguments()
+
+    def respond(query: str, messages: list, history: list, max_length: float, top_p: float, temperature: float) -> Iterator:
+        query = (query or "").strip()
+        if not query:
+            yield messages, history, ""
+            return
+        settings = GenerationArguments(
+            max_length=int(max_length), top_p=float(top_p), temperature=float(temperature), do_sample=float(temperature) > 0
+        )
+        messages = list(messages or []) + [{"role": "user", "content": query}, {"role": "assistant", "content": ""}]
+        answer = ""
+        yield messages, history, ""
+        try:
+            for piece in stream_chat(model, tokenizer, template, query, [tuple(h) for h in history], settings):
+                answer += piece
+                messages[-1] = {"role": "assistant", "content": answer}
+                yield messages, history, ""
+        except ValueError as err:  # prompt longer than Maximum length
+            raise gr.Error(str(err)) from None
+        yield messages, list(history) + [(query, answer)], ""
+
+    def clear() -> tuple:
+        return [], [], ""
+
+    with gr.Blocks(title="InstructGLM", analytics_enabled=False) as app:
+        gr.HTML(f'<h1 align="center">{TITLE}</h1>')
+        chatbot = gr.Chatbot(label="InstructGLM", elem_id="chatbot", height=480)
+        history = gr.State([])
+        with gr.Row():
+            with gr.Column(scale=4):
+                query = gr.Textbox(show_label=False, placeholder="Input...", lines=3, elem_id="query")
+                submit = gr.Button("Submit", variant="primary", elem_id="submit")
+            with gr.Column(scale=1):
+                clear_button = gr.Button("Clear History", elem_id="clear")
+                max_length = gr.Slider(1, 4096, value=defaults.max_length, step=1, label="Maximum length", interactive=True)
+                top_p = gr.Slider(0, 1, value=defaults.top_p, step=0.01, label="Top P", interactive=True)
+                temperature = gr.Slider(0, 1, value=defaults.temperature, step=0.01, label="Temperature", interactive=True)
+        inputs = [query, chatbot, history, max_length, top_p, temperature]
+        outputs = [chatbot, history, query]
+        submit.click(respond, inputs, outputs, concurrency_limit=1)
+        query.submit(respond, inputs, outputs, concurrency_limit=1)
+        clear_button.click(clear, None, outputs)
+    return app
+
+
+def launch(app, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
+    """Serve the app; with `block=False` return at once (tests), close it with `app.close()`."""
+    app.queue(max_size=64)
+    return app.launch(server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=not block, quiet=not block)
+
+
+def main(model_args: ModelArguments, args: WebArguments, defaults: GenerationArguments) -> int:
+    model, tokenizer, template = load_from_args(model_args)
+    launch(build_app(model, tokenizer, template, defaults), args.host, args.port)
+    return 0

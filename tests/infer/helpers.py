@@ -1,0 +1,58 @@
+"""Tiny models and adapters for the inference and serving tests.
+
+The checkpoints come from the shared `tests/tiny_models.py` (native ChatGLM and Llama, 2 layers,
+random weights); `tiny_adapter(model_dir, path)` writes a peft LoRA adapter for one whose
+weights are random (not zero), so the adapter visibly changes the outputs, plus the run's
+`instructglm_train.json` naming its template, as `train` would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+def tiny_llama(path: Path, seed: int = 0) -> Path:
+    from tests.tiny_models import tiny_llama_dir
+
+    return tiny_llama_dir(path, seed=seed)
+
+
+def tiny_chatglm(path: Path, seed: int = 0, **overrides) -> Path:
+    from tests.tiny_models import tiny_chatglm_dir
+
+    return tiny_chatglm_dir(path, seed=seed, **overrides)
+
+
+def tiny_adapter(model_dir: Path, path: Path, template: str = "alpaca", targets=("q_proj", "v_proj"), seed: int = 1) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(path)
+    (path / "instructglm_train.json").write_text(json.dumps({"template": template}), encoding="utf-8")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_env() -> dict:
+    """Environment for `python -m instructglm.cli` subprocesses: one thread, repo sources first."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    return env
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "instructglm.cli", *args]

@@ -1,0 +1,130 @@
+"""instructglm predict: batched == single for greedy, resumable without duplicates, bad input named."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from instructglm.infer import predict as predict_module
+from instructglm.infer.generate import GenerationArguments
+from instructglm.infer.load import load_model
+from instructglm.infer.predict import predict_rows, read_rows
+from tests.infer.helpers import cli, cli_env
+
+GREEDY = GenerationArguments(max_new_tokens=6, do_sample=False)
+CONTEXTS = ["What is two plus three?", "hi", "Reverse the word cat: ", "你好，世界。", "The quick brown fox", "say hello", "一二三四五"]
+
+
+@pytest.fixture(scope="module")
+def tuned(llama_dir, llama_adapter):
+    return load_model(str(llama_dir), adapter=str(llama_adapter), device="cpu")
+
+
+@pytest.fixture
+def rows(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps({"context": c, "target": f"t{i}"}, ensure_ascii=False) + "\n" for i, c in enumerate(CONTEXTS)), encoding="utf-8")
+    return path
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def each_family(family):
+    name, base, adapter = family
+    return load_model(str(base), adapter=str(adapter), device="cpu")
+
+
+def test_batched_equals_one_at_a_time(each_family, rows, tmp_path):
+    model, tokenizer, _ = each_family
+    data = read_rows(rows)
+    predict_rows(model, tokenizer, data, tmp_path / "b3.jsonl", GREEDY, batch_size=3)
+    predict_rows(model, tokenizer, data, tmp_path / "b1.jsonl", GREEDY, batch_size=1)
+    batched, single = _lines(tmp_path / "b3.jsonl"), _lines(tmp_path / "b1.jsonl")
+    assert batched == single
+    assert [r["context"] for r in batched] == CONTEXTS and [r["target"] for r in batched] == [f"t{i}" for i in range(7)]
+    assert all("prediction" in r for r in batched)
+
+
+def test_interrupted_run_resumes_without_duplicates(tuned, rows, tmp_path, monkeypatch):
+    model, tokenizer, _ = tuned
+    data = read_rows(rows)
+    reference = tmp_path / "ref.jsonl"
+    predict_rows(model, tokenizer, data, reference, GREEDY, batch_size=2)
+
+    real, calls = predict_module.generate_batch, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a Ctrl-C in the third batch would
+        return real(*args, **kwargs)
+
+    out = tmp_path / "out.jsonl"
+    monkeypatch.setattr(predict_module, "generate_batch", failing)
+    with pytest.raises(KeyboardInterrupt):
+        predict_rows(model, tokenizer, data, out, GREEDY, batch_size=2)
+    assert len(_lines(out)) == 4
+    monkeypatch.setattr(predict_module, "generate_batch", real)
+    assert predict_rows(model, tokenizer, data, out, GREEDY, batch_size=2) == 3
+    assert _lines(out) == _lines(reference)
+
+
+def test_partial_last_line_is_dropped_and_redone(tuned, rows, tmp_path):
+    model, tokenizer, _ = tuned
+    data = read_rows(rows)
+    reference = tmp_path / "ref.jsonl"
+    predict_rows(model, tokenizer, data, reference, GREEDY, batch_size=4)
+    text = reference.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    out = tmp_path / "out.jsonl"
+    out.write_text("".join(lines[:3]) + lines[3][:10], encoding="utf-8")  # a write cut off mid-line
+    assert predict_rows(model, tokenizer, data, out, GREEDY, batch_size=4) == 4
+    assert out.read_text(encoding="utf-8") == text
+
+
+def test_output_of_another_input_is_refused(tuned, rows, tmp_path):
+    model, tokenizer, _ = tuned
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"context": "something else", "prediction": "x"}) + "\n")
+    with pytest.raises(ValueError, match="line 1 .*--overwrite true"):
+        predict_rows(model, tokenizer, read_rows(rows), out, GREEDY)
+    assert predict_rows(model, tokenizer, read_rows(rows), out, GREEDY, overwrite=True) == len(CONTEXTS)
+
+
+def test_bad_rows_are_all_named(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"context": "ok"}\nnot json\n{"target": "no context"}\n')
+    with pytest.raises(ValueError, match=r"2 bad row\(s\): line 2: not JSON.*line 3: no string field `context`"):
+        read_rows(path)
+
+
+def test_cli_killed_mid_run_then_rerun_gives_one_line_per_row(llama_dir, llama_adapter, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    n = 40
+    inp.write_text("".join(json.dumps({"context": f"{CONTEXTS[i % 7]} {i}"}, ensure_ascii=False) + "\n" for i in range(n)), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    args = cli("predict", "--model_name_or_path", str(llama_dir), "--adapter", str(llama_adapter), "--device", "cpu",
+               "--input", str(inp), "--output", str(out), "--batch_size", "1", "--max_new_tokens", "24")
+    proc = subprocess.Popen(args, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and out.read_bytes().count(b"\n") >= 3:
+            break
+        time.sleep(0.02)
+    killed = proc.poll() is None
+    proc.send_signal(signal.SIGKILL) if killed else None
+    proc.wait(timeout=30)
+    done_before = out.read_bytes().count(b"\n")
+    result = subprocess.run(args, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = _lines(out)
+    assert [r["context"] for r in rows] == [f"{CONTEXTS[i % 7]} {i}" for i in range(n)]
+    assert f"{n - done_before} row(s) written now" in result.stdout
+    assert killed and done_before < n, "the first run finished before it could be killed; raise n"

@@ -1,0 +1,200 @@
+"""instructglm serve: the official openai client against a tiny model on loopback."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+
+from instructglm.infer.generate import GenerationArguments, build_prompt, generate_batch
+from instructglm.infer.load import load_model
+from instructglm.serve.api import APIError, Engine, StopScanner, create_app, messages_to_chat
+from tests.infer.helpers import free_port
+
+KEY = "test-key"
+QUESTIONS = ["What is two plus three?", "hi", "Reverse the word cat", "你好"]
+
+
+@pytest.fixture(scope="module")
+def loaded(llama_dir, llama_adapter):
+    return load_model(str(llama_dir), adapter=str(llama_adapter), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server(loaded):
+    import uvicorn
+
+    model, tokenizer, template = loaded
+    app = create_app(Engine(model, tokenizer, template, max_queue=128), model_id="tiny", api_key=KEY,
+                     max_tokens_limit=64, max_request_bytes=20_000)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def greedy(loaded, question, history=(), max_tokens=8):
+    model, tokenizer, template = loaded
+    prompt = build_prompt(template, question, history)
+    return generate_batch(model, tokenizer, [prompt], GenerationArguments(max_new_tokens=max_tokens, do_sample=False))[0]
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_completion_is_the_greedy_answer_with_history(client, loaded):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello world"},
+                {"role": "user", "content": "say hello"}]
+    reply = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=8)
+    expected = greedy(loaded, "say hello", [("hi", "hello world")])
+    assert reply.object == "chat.completion" and reply.model == "tiny"
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == expected.text
+    assert reply.choices[0].finish_reason == expected.finish_reason
+    assert reply.usage.prompt_tokens == expected.prompt_tokens
+    assert reply.usage.completion_tokens == expected.completion_tokens
+
+
+def test_streaming_adds_up_to_the_same_answer(client, loaded):
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                            temperature=0, max_tokens=8, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    expected = greedy(loaded, "hi")
+    assert text == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected.finish_reason
+    assert chunks[-1].usage.completion_tokens == expected.completion_tokens
+
+
+def test_sse_ends_with_done(server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["choices"][0]["delta"]["role"] == "assistant"
+
+
+def test_stop_string_cuts_the_answer(client, loaded):
+    full = greedy(loaded, "What is two plus three?", max_tokens=12).text
+    assert len(full) > 4
+    stop = full[3:5]
+    for stream in (False, True):
+        reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What is two plus three?"}],
+                                               temperature=0, max_tokens=12, stop=[stop], stream=stream)
+        text = "".join(c.choices[0].delta.content or "" for c in reply if c.choices) if stream else reply.choices[0].message.content
+        assert text == full[: full.find(stop)], (full, stop, text)
+
+
+def _error(err: openai.APIStatusError) -> dict:
+    body = err.response.json()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def test_api_key_is_required(server):
+    for key in ("wrong", ""):
+        bad = openai.OpenAI(base_url=server + "/v1", api_key=key or "x", max_retries=0,
+                            default_headers={} if key else {"Authorization": ""})
+        with pytest.raises(openai.AuthenticationError) as info:
+            bad.models.list()
+        assert info.value.status_code == 401 and _error(info.value)["code"] == "invalid_api_key"
+
+
+def test_max_tokens_over_the_limit(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=65)
+    error = _error(info.value)
+    assert error["param"] == "max_tokens" and "64" in error["message"]
+
+
+def test_context_overflow(client):
+    # The tiny model's context is 256 tokens.
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello " * 250}], max_tokens=64)
+    assert _error(info.value)["code"] == "context_length_exceeded"
+
+
+def test_bad_requests_get_openai_errors(server, client):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    url = server + "/v1/chat/completions"
+    r = httpx.post(url, content=b"{not json", headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(url, content=b'{"messages": [{"role": "user", "content": "' + b"a" * 30_000 + b'"}]}', headers=headers)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.post(url, json={"messages": []}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = httpx.post(url, json={"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    r = httpx.get(server + "/v1/nothing", headers=headers)
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    assert "last non-system message" in _error(info.value)["message"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}, {"role": "user", "content": "hi"}])
+    assert _error(info.value)["param"] == "messages[0].role"
+
+
+def test_concurrent_load_loses_no_request(server, loaded):
+    expected = {q: greedy(loaded, q, max_tokens=4).text for q in QUESTIONS}
+    client = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+    def worker(i):
+        answers = []
+        for j in range(4):
+            q = QUESTIONS[(i + j) % len(QUESTIONS)]
+            r = client.chat.completions.with_raw_response.create(model="tiny", messages=[{"role": "user", "content": q}],
+                                                                 temperature=0, max_tokens=4)
+            answers.append((q, r.status_code, r.parse().choices[0].message.content))
+        return answers
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        results = [a for answers in pool.map(worker, range(16), timeout=240) for a in answers]
+    assert time.monotonic() - started < 240
+    assert len(results) == 64
+    assert all(status == 200 for _, status, _ in results)
+    # Every answer is the one for its own question: no request lost, none mixed with another.
+    assert all(content == expected[q] and content for q, _, content in results)
+
+
+def test_messages_to_chat_rules():
+    m = lambda role, content: SimpleNamespace(role=role, content=content)  # noqa: E731
+    query, history = messages_to_chat([m("system", "Be brief."), m("user", "a"), m("assistant", "b"), m("user", "c"), m("user", "d")])
+    assert query == "c\nd" and history == [("Be brief.\n\na", "b")]
+    query, history = messages_to_chat([m("developer", "Rule."), m("user", "q")])
+    assert query == "Rule.\n\nq" and history == []
+    with pytest.raises(APIError, match="start with a user"):
+        messages_to_chat([m("assistant", "x"), m("user", "q")])
+
+
+def test_stop_scanner_holds_back_possible_starts():
+    s = StopScanner(["END"])
+    assert s.feed("abc E") == "abc " and s.feed("N") == "" and s.feed("X") == "ENX"
+    assert s.feed("yE") == "y" and s.feed("ND more") == "" and s.stopped
+    assert s.feed("later") == "" and s.flush() == ""
+    assert StopScanner([]).feed("E") == "E"
