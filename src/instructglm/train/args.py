@@ -1,0 +1,114 @@
+"""Flags of `instructglm train` (and the seed's `finetune.py`).
+
+`FinetuneArguments` holds what is ours: data, base model, LoRA and resume options. Everything
+else is transformers' `TrainingArguments`, parsed beside it, so every HF flag (`--bf16`,
+`--gradient_checkpointing`, `--deepspeed`, `--report_to`, `--resume_from_checkpoint`, ...) passes
+through unchanged. `TrainingArguments` here is the HF class with three checks run before its own:
+`--deepspeed` without DeepSpeed installed (an error naming the fix), `--fp16` on a machine without
+CUDA (fp32 with a warning), and torchrun on a machine without CUDA (DDP over gloo on the CPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+
+
+@dataclass
+class FinetuneArguments:
+    dataset_path: str = field(
+        default="data/alpaca",
+        metadata={"help": "Tokenized dataset dir from `instructglm tokenize`, or a converted .jsonl tokenized on the fly."},
+    )
+    model_name_or_path: str = field(
+        default="THUDM/chatglm-6b",
+        metadata={"help": "Base model: a hub name or a local dir in the hub layout (any causal LM transformers loads)."},
+    )
+    eval_dataset_path: str | None = field(
+        default=None,
+        metadata={"help": "Optional held-out set (same formats as --dataset_path); its loss is logged and plotted."},
+    )
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r (higher: more capacity and memory)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA input during training."})
+    lora_target: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated module names to wrap with LoRA, or 'all-linear'. Default: the model family's "
+            "(query_key_value for ChatGLM-6B, peft's table for other architectures)."
+        },
+    )
+    is_resume: bool = field(
+        default=False, metadata={"help": "Start from an existing adapter (--resume_path) instead of a fresh one."}
+    )
+    resume_path: str | None = field(
+        default=None,
+        metadata={"help": "Adapter to start from with --is_resume: a peft dir or a seed chatglm-lora.pt state dict."},
+    )
+    max_seq_length: int = field(
+        default=512, metadata={"help": "Token limit per row when a .jsonl is tokenized on the fly (longer rows are dropped)."}
+    )
+    template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Template name saved with the adapter for inference. Default: the dataset's (instructglm_data.json "
+            "or the .jsonl's .meta.json), else the model family's chat template."
+        },
+    )
+    quantization_bit: int | None = field(
+        default=None, metadata={"help": "Load the base model in 4 or 8 bits (QLoRA through bitsandbytes; CUDA only)."}
+    )
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.is_resume and not self.resume_path:
+            problems.append("--is_resume True needs --resume_path (a peft adapter dir or a chatglm-lora.pt file)")
+        if self.quantization_bit not in (None, 4, 8):
+            problems.append(f"--quantization_bit must be 4 or 8, got {self.quantization_bit}")
+        if self.lora_rank < 1:
+            problems.append(f"--lora_rank must be >= 1, got {self.lora_rank}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            problems.append(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.max_seq_length < 2:
+            problems.append(f"--max_seq_length must be >= 2, got {self.max_seq_length}")
+        if problems:
+            raise ValueError("invalid train flags:\n  " + "\n  ".join(problems))
+
+    @property
+    def lora_target_modules(self) -> list[str] | str | None:
+        """--lora_target as peft wants it: a list of names, 'all-linear', or None (family default)."""
+        if not self.lora_target:
+            return None
+        names = [name.strip() for name in self.lora_target.split(",") if name.strip()]
+        return "all-linear" if names == ["all-linear"] else names
+
+
+class TrainingArguments(transformers.TrainingArguments):
+    """transformers' `TrainingArguments`, with two early checks that name the flag to change."""
+
+    def __post_init__(self) -> None:
+        if self.deepspeed and importlib.util.find_spec("deepspeed") is None:
+            raise ImportError(
+                f"--deepspeed {self.deepspeed} needs DeepSpeed, which is not installed: `pip install deepspeed` on a "
+                "CUDA machine, or drop --deepspeed (plain DDP through torchrun needs nothing extra)"
+            )
+        # fp16 autocast needs CUDA; falling back keeps the seed's command lines (which all pass --fp16) runnable
+        # for a CPU smoke test, and the warning says the run is fp32.
+        if self.fp16 and not torch.cuda.is_available():
+            print(
+                "warning: --fp16 needs a CUDA GPU and none is available: training in fp32 on the CPU instead "
+                "(drop --fp16 to silence this)",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.fp16 = False
+        # Under torchrun on a machine without CUDA, accelerate sets up DDP (gloo) only when told it runs on
+        # the CPU; otherwise every process would silently train its own copy and race on the output files.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            self.use_cpu = True
+        super().__post_init__()

@@ -1,0 +1,174 @@
+"""The recipe end to end on the CPU: run dir contents, data inputs, continued training, flag errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.train.conftest import REPO, adapter_tensors, common_flags, train_in_process
+
+RUN_FILES = {
+    "README.md", "adapter_config.json", "adapter_model.safetensors", "chatglm-lora.pt",
+    "instructglm_train.json", "loss.png",
+}
+CHECKPOINT_FILES = {
+    "README.md", "adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "rng_state.pth",
+    "scheduler.pt", "trainer_state.json", "training_args.bin",
+}
+
+
+def tokenizer_files(model_dir, tmp_path) -> set[str]:
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(tmp_path / "tok"))
+    return {p.name for p in (tmp_path / "tok").iterdir()}
+
+
+def assert_pt_matches_adapter(run_dir):
+    pt = torch.load(run_dir / "chatglm-lora.pt", weights_only=True)
+    safetensors = adapter_tensors(run_dir)
+    assert {k.replace(".default", "") for k in pt} == set(safetensors)
+    for key, value in pt.items():
+        torch.testing.assert_close(value, safetensors[key.replace(".default", "")], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("model", ["llama", "chatglm"])
+def test_run_dir_exact_files(model, request, tmp_path):
+    model_dir = request.getfixturevalue(f"tiny_{model}_dir")
+    dataset = request.getfixturevalue(f"{model}_dataset")
+    out = tmp_path / "run"
+    flags = common_flags(model_dir, dataset, out, max_steps=6, save_steps=2, save_total_limit=2,
+                         eval_dataset_path=dataset, eval_steps=3)
+    assert train_in_process(*flags) == 0
+
+    tokenizer = tokenizer_files(model_dir, tmp_path)
+    assert {p.name for p in out.iterdir()} == RUN_FILES | tokenizer | {"checkpoint-4", "checkpoint-6"}
+    for checkpoint in ("checkpoint-4", "checkpoint-6"):
+        assert {p.name for p in (out / checkpoint).iterdir()} == CHECKPOINT_FILES | tokenizer
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    torch.testing.assert_close(adapter_tensors(out), adapter_tensors(out / "checkpoint-6"), rtol=0, atol=0)
+    assert_pt_matches_adapter(out)
+
+    run = json.loads((out / "instructglm_train.json").read_text())
+    assert run["template"] == "plain"  # from the dataset's instructglm_data.json (convert's sidecar)
+    assert run["model_type"] == ("chatglm" if model == "chatglm" else "llama")
+    assert run["lora"] == {"rank": 8, "alpha": 32, "dropout": 0.1,
+                           "target_modules": ["query_key_value"] if model == "chatglm" else ["q_proj", "v_proj"]}
+    assert run["dataset"]["rows"] == 64 and run["dataset"]["meta"]["counts"]["kept"] == 64
+    assert run["training_args"]["max_steps"] == 6 and run["finetune_args"]["lora_rank"] == 8
+    history = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in history if "eval_loss" in e] == [3, 6]
+    if model == "chatglm":
+        state = torch.load(out / "chatglm-lora.pt", weights_only=True)
+        assert "base_model.model.transformer.layers.0.attention.query_key_value.lora_A.default.weight" in state
+
+
+def test_jsonl_tokenized_on_the_fly_and_template_flag(tiny_llama_dir, reverse_jsonl, tmp_path):
+    out = tmp_path / "run"
+    assert train_in_process(*common_flags(tiny_llama_dir, reverse_jsonl, out, max_steps=2, save_steps=2,
+                                          max_seq_length=16, template="alpaca")) == 0
+    run = json.loads((out / "instructglm_train.json").read_text())
+    assert run["template"] == "alpaca" and run["dataset"]["meta"]["template"] == "plain"
+    assert 0 < run["dataset"]["rows"] <= 64
+
+
+def test_loss_goes_down(tiny_llama_dir, llama_dataset, tmp_path):
+    out = tmp_path / "run"
+    assert train_in_process(*common_flags(tiny_llama_dir, llama_dataset, out, max_steps=30, save_steps=30,
+                                          learning_rate=0.1, logging_steps=5, lora_target="all-linear",
+                                          lora_dropout=0.0, lora_rank=16)) == 0
+    losses = [e["loss"] for e in json.loads((out / "checkpoint-30" / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert losses[-1] < losses[0] - 0.3, losses
+
+
+def test_continue_from_adapter_pt_and_dir(tiny_llama_dir, llama_dataset, tmp_path):
+    first = tmp_path / "first"
+    assert train_in_process(*common_flags(tiny_llama_dir, llama_dataset, first, max_steps=3, save_steps=3, lora_rank=4)) == 0
+    for resume_path in (first / "chatglm-lora.pt", first):
+        out = tmp_path / f"second-{resume_path.name}"
+        # learning rate 0: the continued run's adapter must be exactly the one it started from
+        flags = common_flags(tiny_llama_dir, llama_dataset, out, max_steps=1, save_steps=1, lora_rank=4,
+                             learning_rate=0.0, is_resume="True", resume_path=resume_path)
+        assert train_in_process(*flags) == 0
+        torch.testing.assert_close(adapter_tensors(out), adapter_tensors(first), rtol=0, atol=0)
+        assert json.loads((out / "instructglm_train.json").read_text())["resumed_from_adapter"] == str(resume_path)
+
+
+def test_continue_with_wrong_rank_is_an_error(tiny_llama_dir, llama_dataset, tmp_path):
+    first = tmp_path / "first"
+    assert train_in_process(*common_flags(tiny_llama_dir, llama_dataset, first, max_steps=1, save_steps=1, lora_rank=4)) == 0
+    flags = common_flags(tiny_llama_dir, llama_dataset, tmp_path / "b", lora_rank=8, is_resume="true",
+                         resume_path=first / "chatglm-lora.pt")
+    with pytest.raises(ValueError, match=r"rank 4, the run asks for --lora_rank 8 \(pass --lora_rank 4\)"):
+        train_in_process(*flags)
+
+
+def test_gradient_checkpointing_same_adapter(tiny_llama_dir, llama_dataset, tmp_path):
+    runs = {}
+    for gc in ("false", "true"):
+        out = tmp_path / gc
+        assert train_in_process(*common_flags(tiny_llama_dir, llama_dataset, out, max_steps=3, save_steps=3,
+                                              lora_dropout=0.0, gradient_checkpointing=gc)) == 0
+        runs[gc] = adapter_tensors(out)
+    assert any(v.abs().sum() > 0 for k, v in runs["true"].items() if "lora_B" in k), "the adapter trained"
+    torch.testing.assert_close(runs["true"], runs["false"], rtol=1e-5, atol=1e-6)
+
+
+def test_glm4_trains_with_the_same_command(tiny_llama_dir, llama_dataset, tmp_path):
+    """Any causal LM transformers loads natively: a tiny GLM-4 with the char tokenizer."""
+    import shutil
+
+    from transformers import AutoTokenizer, Glm4Config, Glm4ForCausalLM
+
+    path = tmp_path / "glm4"
+    shutil.copytree(tiny_llama_dir, path)
+    (path / "config.json").unlink()
+    (path / "model.safetensors").unlink()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    config = Glm4Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    Glm4ForCausalLM(config).save_pretrained(str(path))
+    out = tmp_path / "run"
+    assert train_in_process(*common_flags(path, llama_dataset, out, max_steps=2, save_steps=2)) == 0
+    run = json.loads((out / "instructglm_train.json").read_text())
+    assert run["model_type"] == "glm4" and run["family"] == "causal-lm"
+
+
+def test_quantization_on_cpu_is_a_clear_error(tiny_llama_dir, llama_dataset, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this checks the CPU-only message")
+    with pytest.raises(ValueError, match="--quantization_bit 4 needs a CUDA GPU"):
+        train_in_process(*common_flags(tiny_llama_dir, llama_dataset, tmp_path / "q", quantization_bit=4))
+    with pytest.raises(ValueError, match="--quantization_bit must be 4 or 8, got 3"):
+        train_in_process(*common_flags(tiny_llama_dir, llama_dataset, tmp_path / "q", quantization_bit=3))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_configs_and_missing_deepspeed(tiny_llama_dir, llama_dataset, tmp_path, stage):
+    import importlib.util
+
+    path = REPO / "configs" / f"ds_zero{stage}.json"
+    config = json.loads(path.read_text())
+    assert config["zero_optimization"]["stage"] == stage
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        assert config[key] == "auto", key  # filled in from the TrainingArguments by the HF integration
+    assert config["fp16"]["enabled"] == "auto" and config["bf16"]["enabled"] == "auto"
+    if importlib.util.find_spec("deepspeed") is None:
+        with pytest.raises(ImportError, match=f"--deepspeed {path} needs DeepSpeed.*pip install deepspeed"):
+            train_in_process(*common_flags(tiny_llama_dir, llama_dataset, tmp_path / "ds", deepspeed=path))
+
+
+def test_bad_inputs_are_named(tiny_llama_dir, tmp_path):
+    import datasets
+
+    with pytest.raises(FileNotFoundError, match="--dataset_path .*nope does not exist"):
+        train_in_process(*common_flags(tiny_llama_dir, tmp_path / "nope", tmp_path / "o"))
+    datasets.Dataset.from_dict({"text": ["a"]}).save_to_disk(str(tmp_path / "raw"))
+    with pytest.raises(ValueError, match=r"missing \['input_ids', 'seq_len'\].*instructglm tokenize"):
+        train_in_process(*common_flags(tiny_llama_dir, tmp_path / "raw", tmp_path / "o"))
+    with pytest.raises(ValueError, match="--is_resume True needs --resume_path"):
+        train_in_process(*common_flags(tiny_llama_dir, tmp_path / "raw", tmp_path / "o", is_resume="true"))

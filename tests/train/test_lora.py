@@ -1,0 +1,141 @@
+"""peft set-up and adapter loading: both layouts round-trip, every mismatch is a named error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from instructglm.train.lora import attach_lora, load_adapter, lora_config, seed_state_dict
+
+
+def base(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+
+
+def trained_adapter(model_dir, rank=8, target=None):
+    """A LoRA model whose B matrices are non-zero, as after training."""
+    model = attach_lora(base(model_dir), rank=rank, target=target)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    return model
+
+
+def lora_tensors(model) -> dict[str, torch.Tensor]:
+    return {k.replace(".default", ""): v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
+
+
+def test_family_default_targets():
+    assert lora_config("chatglm").target_modules == {"query_key_value"}
+    assert lora_config("llama").target_modules == {"q_proj", "v_proj"}
+    assert lora_config("llama", target=["o_proj"]).target_modules == {"o_proj"}
+    config = lora_config("chatglm", rank=4, alpha=16, dropout=0.0)
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (4, 16, 0.0)
+
+
+def test_chatglm_gets_query_key_value(tiny_chatglm_dir):
+    model = attach_lora(base(tiny_chatglm_dir))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(".query_key_value.lora_" in n for n in names)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+def test_unknown_target_is_named(tiny_llama_dir):
+    with pytest.raises(ValueError, match="no_such_proj.*--lora_target"):
+        attach_lora(base(tiny_llama_dir), target=["no_such_proj"])
+
+
+@pytest.mark.parametrize("old_peft_names", [False, True])
+def test_seed_pt_round_trip(tiny_llama_dir, tmp_path, old_peft_names):
+    trained = trained_adapter(tiny_llama_dir, rank=4)
+    state = seed_state_dict(trained)
+    assert state and all(".lora_" in k and ".default." in k for k in state)
+    if old_peft_names:  # peft 0.2 (the seed's era) named them without the adapter segment
+        state = {k.replace(".default", ""): v for k, v in state.items()}
+    torch.save(state, tmp_path / "chatglm-lora.pt")
+
+    loaded = load_adapter(base(tiny_llama_dir), str(tmp_path / "chatglm-lora.pt"))
+    config = loaded.peft_config["default"]
+    assert config.r == 4 and config.target_modules == {"q_proj", "v_proj"} and config.lora_alpha == 32
+    assert not any(p.requires_grad for p in loaded.parameters())
+    expected, got = lora_tensors(trained), lora_tensors(loaded)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+    # same function as the trained model
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    trained.eval()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits)
+
+
+def test_pt_alpha_from_flag_or_run_config(tiny_llama_dir, tmp_path):
+    torch.save(seed_state_dict(trained_adapter(tiny_llama_dir)), tmp_path / "chatglm-lora.pt")
+    assert load_adapter(base(tiny_llama_dir), str(tmp_path / "chatglm-lora.pt"), lora_alpha=8).peft_config["default"].lora_alpha == 8
+    (tmp_path / "instructglm_train.json").write_text(json.dumps({"lora": {"alpha": 64}}))
+    assert load_adapter(base(tiny_llama_dir), str(tmp_path / "chatglm-lora.pt")).peft_config["default"].lora_alpha == 64
+
+
+def test_peft_dir_round_trip_trainable(tiny_llama_dir, tmp_path):
+    trained = trained_adapter(tiny_llama_dir)
+    trained.save_pretrained(str(tmp_path / "adapter"))
+    loaded = load_adapter(base(tiny_llama_dir), str(tmp_path / "adapter"), is_trainable=True)
+    trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    for key, value in lora_tensors(trained).items():
+        torch.testing.assert_close(lora_tensors(loaded)[key], value, rtol=0, atol=0)
+
+
+def test_rank_and_target_mismatch_named(tiny_llama_dir, tmp_path):
+    torch.save(seed_state_dict(trained_adapter(tiny_llama_dir, rank=8)), tmp_path / "a.pt")
+    with pytest.raises(ValueError, match=r"rank 8.*--lora_rank 4 \(pass --lora_rank 8\)"):
+        load_adapter(base(tiny_llama_dir), str(tmp_path / "a.pt"), lora_rank=4)
+    with pytest.raises(ValueError, match=r"targets \['q_proj', 'v_proj'\].*--lora_target \['o_proj'\]"):
+        load_adapter(base(tiny_llama_dir), str(tmp_path / "a.pt"), lora_target=["o_proj"])
+
+
+def test_missing_and_unexpected_tensors_named(tiny_llama_dir, tmp_path):
+    state = seed_state_dict(trained_adapter(tiny_llama_dir))
+    dropped = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.default.weight"
+    del state[dropped]
+    state["base_model.model.model.layers.1.self_attn.q_proj.lora_C.default.weight"] = torch.zeros(2, 2)
+    torch.save(state, tmp_path / "a.pt")
+    with pytest.raises(ValueError) as error:
+        load_adapter(base(tiny_llama_dir), str(tmp_path / "a.pt"))
+    message = str(error.value)
+    assert "missing: base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight" in message
+    assert "unexpected: base_model.model.model.layers.1.self_attn.q_proj.lora_C.weight" in message
+
+
+def test_wrong_base_model_named(tiny_llama_dir, tiny_chatglm_dir, tmp_path):
+    """An adapter for one model never loads into another: all its tensors are named."""
+    torch.save(seed_state_dict(trained_adapter(tiny_chatglm_dir)), tmp_path / "chatglm-lora.pt")
+    with pytest.raises(ValueError, match="query_key_value"):
+        load_adapter(base(tiny_llama_dir), str(tmp_path / "chatglm-lora.pt"))
+
+
+def test_mis_shaped_tensor_in_peft_dir_named(tiny_llama_dir, tmp_path):
+    trained_adapter(tiny_llama_dir).save_pretrained(str(tmp_path / "adapter"))
+    weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    weights[key] = torch.zeros(8, 5)
+    save_file(weights, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=rf"shape: {key}: file \(8, 5\) vs model \(8, 32\)"):
+        load_adapter(base(tiny_llama_dir), str(tmp_path / "adapter"))
+
+
+def test_missing_path_and_not_a_state_dict(tiny_llama_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_adapter(base(tiny_llama_dir), str(tmp_path / "nope.pt"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        load_adapter(base(tiny_llama_dir), str(tmp_path / "empty"))
+    torch.save({"step": 3}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="not a state dict"):
+        load_adapter(base(tiny_llama_dir), str(tmp_path / "x.pt"))
