@@ -9,6 +9,7 @@ runs, so `instructglm --help` stays fast.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -27,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Keep module docstrings' layout (examples, lists) and show each flag's default."""
+
+
 def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: instructglm <command> [flags]   (instructglm <command> --help for its flags)", "", "commands:"]
@@ -39,7 +44,9 @@ def run_command(name: str, argv: list[str]) -> int:
     from transformers import HfArgumentParser
 
     module = importlib.import_module(COMMANDS[name][0])
-    parser = HfArgumentParser(module.ARGUMENTS, prog=f"instructglm {name}", description=module.__doc__)
+    parser = HfArgumentParser(
+        module.ARGUMENTS, prog=f"instructglm {name}", description=module.__doc__, formatter_class=_HelpFormatter
+    )
     parsed = parser.parse_args_into_dataclasses(args=argv)
     return module.main(*parsed) or 0
 

@@ -284,7 +284,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         if split_special_tokens or self._split_pattern is None:
             return [(text, False)] if text else []
         # Most texts hold no token's first character ("<" or "[" for chatglm-6b): skip the regex.
-        if not any(c in text for c in self._split_initials):
+        if self._split_initials.isdisjoint(text):
             return [(text, False)] if text else []
         parts = self._split_pattern.split(text)
         if len(parts) == 1:

@@ -1,0 +1,436 @@
+"""`instructglm tokenize`: a converted jsonl of {context, target} -> a tokenized Arrow dataset.
+
+Each row becomes two columns (the contract `train` reads):
+
+    input_ids = prefix + ids(context) + suffix + ids(target) + [eos]
+    seq_len   = len(prefix + ids(context) + suffix)       # the prompt, special tokens included
+
+`prefix`/`suffix` are the special tokens the tokenizer itself puts around one sequence, found
+once by comparing `encode(x)` with `encode(x, add_special_tokens=False)`: ChatGLM-6B appends
+`[gMASK] <sop>`, a Llama tokenizer prepends `<s>`, GPT-2 adds nothing. For ChatGLM-6B that makes
+`input_ids` exactly the 2023 seed's `encode(context) + encode(target, add_special_tokens=False)
++ [eos]`. Any tokenizer `AutoTokenizer` loads works; the model family (from the model's
+config.json) only checks that the tokens it labels at the end of the prompt are really there.
+
+Truncation rule (the seed clipped prompt and target to the limit each, so rows reached twice it):
+- `len(input_ids) <= max_seq_length`, always, and the special tokens and eos are never cut.
+- The prompt is never cut: its tail is the template ("Answer: ") and the tokens the model keys
+  on, and a prompt cut anywhere is no longer the question the answer belongs to.
+- The target is cut at its end to fit; eos is still appended (counted as `truncated`).
+- A row dropped as `prompt_too_long` is one whose prompt + specials + eos leave no room for a
+  single target token; `empty_target` is one whose target encodes to no tokens.
+- A `max_seq_length` below specials + 2 fits no row at all and is an error, not a run that
+  drops everything.
+
+Bad input stops the run: the jsonl is `convert`'s output, so a malformed line or a row without
+string `context`/`target` means the wrong or a damaged file. Every such line is collected and the
+error names the first few as `file:line` with the fix (re-run `instructglm convert`, which skips
+and counts bad source rows), instead of training on a silently shrunken dataset.
+
+Rows are tokenized in batches, one tokenizer call per batch for prompts and targets together,
+by `--num_proc` worker processes (forked where the OS can, so the tokenizer is inherited, not
+pickled), with a progress bar; the result does not depend on `--num_proc` or `--batch_size`.
+
+The dataset is written to a temporary directory beside `save_path` and renamed into place, so an
+interrupted run never leaves half a dataset at `save_path`; an existing `save_path` is replaced
+only if it holds an earlier saved dataset or nothing. When convert left its sidecar
+`<jsonl>.meta.json`, `instructglm_data.json` in the dataset directory records the template, the
+tokenizer, `max_seq_length` and the counts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import os
+import pickle
+import shutil
+import sys
+import uuid
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from instructglm.data.io import iter_json_rows, write_json
+from instructglm.data.records import BadRow, DataError
+from instructglm.models.registry import family_for
+
+META_FILE = "instructglm_data.json"
+
+
+@dataclass
+class TokenizeCounts:
+    """What happened to the rows of one jsonl."""
+
+    rows: int = 0  # rows read
+    kept: int = 0  # rows written, truncated ones included
+    truncated: int = 0  # kept rows whose target was cut at its end to fit
+    dropped_prompt_too_long: int = 0  # prompt + specials + eos leave no room for one target token
+    dropped_empty_target: int = 0  # the target encodes to no tokens
+
+    def add(self, other: TokenizeCounts) -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def summary(self) -> str:
+        return (
+            f"rows {self.rows}: kept {self.kept} (truncated {self.truncated}), dropped "
+            f"{self.dropped_prompt_too_long} prompt too long, {self.dropped_empty_target} empty target"
+        )
+
+
+def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer adds before and after one sequence with `add_special_tokens=True`.
+
+    Found from probe texts, so no family or tokenizer class needs to be known. An eos appended by
+    the tokenizer (Llama's `add_eos_token=True`) is left out of the suffix: it ends the whole row,
+    which gets its own eos, not the prompt.
+    """
+    found = set()
+    for probe in ("hello world", "你好，世界"):
+        plain = tokenizer.encode(probe, add_special_tokens=False)
+        full = tokenizer.encode(probe)
+        starts = [i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain]
+        if not plain or not starts:
+            raise DataError(
+                f"cannot tell which special tokens {type(tokenizer).__name__} adds: encode({probe!r}) = {full} "
+                f"does not contain encode({probe!r}, add_special_tokens=False) = {plain}"
+            )
+        start = starts[0]
+        found.add((tuple(full[:start]), tuple(full[start + len(plain) :])))
+    if len(found) != 1:
+        raise DataError(
+            f"{type(tokenizer).__name__} adds different special tokens to different texts ({sorted(found)}); "
+            "tokenize needs a fixed prefix/suffix"
+        )
+    prefix, suffix = (list(part) for part in found.pop())
+    while suffix and suffix[-1] == tokenizer.eos_token_id:
+        suffix.pop()
+    return prefix, suffix
+
+
+class RowEncoder:
+    """Turns (context, target) texts into rows under the truncation rule; picklable for workers."""
+
+    def __init__(self, tokenizer, max_seq_length: int, model_type: str | None = None):
+        if tokenizer.eos_token_id is None:
+            raise DataError(
+                f"{type(tokenizer).__name__} has no eos token; set `eos_token` in its tokenizer_config.json"
+            )
+        self.tokenizer = tokenizer
+        self.prefix, self.suffix = special_tokens_around(tokenizer)
+        self.eos_token_id = tokenizer.eos_token_id
+        self.max_seq_length = max_seq_length
+        family = family_for(model_type)
+        if family.labelled_prompt_tail > len(self.suffix):
+            raise DataError(
+                f"the {family.name} family labels the last {family.labelled_prompt_tail} prompt token(s), but "
+                f"{type(tokenizer).__name__} appends {self.suffix} to the prompt: is this the model's own tokenizer?"
+            )
+        specials = len(self.prefix) + len(self.suffix)
+        if max_seq_length < specials + 2:  # + one target token + eos
+            raise DataError(
+                f"--max_seq_length {max_seq_length} fits no row: the tokenizer adds {specials} special token(s) "
+                f"and eos, so a row needs at least {specials + 2}; raise --max_seq_length"
+            )
+
+    def encode(self, context_ids: list[int], target_ids: list[int]) -> tuple[list[int] | None, int, str]:
+        """(input_ids, seq_len, outcome) of one row from its text ids; a dropped row has `None` ids.
+
+        `outcome` names the `TokenizeCounts` field the row counts under, besides `rows`.
+        """
+        if not target_ids:
+            return None, 0, "dropped_empty_target"
+        prompt = self.prefix + context_ids + self.suffix
+        room = self.max_seq_length - len(prompt) - 1  # -1: eos
+        if room < 1:
+            return None, 0, "dropped_prompt_too_long"
+        if len(target_ids) > room:
+            return prompt + target_ids[:room] + [self.eos_token_id], len(prompt), "truncated"
+        return prompt + target_ids + [self.eos_token_id], len(prompt), "kept"
+
+    def encode_batch(self, contexts: list[str], targets: list[str]):
+        """(`pyarrow.Table` of the kept rows' input_ids and seq_len, `TokenizeCounts`) of a batch."""
+        import pyarrow as pa
+
+        # one tokenizer call for prompts and targets: the batched (Rust / sentencepiece) path
+        ids = self.tokenizer(contexts + targets, add_special_tokens=False)["input_ids"]
+        counts = TokenizeCounts(rows=len(contexts))
+        input_ids, seq_lens = [], []
+        for context_ids, target_ids in zip(ids[: len(contexts)], ids[len(contexts) :], strict=True):
+            row, seq_len, outcome = self.encode(context_ids, target_ids)
+            setattr(counts, outcome, getattr(counts, outcome) + 1)
+            if row is not None:
+                input_ids.append(row)
+                seq_lens.append(seq_len)
+        counts.kept += counts.truncated
+        # Arrow arrays from flat buffers: building them from lists of lists would cost as much as
+        # the tokenizer call does.
+        offsets = np.zeros(len(input_ids) + 1, dtype=np.int32)
+        np.cumsum([len(row) for row in input_ids], out=offsets[1:])
+        values = np.fromiter(itertools.chain.from_iterable(input_ids), dtype=np.int64, count=int(offsets[-1]))
+        table = pa.table(
+            {
+                "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
+                "seq_len": pa.array(seq_lens, type=pa.int64()),
+            }
+        )
+        return table, counts
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled only where workers are spawned, not forked, or when a caller hands this to
+        # `datasets.map(num_proc=...)`: dill's pure-Python pickler takes ~1 s over ChatGLM's
+        # vocabulary, while bytes from the C pickler take ~0.05 s.
+        return {**self.__dict__, "tokenizer": pickle.dumps(self.tokenizer)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, tokenizer=pickle.loads(state["tokenizer"]))
+
+
+def read_jsonl(jsonl_path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """The contexts and targets of a converted jsonl; every bad line is collected and raised at once."""
+    contexts: list[str] = []
+    targets: list[str] = []
+    bad: list[str] = []
+    for location, row in iter_json_rows(jsonl_path):
+        if isinstance(row, BadRow):
+            bad.append(f"{location}: {row}")
+        elif not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("context", "target")):
+            seen = sorted(row) if isinstance(row, dict) else type(row).__name__
+            bad.append(f"{location}: expected string fields context and target, found {seen}")
+        else:
+            contexts.append(row["context"])
+            targets.append(row["target"])
+    if bad:
+        shown = "\n  ".join(bad[:5]) + (f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise DataError(
+            f"{jsonl_path}: {len(bad)} bad line(s); tokenize reads the jsonl written by `instructglm convert` "
+            f'(one {{"context": ..., "target": ...}} per line), re-run convert to get one:\n  {shown}'
+        )
+    if not contexts:
+        raise DataError(f"{jsonl_path}: no rows to tokenize")
+    return contexts, targets
+
+
+# The encoder of a worker process, set once by the pool initializer. With the fork start method
+# it is inherited rather than pickled: unpickling a sentencepiece model takes ~0.5 s per worker.
+_worker_encoder: RowEncoder | None = None
+
+
+def _start_worker(encoder: RowEncoder) -> None:
+    global _worker_encoder
+    _worker_encoder = encoder
+
+
+def _encode_in_worker(batch: tuple[list[str], list[str]]):
+    return _worker_encoder.encode_batch(*batch)
+
+
+@contextmanager
+def _batch_encoder(encoder: RowEncoder, num_proc: int):
+    """A `map`-like callable over (contexts, targets) batches, in order, run by `num_proc` processes."""
+    if num_proc == 1:
+        yield lambda batches: (encoder.encode_batch(*batch) for batch in batches)
+        return
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    # an executor, not a Pool: a worker killed (say, out of memory) fails the run instead of hanging it
+    with ProcessPoolExecutor(num_proc, multiprocessing.get_context(method), _start_worker, (encoder,)) as pool:
+        yield lambda batches: pool.map(_encode_in_worker, batches)
+
+
+def tokenize_dataset(
+    jsonl_path: str | os.PathLike,
+    tokenizer,
+    max_seq_length: int,
+    num_proc: int = 1,
+    batch_size: int = 1000,
+    model_type: str | None = None,
+    progress: bool = True,
+):
+    """Tokenize a converted jsonl in memory; returns (`datasets.Dataset`, `TokenizeCounts`).
+
+    `model_type` (config.json's) picks the model family, which checks the prompt's special tokens.
+    `num_proc` worker processes tokenize batches of `batch_size` rows; the result does not depend
+    on either. Raises `DataError` for bad lines, a tokenizer without eos, a `max_seq_length` that
+    fits no row, and when every row is dropped.
+    """
+    import datasets
+    import pyarrow as pa
+    from tqdm.auto import tqdm
+
+    if num_proc < 1 or batch_size < 1:
+        raise DataError(f"--num_proc {num_proc} and --batch_size {batch_size} must both be at least 1")
+    encoder = RowEncoder(tokenizer, max_seq_length, model_type)
+    contexts, targets = read_jsonl(jsonl_path)
+    counts = TokenizeCounts()
+    tables = []
+    starts = range(0, len(contexts), batch_size)
+    batches = ((contexts[i : i + batch_size], targets[i : i + batch_size]) for i in starts)
+    with _batch_encoder(encoder, min(num_proc, len(starts))) as encode_batches:
+        # workers start before the bar: forking after tqdm starts its monitor thread could copy a held lock
+        results = encode_batches(batches)
+        with tqdm(total=len(contexts), unit=" rows", desc="Tokenizing", disable=not progress) as bar:
+            for table, batch_counts in results:
+                tables.append(table)
+                counts.add(batch_counts)
+                bar.update(batch_counts.rows)
+    if counts.kept == 0:
+        raise DataError(f"{jsonl_path}: every row was dropped ({counts.summary()}); raise --max_seq_length")
+    table = datasets.table.InMemoryTable(pa.concat_tables(tables).combine_chunks())
+    # an in-memory dataset is never cached; a given fingerprint spares hashing every token
+    return datasets.Dataset(table, fingerprint=uuid.uuid4().hex), counts
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    """A fresh hidden name beside `path`: same file system, so renames are atomic."""
+    return path.parent / f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _check_save_path(save_path: Path) -> None:
+    """Refuse to replace anything but an earlier saved dataset (or an empty directory)."""
+    if not save_path.exists():
+        return
+    if not save_path.is_dir():
+        raise DataError(f"--save_path {save_path} is a file; give a directory for the dataset")
+    names = {p.name for p in save_path.iterdir()}
+    if names and not names & {"state.json", "dataset_dict.json"}:
+        raise DataError(
+            f"--save_path {save_path} is a directory that holds no saved dataset ({len(names)} entries) and would be "
+            "replaced; choose a new or dataset directory"
+        )
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move the finished `tmp` to `target`, replacing an older dataset there only once `tmp` is complete."""
+    old = None
+    if target.exists():
+        old = _sibling(target, "old")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def tokenize_jsonl(
+    jsonl_path: str | os.PathLike,
+    save_path: str | os.PathLike,
+    tokenizer,
+    max_seq_length: int,
+    num_proc: int = 1,
+    batch_size: int = 1000,
+    model_type: str | None = None,
+    model_name_or_path: str | None = None,
+    progress: bool = True,
+) -> TokenizeCounts:
+    """Tokenize a converted jsonl and `save_to_disk` it at `save_path` (atomically); return the counts.
+
+    See the module docstring for the row layout and the truncation rule; `tokenize_dataset` does
+    the work in memory. `model_name_or_path` is only recorded in `instructglm_data.json`.
+    """
+    save_path = Path(save_path)
+    _check_save_path(save_path)
+    dataset, counts = tokenize_dataset(
+        jsonl_path, tokenizer, max_seq_length, num_proc, batch_size, model_type, progress
+    )
+    save_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(save_path, "tmp")
+    try:
+        dataset.save_to_disk(str(tmp))
+        sidecar = Path(f"{jsonl_path}.meta.json")
+        if sidecar.is_file():
+            convert_meta: dict[str, Any] = json.loads(sidecar.read_text(encoding="utf-8"))
+            write_json(
+                tmp / META_FILE,
+                {
+                    "template": convert_meta.get("template"),
+                    "format": convert_meta.get("format"),
+                    "source": convert_meta.get("source"),
+                    "jsonl_path": str(jsonl_path),
+                    "model_name_or_path": model_name_or_path or getattr(tokenizer, "name_or_path", None),
+                    "family": family_for(model_type).name,
+                    "max_seq_length": max_seq_length,
+                    "counts": asdict(counts),
+                    "convert_counts": convert_meta.get("counts"),
+                },
+            )
+        _replace_dir(tmp, save_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return counts
+
+
+def load_tokenizer(model_name_or_path: str):
+    """(tokenizer, model_type) from a local dir in the hub layout or a hub name.
+
+    `model_type` is config.json's, or None for a directory that holds only a tokenizer.
+    """
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"--model_name_or_path {model_name_or_path}: no tokenizer there ({e}); give a local directory in the "
+            "hub layout (a relative path is looked up from the current directory first) or a hub name, online"
+        ) from None
+    try:
+        model_type = PretrainedConfig.get_config_dict(model_name_or_path)[0].get("model_type")
+    except OSError:
+        model_type = None  # a tokenizer-only directory: the generic family
+    return tokenizer, model_type
+
+
+@dataclass
+class TokenizeArguments:
+    """Defaults are the 2023 seed's (`tokenize_dataset_rows.py`)."""
+
+    jsonl_path: str = field(
+        default="data/alpaca_data.jsonl", metadata={"help": "jsonl of {context, target} rows, written by `convert`"}
+    )
+    save_path: str = field(
+        default="data/alpaca", metadata={"help": "directory for the dataset (datasets.save_to_disk)"}
+    )
+    max_seq_length: int = field(
+        default=384,
+        metadata={"help": "longest row in tokens; targets are cut at their end to fit, prompts never (see above)"},
+    )
+    model_name_or_path: str = field(
+        default="THUDM/chatglm-6b", metadata={"help": "local dir or hub name of the model whose tokenizer to use"}
+    )
+    num_proc: int = field(default=1, metadata={"help": "worker processes for tokenizing (up to the CPU count helps)"})
+    batch_size: int = field(default=1000, metadata={"help": "rows per tokenizer call"})
+
+
+ARGUMENTS = (TokenizeArguments,)
+
+
+def main(args: TokenizeArguments) -> int:
+    try:
+        tokenizer, model_type = load_tokenizer(args.model_name_or_path)
+        counts = tokenize_jsonl(
+            args.jsonl_path,
+            args.save_path,
+            tokenizer,
+            args.max_seq_length,
+            num_proc=args.num_proc,
+            batch_size=args.batch_size,
+            model_type=model_type,
+            model_name_or_path=args.model_name_or_path,
+        )
+    except (DataError, OSError) as e:
+        print(f"instructglm tokenize: error: {e}", file=sys.stderr)
+        return 1
+    import datasets
+
+    # read back what was written: proves it loads, and shows the head as the seed did
+    dataset = datasets.load_from_disk(args.save_path)
+    print(dataset)
+    print(dataset.select(range(min(5, len(dataset)))).to_pandas())
+    print(f"{args.jsonl_path} -> {args.save_path}: {counts.summary()}")
+    return 0
