@@ -62,6 +62,10 @@ from instructglm.models.registry import family_for
 
 META_FILE = "instructglm_data.json"
 
+# Outcomes of one row (`RowEncoder.encode`): each names the `TokenizeCounts` field it counts under.
+KEPT, TRUNCATED = "kept", "truncated"
+PROMPT_TOO_LONG, EMPTY_TARGET = "dropped_prompt_too_long", "dropped_empty_target"
+
 
 @dataclass
 class TokenizeCounts:
@@ -145,14 +149,14 @@ class RowEncoder:
         `outcome` names the `TokenizeCounts` field the row counts under, besides `rows`.
         """
         if not target_ids:
-            return None, 0, "dropped_empty_target"
+            return None, 0, EMPTY_TARGET
         prompt = self.prefix + context_ids + self.suffix
         room = self.max_seq_length - len(prompt) - 1  # -1: eos
         if room < 1:
-            return None, 0, "dropped_prompt_too_long"
+            return None, 0, PROMPT_TOO_LONG
         if len(target_ids) > room:
-            return prompt + target_ids[:room] + [self.eos_token_id], len(prompt), "truncated"
-        return prompt + target_ids + [self.eos_token_id], len(prompt), "kept"
+            return prompt + target_ids[:room] + [self.eos_token_id], len(prompt), TRUNCATED
+        return prompt + target_ids + [self.eos_token_id], len(prompt), KEPT
 
     def encode_batch(self, contexts: list[str], targets: list[str]):
         """(`pyarrow.Table` of the kept rows' input_ids and seq_len, `TokenizeCounts`) of a batch."""
