@@ -71,7 +71,7 @@ def training_batch(batch: int, seq: int, config, device, seed: int = 0) -> dict:
         labels.append(torch.cat([label, torch.full((pad,), -100)]))
     input_ids = torch.stack(rows)
     mask = torch.zeros_like(input_ids)
-    for i, row in enumerate(rows):
+    for i in range(len(rows)):
         mask[i, : (seq if i % 2 == 0 else seq * 3 // 4)] = 1
     return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device), "labels": torch.stack(labels).to(device)}
 
@@ -104,7 +104,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     model = get_peft_model(
         model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, target_modules=["query_key_value"], task_type="CAUSAL_LM")
     )
-    for name, parameter in model.named_parameters():
+    for parameter in model.parameters():
         if parameter.requires_grad:  # LoRA weights train in fp32, as InstructGLM does
             parameter.data = parameter.data.float()
     if args.gradient_checkpointing:

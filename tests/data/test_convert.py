@@ -10,9 +10,10 @@ import pytest
 
 from instructglm.cli import main as cli_main
 from instructglm.data import convert as convert_module
-from instructglm.data.convert import convert, meta_path
+from instructglm.data.convert import convert
 from instructglm.data.io import write_jsonl
 from instructglm.data.records import DataError
+from instructglm.layout import jsonl_meta_path
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -22,7 +23,7 @@ def read_jsonl(path) -> list[dict]:
 
 
 def read_meta(save_path) -> dict:
-    return json.loads(Path(meta_path(str(save_path))).read_text(encoding="utf-8"))
+    return json.loads(Path(jsonl_meta_path(str(save_path))).read_text(encoding="utf-8"))
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -192,9 +193,9 @@ def test_strict_stops_at_first_bad_row_and_writes_nothing(tmp_path, capsys):
     argv = ["convert", "--data_path", str(ASSETS / "alpaca_bad_rows.jsonl"), "--save_path", str(out), "--strict"]
     assert cli_main(argv) == 2
     err = capsys.readouterr().err
-    assert f"alpaca_bad_rows.jsonl:2: malformed_json" in err and "--strict" in err
+    assert "alpaca_bad_rows.jsonl:2: malformed_json" in err and "--strict" in err
     assert out.read_text(encoding="utf-8") == "previous run\n"
-    assert not Path(meta_path(str(out))).exists() and leftovers(tmp_path) == []
+    assert not Path(jsonl_meta_path(str(out))).exists() and leftovers(tmp_path) == []
     # HfArgumentParser booleans: `--strict false` is off
     assert cli_main(argv + ["false"]) == 0
 
@@ -281,7 +282,7 @@ def test_convert_interrupted_midway_never_leaves_a_partial_file(tmp_path, shared
     with pytest.raises(OSError, match="disk full"):
         convert(str(out), data_path=str(shared_data / "llamafactory__alpaca_en_demo.json"))
     assert calls == 500
-    assert not out.exists() and not Path(meta_path(str(out))).exists()
+    assert not out.exists() and not Path(jsonl_meta_path(str(out))).exists()
     assert leftovers(out.parent) == []
 
 

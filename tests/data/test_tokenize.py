@@ -14,13 +14,13 @@ import pytest
 
 from instructglm.data.records import DataError
 from instructglm.data.tokenize import (
-    META_FILE,
     RowEncoder,
     load_tokenizer,
     special_tokens_around,
     tokenize_dataset,
     tokenize_jsonl,
 )
+from instructglm.layout import DATA_META
 
 WORDS = "hello world the quick brown fox jumps over lazy dog instruction answer add two numbers 你好 世界 a b c d e f"
 
@@ -223,7 +223,7 @@ def test_convert_sidecar_becomes_dataset_meta(tmp_path, llama_tokenizer, llama_d
     convert_meta = {"template": "alpaca", "format": "alpaca", "source": "x.json", "counts": {"written": 2}}
     Path(f"{path}.meta.json").write_text(json.dumps(convert_meta), encoding="utf-8")
     counts = tokenize_jsonl(path, tmp_path / "ds", llama_tokenizer, 5, model_type="llama", model_name_or_path="m")
-    meta = json.loads((tmp_path / "ds" / META_FILE).read_text(encoding="utf-8"))
+    meta = json.loads((tmp_path / "ds" / DATA_META).read_text(encoding="utf-8"))
     assert meta["template"] == "alpaca" and meta["model_name_or_path"] == "m" and meta["max_seq_length"] == 5
     assert meta["family"] == "causal-lm" and meta["convert_counts"] == {"written": 2}
     assert (
@@ -241,7 +241,7 @@ def test_convert_sidecar_becomes_dataset_meta(tmp_path, llama_tokenizer, llama_d
     tokenize_jsonl(
         _jsonl(tmp_path / "plain.jsonl", [{"context": "a", "target": "b"}]), tmp_path / "ds2", llama_tokenizer, 5
     )
-    assert not (tmp_path / "ds2" / META_FILE).exists()
+    assert not (tmp_path / "ds2" / DATA_META).exists()
 
 
 def test_cli_writes_a_loadable_dataset_and_prints_head_and_counts(tmp_path, llama_dir, capsys):

@@ -63,13 +63,15 @@ def _bot_texts(driver):
 
 
 def test_question_streams_an_answer_into_the_page(browser, app_url, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
     url, (model, tokenizer, template) = app_url
     browser.get(url)
-    wait = WebDriverWait(browser, 60)
+    # Gradio re-renders the chat while it streams or clears: a message found can be gone before it is read.
+    wait = WebDriverWait(browser, 60, ignored_exceptions=(StaleElementReferenceException,))
     wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#query textarea")))
     assert TITLE in browser.page_source
     for label in ("Maximum length", "Top P", "Temperature", "Clear History"):

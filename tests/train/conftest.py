@@ -87,15 +87,19 @@ def reverse_jsonl(tmp_path_factory) -> Path:
     return path
 
 
+def tokenized(model_dir: Path, jsonl: Path, path: Path) -> Path:
+    """`instructglm tokenize` output of `jsonl` at `path`, with `model_dir`'s tokenizer (64 tokens a row)."""
+    from instructglm.data.tokenize import load_tokenizer, tokenize_jsonl
+
+    tokenizer, model_type = load_tokenizer(str(model_dir))
+    tokenize_jsonl(jsonl, path, tokenizer, 64, model_type=model_type)
+    return path
+
+
 @pytest.fixture(scope="session")
 def llama_dataset(tiny_llama_dir, reverse_jsonl, tmp_path_factory) -> Path:
     """`instructglm tokenize` output for the tiny Llama."""
-    from instructglm.data.tokenize import load_tokenizer, tokenize_jsonl
-
-    path = tmp_path_factory.mktemp("llama-data") / "reverse"
-    tokenizer, model_type = load_tokenizer(str(tiny_llama_dir))
-    tokenize_jsonl(reverse_jsonl, path, tokenizer, 64, model_type=model_type)
-    return path
+    return tokenized(tiny_llama_dir, reverse_jsonl, tmp_path_factory.mktemp("llama-data") / "reverse")
 
 
 def subprocess_env() -> dict[str, str]:
@@ -154,14 +158,6 @@ def adapter_tensors(path: Path) -> dict:
     return load_file(str(path / "adapter_model.safetensors"))
 
 
-def _native_chatglm_ready() -> bool:
-    from transformers import PreTrainedModel
-
-    from instructglm.models.chatglm import ChatGLMForConditionalGeneration
-
-    return ChatGLMForConditionalGeneration.forward is not PreTrainedModel.forward
-
-
 @pytest.fixture(scope="session")
 def tiny_chatglm_dir(tmp_path_factory) -> Path:
     """A random 2-layer ChatGLM-6B (width 32) with the demo's small ice_text tokenizer."""
@@ -170,11 +166,8 @@ def tiny_chatglm_dir(tmp_path_factory) -> Path:
     import torch
     from transformers import AutoTokenizer
 
-    import instructglm  # noqa: F401  (registers ChatGLM)
     from instructglm.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
 
-    if not _native_chatglm_ready():
-        pytest.skip("the native ChatGLM model (instructglm.models.chatglm.model) is still a placeholder")
     assets = REPO / "src" / "instructglm" / "demo" / "assets" / "tokenizer"
     path = tmp_path_factory.mktemp("tiny-chatglm")
     for file in assets.iterdir():
@@ -203,9 +196,5 @@ def tiny_chatglm_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def chatglm_dataset(tiny_chatglm_dir, reverse_jsonl, tmp_path_factory) -> Path:
-    from instructglm.data.tokenize import load_tokenizer, tokenize_jsonl
-
-    path = tmp_path_factory.mktemp("chatglm-data") / "reverse"
-    tokenizer, model_type = load_tokenizer(str(tiny_chatglm_dir))
-    tokenize_jsonl(reverse_jsonl, path, tokenizer, 64, model_type=model_type)
-    return path
+    """`instructglm tokenize` output for the tiny ChatGLM-6B."""
+    return tokenized(tiny_chatglm_dir, reverse_jsonl, tmp_path_factory.mktemp("chatglm-data") / "reverse")

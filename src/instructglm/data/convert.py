@@ -30,13 +30,9 @@ from instructglm.data.io import iter_dataset_rows, iter_json_rows, write_json, w
 from instructglm.data.readers import FORMATS, describe_formats, detect_format, read_rows
 from instructglm.data.records import BadRow, DataError, Example
 from instructglm.data.templates import TEMPLATES, Template, get_template
+from instructglm.layout import jsonl_meta_path
 
 SHOWN_LOCATIONS = 5  # how many bad-row locations per reason the report keeps
-
-
-def meta_path(save_path: str) -> str:
-    """Where convert puts the sidecar of a jsonl (tokenize reads it from there)."""
-    return f"{save_path}.meta.json"
 
 
 def render(example: Example, template: Template) -> dict[str, str]:
@@ -159,7 +155,7 @@ def convert(
         "counts": {"rows": written + sum(skipped.counts.values()), "written": written, "skipped": dict(skipped.counts)},
         "skipped_at": {reason: [loc for loc, _ in shown] for reason, shown in skipped.first.items()},
     }
-    write_json(meta_path(save_path), meta)
+    write_json(jsonl_meta_path(save_path), meta)
     meta["report"] = skipped.report()
     return meta
 
@@ -216,7 +212,7 @@ def main(args: ConvertArguments) -> int:
     counts = meta["counts"]
     print(
         f"wrote {counts['written']} of {counts['rows']} rows to {args.save_path} "
-        f"(format {meta['format']}, template {meta['template']!r}; meta: {meta_path(args.save_path)})"
+        f"(format {meta['format']}, template {meta['template']!r}; meta: {jsonl_meta_path(args.save_path)})"
     )
     if meta["report"]:
         print(f"skipped {counts['rows'] - counts['written']} rows:\n{meta['report']}", file=sys.stderr)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -117,8 +117,8 @@ def write_jsonl(path: str | os.PathLike, rows) -> int:
     return count
 
 
-def write_json(path: str | os.PathLike, value: Any) -> None:
-    """Write one JSON document (indented, non-ASCII kept) atomically."""
+def write_json(path: str | os.PathLike, value: Any, default: Callable[[Any], Any] | None = None) -> None:
+    """Write one JSON document (indented, non-ASCII kept) atomically; `default` as in `json.dump`."""
     with atomic_write(path) as f:
-        json.dump(value, f, ensure_ascii=False, indent=2)
+        json.dump(value, f, ensure_ascii=False, indent=2, default=default)
         f.write("\n")

@@ -109,13 +109,19 @@ def _dialogue(turns: list[tuple[str, str]], system: str) -> Example:
     return _checked(Example(instruction=query, output=answer, history=tuple(history), system=system))
 
 
+def _conversation(row: Mapping, key: str) -> list:
+    """`row[key]`, the list of turns or rounds of a dialogue format."""
+    conversation = row.get(key)
+    if conversation is None:
+        raise BadRow("missing_field", f"no {key!r} field (fields: {sorted(row)})")
+    if not isinstance(conversation, list):
+        raise BadRow("bad_conversation", f"{key!r} is {type(conversation).__name__}, not a list")
+    return conversation
+
+
 def read_sharegpt(row: Mapping) -> Example:
     """ShareGPT: `conversations` of `{"from", "value"}` (or `{"role", "content"}`) turns."""
-    conversation = row.get("conversations")
-    if conversation is None:
-        raise BadRow("missing_field", f"no 'conversations' field (fields: {sorted(row)})")
-    if not isinstance(conversation, list):
-        raise BadRow("bad_conversation", f"'conversations' is {type(conversation).__name__}, not a list")
+    conversation = _conversation(row, "conversations")
     system = _text(row, "system", required=False)
     turns: list[tuple[str, str]] = []
     for i, turn in enumerate(conversation):
@@ -141,13 +147,8 @@ def read_sharegpt(row: Mapping) -> Example:
 
 def read_firefly(row: Mapping) -> Example:
     """Firefly: `conversation` of `{"human", "assistant"}` rounds; optional `system`."""
-    conversation = row.get("conversation")
-    if conversation is None:
-        raise BadRow("missing_field", f"no 'conversation' field (fields: {sorted(row)})")
-    if not isinstance(conversation, list):
-        raise BadRow("bad_conversation", f"'conversation' is {type(conversation).__name__}, not a list")
     turns: list[tuple[str, str]] = []
-    for i, round_ in enumerate(conversation):
+    for i, round_ in enumerate(_conversation(row, "conversation")):
         if not isinstance(round_, Mapping):
             raise BadRow("bad_conversation", f"round {i} is {type(round_).__name__}, not an object")
         turns += [("user", _text(round_, "human")), ("assistant", _text(round_, "assistant"))]

@@ -58,9 +58,8 @@ import numpy as np
 
 from instructglm.data.io import iter_json_rows, write_json
 from instructglm.data.records import BadRow, DataError
+from instructglm.layout import DATA_META, jsonl_meta_path
 from instructglm.models.registry import family_for
-
-META_FILE = "instructglm_data.json"
 
 # Outcomes of one row (`RowEncoder.encode`): each names the `TokenizeCounts` field it counts under.
 KEPT, TRUNCATED = "kept", "truncated"
@@ -345,11 +344,11 @@ def tokenize_jsonl(
     tmp = _sibling(save_path, "tmp")
     try:
         dataset.save_to_disk(str(tmp))
-        sidecar = Path(f"{jsonl_path}.meta.json")
+        sidecar = Path(jsonl_meta_path(jsonl_path))
         if sidecar.is_file():
             convert_meta: dict[str, Any] = json.loads(sidecar.read_text(encoding="utf-8"))
             write_json(
-                tmp / META_FILE,
+                tmp / DATA_META,
                 {
                     "template": convert_meta.get("template"),
                     "format": convert_meta.get("format"),

@@ -90,10 +90,14 @@ def _generate_kwargs(settings: GenerationArguments, prompt_len: int, tokenizer: 
     return kwargs
 
 
-def _encode(tokenizer: Any, prompts: Sequence[str], device: Any) -> dict:
+def _prepare(model: Any, tokenizer: Any, prompts: Sequence[str], settings: GenerationArguments) -> tuple[dict, int, dict]:
+    """(left-padded model inputs on the model's device, padded prompt width, `generate` kwargs)."""
     batch = tokenizer(list(prompts), padding=True, return_tensors="pt")
+    device = next(model.parameters()).device
     # Only what every decoder-only model takes; fast tokenizers may add token_type_ids.
-    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+    width = inputs["input_ids"].shape[1]
+    return inputs, width, _generate_kwargs(settings, width, tokenizer)
 
 
 def _completion(tokenizer: Any, new_ids: Any, prompt_tokens: int, eos: set[int], budget: int, cancelled: bool) -> Completion:
@@ -107,10 +111,6 @@ def _completion(tokenizer: Any, new_ids: Any, prompt_tokens: int, eos: set[int],
     return Completion(text=text, prompt_tokens=prompt_tokens, completion_tokens=len(ids), finish_reason=reason)
 
 
-def _device(model: Any) -> Any:
-    return next(model.parameters()).device
-
-
 def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str], settings: GenerationArguments) -> list[Completion]:
     """Generate for every prompt in one left-padded batch.
 
@@ -119,9 +119,7 @@ def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str], settings:
     """
     import torch
 
-    inputs = _encode(tokenizer, prompts, _device(model))
-    width = inputs["input_ids"].shape[1]
-    kwargs = _generate_kwargs(settings, width, tokenizer)
+    inputs, width, kwargs = _prepare(model, tokenizer, prompts, settings)
     with torch.inference_mode():
         out = model.generate(**inputs, **kwargs)
     eos = _eos_ids(model, tokenizer)
@@ -170,9 +168,7 @@ class TextStream:
         import torch
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-        inputs = _encode(self.tokenizer, [self.prompt], _device(self.model))
-        width = inputs["input_ids"].shape[1]
-        kwargs = _generate_kwargs(self.settings, width, self.tokenizer)
+        inputs, width, kwargs = _prepare(self.model, self.tokenizer, [self.prompt], self.settings)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, timeout=self.timeout, skip_special_tokens=True)
         result: dict = {}
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-RUN_CONFIG = "instructglm_train.json"
+from instructglm.layout import RUN_CONFIG
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -96,11 +97,9 @@ def template_name_for(model_config: Any, adapter: str | None, model_name_or_path
 
 def load_tokenizer(model_name_or_path: str):
     """The base model's tokenizer, set up for batched generation (left padding, a pad token)."""
-    from transformers import AutoTokenizer
+    from instructglm.data.tokenize import load_tokenizer as load_base_tokenizer
 
-    import instructglm  # noqa: F401  (registers ChatGLM with the Auto classes)
-
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    tokenizer, _ = load_base_tokenizer(model_name_or_path)
     # Decoder-only generation continues from the last position of every row, so padding must
     # come first; right padding would make the model continue after pad tokens.
     tokenizer.padding_side = "left"
@@ -131,12 +130,11 @@ def load_model(
         padding, and the template object (`.render(instruction, input, history)`).
 
     Raises:
-        FileNotFoundError: the adapter path does not exist.
+        FileNotFoundError: the adapter path does not exist, or `model_name_or_path` holds no tokenizer.
         ValueError: bad dtype; the adapter does not fit the base (the message names the tensors).
     """
     from transformers import AutoModelForCausalLM
 
-    import instructglm  # noqa: F401  (registers ChatGLM with the Auto classes)
     from instructglm.data.templates import get_template
 
     if adapter is not None and not Path(adapter).exists():

@@ -15,7 +15,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from instructglm.infer.load import RUN_CONFIG, load_model, run_config_path
+from instructglm.infer.load import load_model, run_config_path
+from instructglm.layout import RUN_CONFIG
 
 
 @dataclass

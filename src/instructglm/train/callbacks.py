@@ -9,7 +9,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-LOSS_PLOT_FILE = "loss.png"
+from instructglm.layout import LOSS_PLOT_FILE
 
 
 class LossPlotCallback(TrainerCallback):
@@ -23,9 +23,7 @@ class LossPlotCallback(TrainerCallback):
         if state.is_world_process_zero:
             plot_loss(state.log_history, os.path.join(args.output_dir, LOSS_PLOT_FILE))
 
-    def on_train_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            plot_loss(state.log_history, os.path.join(args.output_dir, LOSS_PLOT_FILE))
+    on_train_end = on_save
 
 
 def plot_loss(log_history: list[dict], path: str) -> None:

@@ -21,6 +21,7 @@ false here, whatever is passed.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -28,21 +29,22 @@ from dataclasses import asdict
 
 import torch
 
+from instructglm.data.io import write_json
+from instructglm.layout import DATA_META, LOSS_PLOT_FILE, RUN_CONFIG, SEED_ADAPTER_FILE, jsonl_meta_path
 from instructglm.train.args import FinetuneArguments, TrainingArguments
 from instructglm.train.callbacks import LossPlotCallback, NonFiniteLossGuard
 from instructglm.train.collator import collator_for
-from instructglm.train.lora import RUN_CONFIG, SEED_ADAPTER_FILE, attach_lora, load_adapter, seed_state_dict
+from instructglm.train.lora import attach_lora, load_adapter, seed_state_dict
 
 ARGUMENTS = (FinetuneArguments, TrainingArguments)
-DATA_META = "instructglm_data.json"
 
 
 def main(args: FinetuneArguments, training_args: TrainingArguments) -> int:
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
+    from transformers import AutoModelForCausalLM, Trainer
     from transformers.trainer_utils import IntervalStrategy
 
-    import instructglm  # noqa: F401  (registers the native ChatGLM-6B with the Auto classes)
+    from instructglm.data.tokenize import load_tokenizer
     from instructglm.models.registry import family_for
 
     _check_paths(args)
@@ -56,7 +58,7 @@ def main(args: FinetuneArguments, training_args: TrainingArguments) -> int:
     transformers.set_seed(training_args.seed)
 
     # Model and tokenizer.
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    tokenizer, _ = load_tokenizer(args.model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **_load_kwargs(args, training_args))
     model.config.use_cache = False  # the KV cache is for generation; with gradient checkpointing it only warns
     model_type = getattr(model.config, "model_type", None)
@@ -116,8 +118,9 @@ def main(args: FinetuneArguments, training_args: TrainingArguments) -> int:
         model.save_pretrained(output_dir)
         torch.save(seed_state_dict(model), os.path.join(output_dir, SEED_ADAPTER_FILE))
         tokenizer.save_pretrained(output_dir)
+        data_meta = _data_meta(args.dataset_path)
         run = {
-            "template": _template_name(args, family.chat_template),
+            "template": args.template or (data_meta or {}).get("template") or family.chat_template,
             "base_model": args.model_name_or_path,
             "model_type": model_type,
             "family": family.name,
@@ -132,7 +135,7 @@ def main(args: FinetuneArguments, training_args: TrainingArguments) -> int:
                 "rows": len(train_dataset),
                 "eval_path": args.eval_dataset_path,
                 "eval_rows": None if eval_dataset is None else len(eval_dataset),
-                "meta": _data_meta(args.dataset_path),
+                "meta": data_meta,
             },
             "resumed_from_adapter": args.resume_path if args.is_resume else None,
             "world_size": training_args.world_size,
@@ -140,9 +143,8 @@ def main(args: FinetuneArguments, training_args: TrainingArguments) -> int:
             "finetune_args": asdict(args),
             "training_args": training_args.to_dict(),
         }
-        with open(os.path.join(output_dir, RUN_CONFIG), "w", encoding="utf-8") as f:
-            json.dump(run, f, ensure_ascii=False, indent=2, default=str)
-        print(f"adapter, {SEED_ADAPTER_FILE}, tokenizer, {RUN_CONFIG} and loss.png saved in {output_dir}", flush=True)
+        write_json(os.path.join(output_dir, RUN_CONFIG), run, default=str)
+        print(f"adapter, {SEED_ADAPTER_FILE}, tokenizer, {RUN_CONFIG} and {LOSS_PLOT_FILE} saved in {output_dir}", flush=True)
     return 0
 
 
@@ -167,8 +169,6 @@ def _load_kwargs(args: FinetuneArguments, training_args: TrainingArguments) -> d
                 f"--quantization_bit {args.quantization_bit} needs a CUDA GPU (bitsandbytes quantizes on the GPU); "
                 "on the CPU drop --quantization_bit"
             )
-        import importlib.util
-
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ImportError(
                 f"--quantization_bit {args.quantization_bit} needs bitsandbytes: `pip install bitsandbytes`, "
@@ -220,22 +220,14 @@ def _load_data(path: str, tokenizer, max_seq_length: int, model_type: str | None
 
 def _data_meta(dataset_path: str) -> dict | None:
     """What `tokenize` (instructglm_data.json) or `convert` (<jsonl>.meta.json) recorded about the data."""
-    candidates = [os.path.join(dataset_path, DATA_META)] if os.path.isdir(dataset_path) else [f"{dataset_path}.meta.json"]
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            with open(candidate, encoding="utf-8") as f:
-                try:
-                    return json.load(f)
-                except json.JSONDecodeError as error:
-                    print(f"warning: {candidate} is not valid JSON ({error}); ignoring it", file=sys.stderr)
+    candidate = os.path.join(dataset_path, DATA_META) if os.path.isdir(dataset_path) else jsonl_meta_path(dataset_path)
+    if os.path.isfile(candidate):
+        with open(candidate, encoding="utf-8") as f:
+            try:
+                return json.load(f)
+            except json.JSONDecodeError as error:
+                print(f"warning: {candidate} is not valid JSON ({error}); ignoring it", file=sys.stderr)
     return None
-
-
-def _template_name(args: FinetuneArguments, family_default: str) -> str:
-    if args.template:
-        return args.template
-    meta = _data_meta(args.dataset_path) or {}
-    return meta.get("template") or family_default
 
 
 def _jsonable(value):

@@ -22,11 +22,10 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
+from instructglm.layout import RUN_CONFIG
 from instructglm.models.registry import lora_targets_for
 
-SEED_ADAPTER_FILE = "chatglm-lora.pt"
 SEED_LORA_ALPHA = 32  # the seed hard-coded lora_alpha=32 and did not save it
-RUN_CONFIG = "instructglm_train.json"  # written by the train recipe beside chatglm-lora.pt
 _PEFT_PREFIX = "base_model.model."
 # `.lora_A.default.weight` -> `.lora_A.weight`: the adapter segment newer peft versions insert.
 _ADAPTER_SEGMENT = re.compile(r"\.(lora_[A-Za-z_]+)\.default(?=\.)")

@@ -44,6 +44,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 
+from instructglm.data.templates import chatglm as chatglm_prompt
 from instructglm.models.chatglm.config import ChatGLMConfig
 
 logger = logging.get_logger(__name__)
@@ -656,11 +657,11 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
     @staticmethod
     def build_prompt(query: str, history: list[tuple[str, str]] | None = None) -> str:
-        """ChatGLM-6B's round prompt: the query alone, or "[Round i]\\n问：q\\n答：a\\n"... then the open round."""
-        if not history:
-            return query
-        rounds = [f"[Round {i}]\n问：{old_query}\n答：{response}\n" for i, (old_query, response) in enumerate(history)]
-        return "".join(rounds) + f"[Round {len(history)}]\n问：{query}\n答："
+        """ChatGLM-6B's round prompt: the query alone, or "[Round i]\\n问：q\\n答：a\\n"... then the open round.
+
+        The same text as the `chatglm` template that fine-tuning data is rendered with, so it is built there.
+        """
+        return chatglm_prompt(query, "", history or ())
 
     @staticmethod
     def process_response(response: str) -> str:
