@@ -81,6 +81,6 @@ def test_seed_tokenize_command(tmp_path, repo_dir, chatglm6b_tokenizer_dir, chat
 def test_seed_tokenize_command_without_the_model_fails_cleanly(tmp_path, repo_dir, shared_data):
     _alpaca_jsonl(shared_data, tmp_path / "data" / "alpaca_data.jsonl")
     done = _run_seed_command(repo_dir, tmp_path)  # offline, and no local THUDM/chatglm-6b
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "THUDM/chatglm-6b" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "data" / "alpaca").exists()

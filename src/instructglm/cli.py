@@ -1,7 +1,8 @@
 """`instructglm <command> [flags]`: one entry point, a thin skin over library functions.
 
 Every command is a module with `ARGUMENTS` (a tuple of dataclasses; their fields and `help`
-metadata are the flags) and `main(*parsed) -> int | None`. Parsing goes through
+metadata are the flags) and `main(*parsed) -> int | None`. A `ValueError` or `OSError` from a
+command is a user error: it is printed as `instructglm <command>: error: ...` and exits 2. Parsing goes through
 `transformers.HfArgumentParser`, so booleans accept `true/false/True/False/1/0` and
 `TrainingArguments` flags pass through unchanged. Modules are imported only when their command
 runs, so `instructglm --help` stays fast.
@@ -48,7 +49,13 @@ def run_command(name: str, argv: list[str]) -> int:
         module.ARGUMENTS, prog=f"instructglm {name}", description=module.__doc__, formatter_class=_HelpFormatter
     )
     parsed = parser.parse_args_into_dataclasses(args=argv)
-    return module.main(*parsed) or 0
+    try:
+        return module.main(*parsed) or 0
+    except (ValueError, OSError) as error:
+        # A user's mistake (a bad path, value or file): the message names it and the fix, and a
+        # traceback would only bury it. Bugs raise other exceptions and keep theirs.
+        print(f"instructglm {name}: error: {error}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -265,7 +265,7 @@ def test_cli_reports_errors_without_a_traceback(tmp_path, llama_dir, capsys):
     from instructglm.cli import main
 
     argv = ["tokenize", "--jsonl_path", str(tmp_path / "nope.jsonl"), "--save_path", str(tmp_path / "ds")]
-    assert main(argv + ["--model_name_or_path", str(llama_dir)]) == 1
+    assert main(argv + ["--model_name_or_path", str(llama_dir)]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
 
 

@@ -172,3 +172,11 @@ def test_bad_inputs_are_named(tiny_llama_dir, tmp_path):
         train_in_process(*common_flags(tiny_llama_dir, tmp_path / "raw", tmp_path / "o"))
     with pytest.raises(ValueError, match="--is_resume True needs --resume_path"):
         train_in_process(*common_flags(tiny_llama_dir, tmp_path / "raw", tmp_path / "o", is_resume="true"))
+
+
+def test_report_to_tensorboard_writes_event_files(tiny_llama_dir, llama_dataset, tmp_path):
+    out = tmp_path / "run"
+    flags = common_flags(tiny_llama_dir, llama_dataset, out, max_steps=2, save_steps=2, logging_steps=1,
+                         report_to="tensorboard")
+    assert train_in_process(*flags) == 0
+    assert list(tmp_path.rglob("events.out.tfevents.*")), "no TensorBoard event file written"

@@ -194,21 +194,17 @@ ARGUMENTS = (ConvertArguments,)
 
 
 def main(args: ConvertArguments) -> int:
-    try:
-        # the tokenizer and --max_seq_length are checked first, so a typo fails before the work
-        tokenizer, model_type = stats_lib.check_token_args(args.model_name_or_path, args.max_seq_length)
-        meta = convert(
-            args.save_path,
-            data_path=args.data_path,
-            dataset_name=args.dataset_name,
-            split=args.split,
-            format=args.format,
-            template=args.template,
-            strict=args.strict,
-        )
-    except (DataError, OSError) as e:
-        print(f"convert: error: {e}", file=sys.stderr)
-        return 2
+    # the tokenizer and --max_seq_length are checked first, so a typo fails before the work
+    tokenizer, model_type = stats_lib.check_token_args(args.model_name_or_path, args.max_seq_length)
+    meta = convert(
+        args.save_path,
+        data_path=args.data_path,
+        dataset_name=args.dataset_name,
+        split=args.split,
+        format=args.format,
+        template=args.template,
+        strict=args.strict,
+    )
     counts = meta["counts"]
     print(
         f"wrote {counts['written']} of {counts['rows']} rows to {args.save_path} "

@@ -16,7 +16,6 @@ tokenize will print.
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -191,12 +190,8 @@ ARGUMENTS = (StatsArguments,)
 
 
 def main(args: StatsArguments) -> int:
-    try:
-        tokenizer, model_type = check_token_args(args.model_name_or_path, args.max_seq_length)
-        stats = jsonl_stats(args.jsonl_path, tokenizer, args.max_seq_length, model_type)
-    except (DataError, OSError) as e:
-        print(f"stats: error: {e}", file=sys.stderr)
-        return 2
+    tokenizer, model_type = check_token_args(args.model_name_or_path, args.max_seq_length)
+    stats = jsonl_stats(args.jsonl_path, tokenizer, args.max_seq_length, model_type)
     print(format_stats(stats))
     if args.stats_path:
         write_json(args.stats_path, stats)

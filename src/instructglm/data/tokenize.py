@@ -46,7 +46,6 @@ import multiprocessing
 import os
 import pickle
 import shutil
-import sys
 import uuid
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -414,21 +413,17 @@ ARGUMENTS = (TokenizeArguments,)
 
 
 def main(args: TokenizeArguments) -> int:
-    try:
-        tokenizer, model_type = load_tokenizer(args.model_name_or_path)
-        counts = tokenize_jsonl(
-            args.jsonl_path,
-            args.save_path,
-            tokenizer,
-            args.max_seq_length,
-            num_proc=args.num_proc,
-            batch_size=args.batch_size,
-            model_type=model_type,
-            model_name_or_path=args.model_name_or_path,
-        )
-    except (DataError, OSError) as e:
-        print(f"instructglm tokenize: error: {e}", file=sys.stderr)
-        return 1
+    tokenizer, model_type = load_tokenizer(args.model_name_or_path)
+    counts = tokenize_jsonl(
+        args.jsonl_path,
+        args.save_path,
+        tokenizer,
+        args.max_seq_length,
+        num_proc=args.num_proc,
+        batch_size=args.batch_size,
+        model_type=model_type,
+        model_name_or_path=args.model_name_or_path,
+    )
     import datasets
 
     # read back what was written: proves it loads, and shows the head as the seed did
