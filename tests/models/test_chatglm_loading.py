@@ -4,6 +4,7 @@ strictness about the checkpoint's tensors, weight tying, saving."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -225,6 +226,51 @@ def test_save_pretrained_writes_safetensors_that_reload_identically(chatglm6b_fi
     ids = g["forward.input_ids"]
     generated = reloaded.generate(input_ids=ids, attention_mask=(ids != PAD).long(), max_new_tokens=20, do_sample=False)
     assert torch.equal(generated, g["generate.sequences"])
+
+
+def test_sharded_safetensors_round_trip_and_a_lost_shard_is_named(chatglm6b_fixtures, tmp_path):
+    """save_pretrained with a small max_shard_size writes model.safetensors.index.json + shards; they reload through
+    AutoModelForCausalLM bit for bit, and a checkpoint missing a shard's tensor or a whole shard file says which."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(chatglm6b_fixtures / "tiny_safetensors")
+    saved = tmp_path / "sharded"
+    model.save_pretrained(saved, max_shard_size="300KB")  # the fixture is ~0.9 MB
+
+    index = json.loads((saved / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) >= 2, shards
+    on_disk = {p.name for p in saved.iterdir()}
+    assert set(shards) <= on_disk and "model.safetensors" not in on_disk and not any(f.endswith(".bin") for f in on_disk)
+    # every tensor is in the shard the index names, and in no other
+    held = {name: shard for shard in shards for name in load_file(saved / shard)}
+    assert held == index["weight_map"]
+    assert set(held) == set(model.state_dict())
+
+    reloaded, info = AutoModelForCausalLM.from_pretrained(saved, output_loading_info=True)
+    assert info == {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(), "error_msgs": []}
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+    assert_close(_forward_logits(reloaded, chatglm6b_fixtures), _forward_logits(model, chatglm6b_fixtures), atol=0, rtol=0)
+
+    # one tensor gone from a shard (the index still lists it): named
+    torn = tmp_path / "torn"
+    shutil.copytree(saved, torn)
+    shard = shards[-1]
+    tensors = load_file(torn / shard)
+    dropped = sorted(tensors)[0]
+    del tensors[dropped]
+    save_file(tensors, torn / shard, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"missing tensors: {re.escape(dropped)}\b"):
+        AutoModelForCausalLM.from_pretrained(torn)
+
+    # a whole shard file gone: its name is in the error
+    lost = tmp_path / "lost"
+    shutil.copytree(saved, lost)
+    (lost / shards[0]).unlink()
+    with pytest.raises(OSError, match=re.escape(shards[0])):
+        AutoModelForCausalLM.from_pretrained(lost)
 
 
 # -- input validation ----------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""instructglm web in headless Chromium: type a question, watch the streamed answer, screenshot.
+"""instructglm web: the chat handler streams growing partial answers and keeps the history; in headless
+Chromium, two questions in a row show both turns, the second answered with the first as history; screenshot.
 
-Needs Debian's `chromium` and `chromium-driver`. Without them the test skips, unless
+The browser test needs Debian's `chromium` and `chromium-driver`. Without them the test skips, unless
 INSTRUCTGLM_REQUIRE_BROWSER=1 (set by CI), where a missing browser is a failure.
 """
 
@@ -46,9 +47,66 @@ def browser(tmp_path):
     driver.quit()
 
 
+GREEDY = GenerationArguments(max_length=64, do_sample=False)
+FIRST, SECOND = "What is two plus three?", "Reverse the words please"
+
+
 @pytest.fixture
-def app_url(llama_dir, llama_adapter):
-    model, tokenizer, template = load_model(str(llama_dir), adapter=str(llama_adapter), device="cpu")
+def loaded(llama_dir, llama_adapter):
+    return load_model(str(llama_dir), adapter=str(llama_adapter), device="cpu")
+
+
+def _greedy(loaded, query, history=()):
+    model, tokenizer, template = loaded
+    return generate_batch(model, tokenizer, [build_prompt(template, query, history)], GREEDY)[0].text
+
+
+def _chat_handler(app):
+    """The function Gradio runs when #submit is clicked (the same one Enter in #query runs)."""
+    by_trigger = {app.blocks[block_id].elem_id: fn.fn for fn in app.fns.values() for block_id, _ in fn.targets}
+    assert by_trigger["submit"] is by_trigger["query"]
+    return by_trigger["submit"]
+
+
+def _run_turn(handler, query, messages, history):
+    """Drive one chat turn as Gradio does; the answer shown after each yield (copied: the handler
+    reuses its message list), plus the final messages and history."""
+    shown, histories = [], []
+    for messages, new_history, textbox in handler(query, messages, history, GREEDY.max_length, 0.7, 0.0):
+        assert textbox == ""
+        assert messages[-2] == {"role": "user", "content": query}
+        shown.append(messages[-1]["content"])
+        histories.append(list(new_history))
+    return shown, histories, messages
+
+
+def test_handler_streams_growing_partial_answers_and_keeps_history(loaded):
+    handler = _chat_handler(build_app(*loaded, GenerationArguments(max_length=64, temperature=0.0)))
+    expected = _greedy(loaded, FIRST)
+    assert len(expected.split()) >= 6, f"the tiny model's greedy answer is too short to show streaming: {expected!r}"
+
+    shown, histories, messages = _run_turn(handler, FIRST, [], [])
+    # the question appears at once with an empty answer; the history only grows once the answer is complete
+    assert shown[0] == ""
+    assert all(h == [] for h in histories[:-1]) and histories[-1] == [(FIRST, expected)]
+    distinct = [text for i, text in enumerate(shown) if i == 0 or text != shown[i - 1]]
+    assert len(distinct) >= 6, f"only {len(distinct)} distinct states were yielded: {distinct}"
+    for before, after in zip(distinct, distinct[1:]):
+        assert after.startswith(before) and len(after) > len(before), (before, after)
+    assert distinct[-1] == expected
+
+    # the next question is generated with the first round as history (the same template), and both rounds stay
+    expected_second = _greedy(loaded, SECOND, [(FIRST, expected)])
+    assert expected_second != _greedy(loaded, SECOND), "the history must change the answer for this check to mean anything"
+    shown, histories, messages = _run_turn(handler, SECOND, messages, histories[-1])
+    assert shown[-1] == expected_second
+    assert histories[-1] == [(FIRST, expected), (SECOND, expected_second)]
+    assert [m["content"] for m in messages] == [FIRST, expected, SECOND, expected_second]
+
+
+@pytest.fixture
+def app_url(loaded):
+    model, tokenizer, template = loaded
     app = build_app(model, tokenizer, template, GenerationArguments(max_length=64, temperature=0.0))
     port = free_port()
     launch(app, "127.0.0.1", port, block=False)
@@ -56,13 +114,24 @@ def app_url(llama_dir, llama_adapter):
     app.close()
 
 
-def _bot_texts(driver):
+def _texts(driver, role):
     from selenium.webdriver.common.by import By
 
-    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#chatbot [data-testid='bot']")]
+    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, f"#chatbot [data-testid='{role}']")]
 
 
-def test_question_streams_an_answer_into_the_page(browser, app_url, tmp_path):
+def _bot_texts(driver):
+    return _texts(driver, "bot")
+
+
+def _ask(driver, question):
+    from selenium.webdriver.common.by import By
+
+    driver.find_element(By.CSS_SELECTOR, "#query textarea").send_keys(question)
+    driver.find_element(By.CSS_SELECTOR, "#submit").click()
+
+
+def test_two_questions_stream_answers_into_the_page_with_history(browser, app_url, tmp_path):
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
@@ -77,14 +146,19 @@ def test_question_streams_an_answer_into_the_page(browser, app_url, tmp_path):
     for label in ("Maximum length", "Top P", "Temperature", "Clear History"):
         assert label in browser.page_source
 
-    browser.find_element(By.CSS_SELECTOR, "#query textarea").send_keys("What is two plus three?")
-    browser.find_element(By.CSS_SELECTOR, "#submit").click()
+    _ask(browser, FIRST)
     wait.until(lambda d: any(t.strip() for t in _bot_texts(d)))
     # Temperature 0 decodes greedily: the page shows the model's greedy answer once it has finished.
-    prompt = build_prompt(template, "What is two plus three?")
-    expected = generate_batch(model, tokenizer, [prompt], GenerationArguments(max_length=64, do_sample=False))[0].text
-    expected_words = expected.split()
-    wait.until(lambda d: _bot_texts(d) and _bot_texts(d)[-1].split() == expected_words)
+    first = _greedy((model, tokenizer, template), FIRST)
+    wait.until(lambda d: _bot_texts(d) and _bot_texts(d)[-1].split() == first.split())
+    # The box is emptied for the next question, which the model answers with the first round as history.
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#query textarea").get_attribute("value") == "")
+    second = _greedy((model, tokenizer, template), SECOND, [(FIRST, first)])
+    assert second.split() != _greedy((model, tokenizer, template), SECOND).split()
+    _ask(browser, SECOND)
+    wait.until(lambda d: len(_bot_texts(d)) == 2 and _bot_texts(d)[-1].split() == second.split())
+    assert _texts(browser, "user") == [FIRST, SECOND]
+    assert [t.split() for t in _bot_texts(browser)] == [first.split(), second.split()]
     shot = tmp_path / "web.png"
     browser.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000

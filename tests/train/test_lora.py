@@ -47,6 +47,60 @@ def test_chatglm_gets_query_key_value(tiny_chatglm_dir):
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
 
 
+def half_precision_base(model_dir, tmp_path, precision):
+    """The base as `instructglm train --bf16/--fp16` loads it: `from_pretrained` with finetune's own kwargs."""
+    from transformers import AutoModelForCausalLM
+
+    from instructglm.train.args import FinetuneArguments, TrainingArguments
+    from instructglm.train.finetune import _load_kwargs
+
+    args = FinetuneArguments(dataset_path=str(tmp_path / "unused"), model_name_or_path=str(model_dir))
+    training_args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to="none", bf16=precision == "bf16")
+    # Without CUDA, TrainingArguments turns --fp16 into an fp32 run; on a GPU the flag survives, as set here.
+    training_args.fp16 = precision == "fp16"
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), **_load_kwargs(args, training_args))
+
+
+def assert_fp32_lora_on_half_base(model, dtype):
+    """Trainable = exactly the LoRA tensors, all fp32; every frozen (base) weight stays `dtype`;
+    a forward + backward runs on the CPU and sends fp32 gradients to the LoRA tensors only."""
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert {n: p.dtype for n, p in trainable.items()} == {n: torch.float32 for n in trainable}
+    assert frozen and {n: p.dtype for n, p in frozen.items()} == {n: dtype for n in frozen}
+    assert model.get_base_model().transformer.layers[0].attention.query_key_value.base_layer.weight.dtype == dtype
+
+    model.train()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    ids = torch.cat([ids, torch.tensor([[model.config.gmask_token_id, model.config.bos_token_id, 20, 21]])], dim=1)
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.dtype == dtype  # the base computes in half precision
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is None for p in frozen.values())
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in trainable.values())
+    # lora_B starts at zero, so it is the one that gets a gradient at the first step
+    assert any(p.grad.abs().sum() > 0 for n, p in trainable.items() if "lora_B" in n)
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_lora_is_fp32_under_a_half_precision_chatglm(tiny_chatglm_dir, tmp_path, precision, dtype):
+    """`--bf16` / `--fp16` load the base in half precision; the adapter finetune attaches (fresh, or
+    continued from a peft dir or a seed .pt) is fp32, so its updates are not rounded away."""
+    fresh = attach_lora(half_precision_base(tiny_chatglm_dir, tmp_path, precision))
+    assert_fp32_lora_on_half_base(fresh, dtype)
+
+    trained = trained_adapter(tiny_chatglm_dir)
+    trained.save_pretrained(str(tmp_path / "adapter"))
+    torch.save(seed_state_dict(trained), tmp_path / "chatglm-lora.pt")
+    for path in (tmp_path / "adapter", tmp_path / "chatglm-lora.pt"):
+        resumed = load_adapter(half_precision_base(tiny_chatglm_dir, tmp_path, precision), str(path), is_trainable=True)
+        assert_fp32_lora_on_half_base(resumed, dtype)
+        for key, value in lora_tensors(trained).items():
+            torch.testing.assert_close(lora_tensors(resumed)[key], value, rtol=0, atol=0)
+
+
 def test_unknown_target_is_named(tiny_llama_dir):
     with pytest.raises(ValueError, match="no_such_proj.*--lora_target"):
         attach_lora(base(tiny_llama_dir), target=["no_such_proj"])
