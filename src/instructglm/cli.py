@@ -48,8 +48,8 @@ def run_command(name: str, argv: list[str]) -> int:
     parser = HfArgumentParser(
         module.ARGUMENTS, prog=f"instructglm {name}", description=module.__doc__, formatter_class=_HelpFormatter
     )
-    parsed = parser.parse_args_into_dataclasses(args=argv)
     try:
+        parsed = parser.parse_args_into_dataclasses(args=argv)  # argument dataclasses validate here
         return module.main(*parsed) or 0
     except (ValueError, OSError) as error:
         # A user's mistake (a bad path, value or file): the message names it and the fix, and a
