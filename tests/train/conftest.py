@@ -1,7 +1,9 @@
 """Tiny models, tokenizers and datasets for the training tests, all built in tmp dirs.
 
-A tiny Llama (2 layers, width 32) with a character-level tokenizer made with `tokenizers` stands
-for "any causal LM transformers loads"; a tiny native ChatGLM-6B uses the real ice_text tokenizer.
+The models come from the shared factories in `tests/tiny_models.py`, narrowed for training: a tiny
+Llama (2 layers, width 32) with the character-level tokenizer stands for "any causal LM transformers
+loads"; a tiny native ChatGLM-6B (2 layers, width 32) uses the demo's small ice_text tokenizer. Both
+embeddings have exactly the tokenizer's size (no padding rows), and ChatGLM keeps its tied output head.
 The task is string reversal ("reverse: abc" -> "cba"), small enough for a few steps to move the loss.
 """
 
@@ -17,25 +19,17 @@ from pathlib import Path
 
 import pytest
 
+from tests import tiny_models
+
 REPO = Path(__file__).resolve().parents[2]
-ALPHABET = string.ascii_lowercase + string.digits + " :.,?!-"
-
-
-def make_char_tokenizer(path: Path):
-    """A character-level fast tokenizer that prepends <s>, like Llama's."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    vocab = {token: i for i, token in enumerate(specials + list(ALPHABET))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    fast.save_pretrained(str(path))
-    return fast
+TRAIN_LLAMA = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "max_position_embeddings": 128,
+    # a wider init than 0.02 gives the frozen random weights a signal a LoRA can steer in a few steps
+    "initializer_range": 0.3,
+}
+TRAIN_CHATGLM = {"hidden_size": 32, "inner_hidden_size": 64, "tie_word_embeddings": True}
 
 
 def reverse_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
@@ -54,28 +48,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = make_char_tokenizer(path)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        # a wider init than 0.02 gives the frozen random weights a signal a LoRA can steer in a few steps
-        initializer_range=0.3,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    """A random 2-layer Llama (width 32) with the character-level tokenizer."""
+    return tiny_models.tiny_llama_dir(
+        tmp_path_factory.mktemp("tiny-llama"), seed=0, tokenizer="char", vocab_multiple=1, **TRAIN_LLAMA
     )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(str(path))
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -161,37 +137,9 @@ def adapter_tensors(path: Path) -> dict:
 @pytest.fixture(scope="session")
 def tiny_chatglm_dir(tmp_path_factory) -> Path:
     """A random 2-layer ChatGLM-6B (width 32) with the demo's small ice_text tokenizer."""
-    import shutil
-
-    import torch
-    from transformers import AutoTokenizer
-
-    from instructglm.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
-
-    assets = REPO / "src" / "instructglm" / "demo" / "assets" / "tokenizer"
-    path = tmp_path_factory.mktemp("tiny-chatglm")
-    for file in assets.iterdir():
-        shutil.copy(file, path / file.name)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in
-           (("bos", "<sop>"), ("eos", "<eop>"), ("mask", "[MASK]"), ("gmask", "[gMASK]"))}
-    config = ChatGLMConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_layers=2,
-        num_attention_heads=4,
-        inner_hidden_size=64,
-        max_sequence_length=256,
-        bos_token_id=ids["bos"],
-        eos_token_id=ids["eos"],
-        mask_token_id=ids["mask"],
-        gmask_token_id=ids["gmask"],
-        pad_token_id=tokenizer.pad_token_id,
+    return tiny_models.tiny_chatglm_dir(
+        tmp_path_factory.mktemp("tiny-chatglm"), seed=0, vocab_multiple=1, **TRAIN_CHATGLM
     )
-    torch.manual_seed(0)
-    ChatGLMForConditionalGeneration(config).save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return path
 
 
 @pytest.fixture(scope="session")
