@@ -11,8 +11,11 @@ runs, so `instructglm --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
+
+from instructglm.errors import UserError
 
 # command name -> (module, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -51,11 +54,17 @@ def run_command(name: str, argv: list[str]) -> int:
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv)  # argument dataclasses validate here
         return module.main(*parsed) or 0
-    except (ValueError, OSError) as error:
-        # A user's mistake (a bad path, value or file): the message names it and the fix, and a
-        # traceback would only bury it. Bugs raise other exceptions and keep theirs.
+    except (UserError, OSError) as error:
+        if isinstance(error, OSError) and not isinstance(error, UserError) and error.errno not in USER_FIXABLE_ERRNOS:
+            raise  # a bug, or a failure the user cannot act on: keep the traceback
+        # The message names the path or value and the fix; a traceback would only bury it.
         print(f"instructglm {name}: error: {error}", file=sys.stderr)
         return 2
+
+
+# Operating-system refusals that name a path the user can free, unlock or move (the OSError's text
+# carries the errno's message and the file name).
+USER_FIXABLE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 def main(argv: list[str] | None = None) -> int:

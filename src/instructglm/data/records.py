@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from instructglm.errors import BadValue
+
 
 @dataclass(frozen=True)
 class Example:
@@ -36,5 +38,5 @@ class BadRow(Exception):
         self.detail = detail
 
 
-class DataError(ValueError):
+class DataError(BadValue):
     """The input as a whole is unusable; the message names the file or record and the fix."""

@@ -24,12 +24,12 @@ import numpy as np
 
 from instructglm.data.io import write_json
 from instructglm.data.records import DataError
+from instructglm.models.loading import load_tokenizer
 from instructglm.data.tokenize import (
     EMPTY_TARGET,
     PROMPT_TOO_LONG,
     TRUNCATED,
     RowEncoder,
-    load_tokenizer,
     read_jsonl,
     special_tokens_around,
 )

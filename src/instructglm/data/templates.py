@@ -34,7 +34,7 @@ literally; write `{{`/`}}` for literal braces.
 from __future__ import annotations
 
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 History = Sequence[tuple[str, str]]
@@ -143,6 +143,37 @@ def _custom(fmt: str) -> Callable[[str, str, History], str]:
     return lambda instruction, input, history: _with_history(
         lambda i, x: fmt.format(instruction=i, input=x), instruction, input, history
     )
+
+
+# How a context rendered by each single-turn template ends (its answer cue) and begins (its first
+# field, or the first round of history, which these templates render the same way).
+_TEMPLATE_SHAPES = {
+    "alpaca": ("Instruction: ", "Answer: "),
+    "belle": ("指令: ", "答案: "),
+    "instruction-response": ("###Instruction:", "###Response:"),
+}
+
+
+def detect_template(contexts: Iterable[str]) -> str | None:
+    """The registered template every one of `contexts` was rendered with, or None when they do not all agree.
+
+    For data without convert's sidecar (a jsonl made by the 2023 scripts): `alpaca`, `belle` and
+    `instruction-response` are recognised by their opening field and answer cue. `chatglm` and
+    `plain` render a query without history as the bare query, so nothing tells them apart from
+    free text; such data gives None (the caller records the template as unknown).
+    """
+    found: str | None = None
+    seen = False
+    for context in contexts:
+        seen = True
+        match = next(
+            (name for name, (start, cue) in _TEMPLATE_SHAPES.items() if context.startswith(start) and context.endswith(cue)),
+            None,
+        )
+        if match is None or (found is not None and match != found):
+            return None
+        found = match
+    return found if seen else None
 
 
 def get_template(name_or_format: str) -> Template:

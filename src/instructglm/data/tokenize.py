@@ -58,6 +58,7 @@ import numpy as np
 from instructglm.data.io import iter_json_rows, write_json
 from instructglm.data.records import BadRow, DataError
 from instructglm.layout import DATA_META, jsonl_meta_path
+from instructglm.models.loading import load_tokenizer
 from instructglm.models.registry import family_for
 
 # Outcomes of one row (`RowEncoder.encode`): each names the `TokenizeCounts` field it counts under.
@@ -365,27 +366,6 @@ def tokenize_jsonl(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return counts
-
-
-def load_tokenizer(model_name_or_path: str):
-    """(tokenizer, model_type) from a local dir in the hub layout or a hub name.
-
-    `model_type` is config.json's, or None for a directory that holds only a tokenizer.
-    """
-    from transformers import AutoTokenizer, PretrainedConfig
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-    except OSError as e:
-        raise FileNotFoundError(
-            f"--model_name_or_path {model_name_or_path}: no tokenizer there ({e}); give a local directory in the "
-            "hub layout (a relative path is looked up from the current directory first) or a hub name, online"
-        ) from None
-    try:
-        model_type = PretrainedConfig.get_config_dict(model_name_or_path)[0].get("model_type")
-    except OSError:
-        model_type = None  # a tokenizer-only directory: the generic family
-    return tokenizer, model_type
 
 
 @dataclass

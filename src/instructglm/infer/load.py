@@ -97,7 +97,7 @@ def template_name_for(model_config: Any, adapter: str | None, model_name_or_path
 
 def load_tokenizer(model_name_or_path: str):
     """The base model's tokenizer, set up for batched generation (left padding, a pad token)."""
-    from instructglm.data.tokenize import load_tokenizer as load_base_tokenizer
+    from instructglm.models.loading import load_tokenizer as load_base_tokenizer
 
     tokenizer, _ = load_base_tokenizer(model_name_or_path)
     # Decoder-only generation continues from the last position of every row, so padding must
@@ -133,17 +133,14 @@ def load_model(
         FileNotFoundError: the adapter path does not exist, or `model_name_or_path` holds no tokenizer.
         ValueError: bad dtype; the adapter does not fit the base (the message names the tensors).
     """
-    from transformers import AutoModelForCausalLM
-
     from instructglm.data.templates import get_template
+    from instructglm.models.loading import load_causal_lm
 
     if adapter is not None and not Path(adapter).exists():
         raise FileNotFoundError(f"--adapter {adapter}: no such file or directory")
     device = resolve_device(device)
     tokenizer = load_tokenizer(model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_name_or_path, dtype=resolve_dtype(dtype, device), device_map={"": device}
-    )
+    model = load_causal_lm(model_name_or_path, dtype=resolve_dtype(dtype, device), device_map={"": device})
     if adapter is not None:
         from instructglm.train.lora import load_adapter
 

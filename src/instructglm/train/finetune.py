@@ -41,10 +41,10 @@ ARGUMENTS = (FinetuneArguments, TrainingArguments)
 
 def main(args: FinetuneArguments, training_args: TrainingArguments) -> int:
     import transformers
-    from transformers import AutoModelForCausalLM, Trainer
+    from transformers import Trainer
     from transformers.trainer_utils import IntervalStrategy
 
-    from instructglm.data.tokenize import load_tokenizer
+    from instructglm.models.loading import load_causal_lm, load_tokenizer
     from instructglm.models.registry import family_for
 
     _check_paths(args)
@@ -59,7 +59,7 @@ def main(args: FinetuneArguments, training_args: TrainingArguments) -> int:
 
     # Model and tokenizer.
     tokenizer, _ = load_tokenizer(args.model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **_load_kwargs(args, training_args))
+    model = load_causal_lm(args.model_name_or_path, **_load_kwargs(args, training_args))
     model.config.use_cache = False  # the KV cache is for generation; with gradient checkpointing it only warns
     model_type = getattr(model.config, "model_type", None)
     family = family_for(model_type)

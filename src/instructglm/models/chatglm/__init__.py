@@ -1,24 +1,26 @@
-"""Native ChatGLM-6B: config, tokenizer and model, one file each, registered with the Auto classes."""
+"""Native ChatGLM-6B: config, tokenizer and model, one file each.
 
-from instructglm.models.chatglm.config import ChatGLMConfig
-from instructglm.models.chatglm.model import ChatGLMForConditionalGeneration, ChatGLMModel, ChatGLMPreTrainedModel
-from instructglm.models.chatglm.tokenizer import ChatGLMTokenizer
+The names below are imported on first access, so `from instructglm.models.chatglm import
+ChatGLMConfig` does not load the model code. `instructglm.models.registration` puts the classes in
+transformers' Auto mappings.
+"""
 
-__all__ = [
-    "ChatGLMConfig",
-    "ChatGLMModel",
-    "ChatGLMForConditionalGeneration",
-    "ChatGLMPreTrainedModel",
-    "ChatGLMTokenizer",
-    "register",
-]
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "ChatGLMConfig": "config",
+    "ChatGLMTokenizer": "tokenizer",
+    "ChatGLMModel": "model",
+    "ChatGLMForConditionalGeneration": "model",
+    "ChatGLMPreTrainedModel": "model",
+}
+
+__all__ = list(_WHERE)
 
 
-def register() -> None:
-    """Make `Auto*.from_pretrained(dir)` resolve `model_type: chatglm` to these classes."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    AutoConfig.register("chatglm", ChatGLMConfig, exist_ok=True)
-    AutoTokenizer.register(ChatGLMConfig, slow_tokenizer_class=ChatGLMTokenizer, exist_ok=True)
-    for auto in (AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM):
-        auto.register(ChatGLMConfig, ChatGLMForConditionalGeneration, exist_ok=True)
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

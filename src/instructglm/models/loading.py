@@ -1,0 +1,136 @@
+"""The one way a base model and its tokenizer are loaded: `load_tokenizer`, `load_causal_lm`.
+
+Both take a local directory in the hub's layout or a hub name (`THUDM/chatglm-6b`), go through
+transformers' Auto classes (after `import instructglm` they find the native classes), and turn
+the failures a user can fix — a path that is not there, a directory missing its tokenizer or weight
+files, a truncated or foreign checkpoint, a pickle that `weights_only=True` refuses — into one
+`UserError` naming the path and what to do. Anything else propagates with its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+from instructglm.errors import BadValue, MissingFile
+
+# Files a checkpoint directory may hold its weights in (transformers' names, single and sharded).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _is_local(name: str) -> bool:
+    """A path rather than a hub name: it exists, or it can only be a path (`./x`, `/x`, `a/b/c`, `~`)."""
+    return os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _check_local(name: str, flag: str) -> None:
+    if _is_local(name) and not os.path.isdir(name):
+        what = "is a file, not a model directory" if os.path.exists(name) else "does not exist"
+        raise MissingFile(f"{flag} {name} {what}: give a local directory in the hub layout or a hub name (online)")
+
+
+def _listing(path: str) -> str:
+    try:
+        names = sorted(os.listdir(path))
+    except OSError:
+        return "unreadable"
+    return ", ".join(names[:12]) + (", ..." if len(names) > 12 else "") if names else "empty"
+
+
+def model_type_of(name: str) -> str | None:
+    """`model_type` from the config.json of a local dir or hub repo; None for a tokenizer-only dir."""
+    from transformers import PretrainedConfig
+
+    try:
+        return PretrainedConfig.get_config_dict(name)[0].get("model_type")
+    except OSError as error:
+        config = Path(name) / "config.json"
+        if config.is_file():  # there but unreadable: say so rather than guess the generic family
+            raise BadValue(f"{config}: not a valid config.json ({error}); fix or re-download it") from error
+        return None
+
+
+def load_tokenizer(model_name_or_path: str, flag: str = "--model_name_or_path"):
+    """(tokenizer, model_type) of a model dir or hub name; model_type is None for a tokenizer-only dir."""
+    from transformers import AutoTokenizer
+
+    _check_local(model_name_or_path, flag)
+    _check_tokenizer_files(model_name_or_path, flag)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+    except (OSError, ValueError) as error:
+        where = f" (it holds: {_listing(model_name_or_path)})" if os.path.isdir(model_name_or_path) else ""
+        raise MissingFile(
+            f"{flag} {model_name_or_path}: no usable tokenizer there{where}: {error}. Copy the tokenizer files "
+            "(tokenizer_config.json and the vocabulary, e.g. ice_text.model or tokenizer.model) from the model's "
+            "hub repo into it"
+        ) from error
+    return tokenizer, model_type_of(model_name_or_path)
+
+
+def _check_tokenizer_files(path: str, flag: str) -> None:
+    """A local dir whose tokenizer_config.json names one of our tokenizers must hold its vocabulary files."""
+    config_path = Path(path) / "tokenizer_config.json"
+    if not config_path.is_file():
+        return
+    try:
+        class_name = json.loads(config_path.read_text(encoding="utf-8")).get("tokenizer_class")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise BadValue(f"{config_path}: not a valid tokenizer_config.json ({error}); fix or re-download it") from error
+    from instructglm.models.registration import REGISTRATIONS, load_class
+
+    for entry in REGISTRATIONS:
+        if entry.tokenizer and entry.tokenizer.rpartition(":")[2] == class_name:
+            vocab_files = getattr(load_class(entry.tokenizer), "vocab_files_names", {})
+            missing = [name for name in vocab_files.values() if not (Path(path) / name).is_file()]
+            if missing:
+                raise MissingFile(
+                    f"{flag} {path}: tokenizer_config.json names {class_name}, but {', '.join(missing)} is missing "
+                    f"(the dir holds: {_listing(path)}); copy it from the model's hub repo"
+                )
+            return
+
+
+def load_causal_lm(model_name_or_path: str, flag: str = "--model_name_or_path", **kwargs: Any):
+    """`AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)` with user-fixable failures named."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    _check_local(model_name_or_path, flag)
+    if os.path.isdir(model_name_or_path) and not (Path(model_name_or_path) / "config.json").is_file():
+        raise MissingFile(
+            f"{flag} {model_name_or_path} has no config.json (it holds: {_listing(model_name_or_path)}): "
+            "is it a model directory? An adapter goes to --adapter, the base model to --model_name_or_path"
+        )
+    if kwargs.get("weights_only") is False:
+        raise BadValue("weights_only=False is refused: checkpoints are read with torch.load(weights_only=True)")
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+    except (SafetensorError, pickle.UnpicklingError, EOFError) as error:
+        raise BadValue(_broken_checkpoint(model_name_or_path, flag, error)) from error
+    except RuntimeError as error:
+        # torch.load of a truncated or foreign zip archive ("PytorchStreamReader failed ...")
+        if "PytorchStreamReader" not in str(error) and "zip archive" not in str(error):
+            raise
+        raise BadValue(_broken_checkpoint(model_name_or_path, flag, error)) from error
+    except OSError as error:
+        if os.path.isdir(model_name_or_path) and not any((Path(model_name_or_path) / f).exists() for f in WEIGHT_FILES):
+            raise MissingFile(
+                f"{flag} {model_name_or_path} holds no weights (none of {', '.join(WEIGHT_FILES)}; it holds: "
+                f"{_listing(model_name_or_path)}); download the checkpoint into it"
+            ) from error
+        raise
+
+
+def _broken_checkpoint(path: str, flag: str, error: BaseException) -> str:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, pickle.UnpicklingError):
+        return (
+            f"{flag} {path}: a weight file holds pickled objects other than tensors, which are never loaded "
+            f"(torch.load weights_only=True refused: {first_line[:200]}); use a safetensors or plain state-dict checkpoint"
+        )
+    return f"{flag} {path}: a weight file is truncated or corrupt ({first_line[:200]}); re-download or re-save the checkpoint"
+
