@@ -267,9 +267,16 @@ def parse_adapters(values: Sequence[str]) -> list[str | None]:
     return adapters
 
 
-def _one_line(text: str, limit: int = 600) -> str:
-    line = "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+def _one_line(text: Any, shown: int = 2) -> str:
+    """A multi-line message (a headline, one line per tensor, a closing hint) as one line: the
+    headline, the first `shown` details, how many more, and the hint."""
+    lines = [part.strip() for part in str(text).splitlines() if part.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    head, details = lines[0].rstrip(":"), lines[1:]
+    hint = details.pop() if details[-1].startswith("(") else ""
+    more = f"; ... {len(details) - shown} more" if len(details) > shown else ""
+    return f"{head}: {'; '.join(details[:shown])}{more}" + (f" {hint}" if hint else "")
 
 
 def attach_adapter(base: Any, adapter: str) -> Any:

@@ -42,7 +42,7 @@ table { border-collapse: collapse; margin: 8px 0; font-size: 13px; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; text-align: left; }
 th { background: #f3f3f3; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.best { font-weight: bold; }
+td.best, td.summary { font-weight: bold; }
 table.examples { table-layout: fixed; width: 100%; }
 table.examples td { word-wrap: break-word; overflow-wrap: anywhere; }
 pre { white-space: pre-wrap; margin: 0; font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 12px; }
@@ -103,6 +103,7 @@ def bar_chart(labels: Sequence[str], series: dict[str, Sequence[float | None]], 
         axes.set_xticks(range(len(labels)), [str(label)[:14] for label in labels], rotation=30, ha="right", fontsize=8)
         axes.tick_params(axis="y", labelsize=7)
         axes.margins(y=0.18)
+        axes.set_ylim(bottom=0, top=None if any(heights) else 1)
         for side in ("top", "right"):
             axes.spines[side].set_visible(False)
     figure.tight_layout()
@@ -198,13 +199,13 @@ def _benchmark_section(results: EvalResults) -> str:
         count = first[shot_keys[0]]["subjects"][subject]["questions"]
         body.append(f"<tr><th>{_e(subject)} <small>({count})</small></th>{cells}</tr>")
     for summary in ("average", "overall"):
-        cells = "".join(f'<td class="num best">{_number(m.benchmark[k][summary])}</td>' for m, k in columns)
+        cells = "".join(f'<td class="num summary">{_number(m.benchmark[k][summary])}</td>' for m, k in columns)
         body.append(f"<tr><th>{summary}</th>{cells}</tr>")
     chart = bar_chart(
         [m.label for m in scored], {f"{k} average": [m.benchmark[k]["average"] for m in scored] for k in shot_keys}, "benchmark accuracy (%)"
     )
-    dropped = {f"{m.label} {k}": m.benchmark[k]["shots_dropped"] for m, k in columns if m.benchmark[k]["shots_dropped"]}
-    note = f"<p class=\"meta\">Questions whose shots did not all fit the context: {_e(dropped)}</p>" if dropped else ""
+    dropped = [f"{m.label} {k}: {m.benchmark[k]['shots_dropped']}" for m, k in columns if m.benchmark[k]["shots_dropped"]]
+    note = f'<p class="meta">Questions whose shots did not all fit the context (shots dropped from the end): {_e(", ".join(dropped))}</p>' if dropped else ""
     return (
         f"<h2>Benchmark: {_e(first['benchmark'])}</h2>"
         f'<p class="meta">{_e(first["path"])}, {_e(first["split"])} split; accuracy % by the log-likelihood of each option letter '
