@@ -40,6 +40,14 @@ drops shots from the end until it does (as hendrycks' script does); such questio
 
 Accuracy is in percent, per subject; `average` is the mean over subjects (CMMLU's and C-Eval's
 summary), `overall` the fraction of all questions (MMLU's weighted accuracy).
+
+Why not EleutherAI's lm-evaluation-harness: lm-eval 0.4.13 installs beside transformers 5.24 and
+peft 0.21, and its `HFLM(pretrained=model, tokenizer=...)` accepts our model objects, plain and
+peft, and matches this scorer on a Llama. But it encodes context + continuation without the
+tokenizer's special tokens, so ChatGLM-6B gets no `[gMASK] <sop>`: the answer letter then sits
+inside the bidirectional prefix, where the logits that "predict" it already see it (checked: they
+change with the letter), and the numbers differ from the model's real layout. Its C-Eval / CMMLU /
+MMLU tasks also load their data from the hub. So the scorer is native, on training's row layout.
 """
 
 from __future__ import annotations

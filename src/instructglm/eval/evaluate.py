@@ -329,11 +329,12 @@ def evaluate_generation(
     Returns:
         (corpus metrics: `bleu-4`, `rouge-1`, `rouge-2`, `rouge-l`, `exact_match` (0-100),
         `rows`, `empty_predictions`, `empty_references`, `answer_chars`, `reference_chars`,
-        `answer_tokens`, and with `loss` also `loss`, `perplexity`, `loss_tokens`, ...;
+        `answer_tokens`, `prompts_over_context`, and with `loss` also `loss`, `perplexity`, `loss_tokens`, ...;
         the stripped answers; per-row scores with `loss`).
     """
     from tqdm.auto import tqdm
 
+    from instructglm.eval.perplexity import sequence_limit
     from instructglm.infer.generate import generate_batch
 
     require_eval_deps()
@@ -343,8 +344,17 @@ def evaluate_generation(
         set_seed(seed)
     contexts = [row["context"] for row in rows]
     # Batches of similar prompt length waste less on padding; answers go back to data order.
-    lengths = [len(ids) for ids in tokenizer(contexts, add_special_tokens=False)["input_ids"]]
+    lengths = [len(ids) for ids in tokenizer(contexts)["input_ids"]]
     order = sorted(range(len(rows)), key=lambda i: lengths[i])
+    limit = sequence_limit(model)
+    budget = settings.max_new_tokens or 1
+    over = sum(length + budget > limit for length in lengths)
+    if over:
+        print(
+            f"eval: warning: {over} prompt(s) plus --max_new_tokens {budget} exceed the model's {limit} positions; "
+            "their answers come from beyond the length it was built for (counted as prompts_over_context)",
+            file=sys.stderr,
+        )
     answers: list[str] = [""] * len(rows)
     tokens: list[int] = [0] * len(rows)
     with tqdm(total=len(rows), unit="row", desc="generate", disable=None) as bar:
@@ -355,6 +365,7 @@ def evaluate_generation(
             bar.update(len(chunk))
     metrics, scored = score_predictions(answers, [row["target"].strip() for row in rows])
     metrics["answer_tokens"] = sum(tokens) / len(tokens) if tokens else 0.0
+    metrics["prompts_over_context"] = over
     row_scores: list[dict[str, float | None]] = [s.as_dict() for s in scored]
     if loss:
         from instructglm.eval.perplexity import teacher_forced_loss
