@@ -1,0 +1,159 @@
+"""`instructglm eval` end to end on a tiny ChatGLM: a trained adapter beats the base, the files hold what
+they say, adapters come off the base cleanly, and user mistakes end in one line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from instructglm import cli
+from instructglm.eval.evaluate import attach_adapter, detach_adapter, load_eval_rows, model_labels
+from instructglm.infer.generate import GenerationArguments, generate_batch
+from instructglm.infer.load import load_model
+from tests.eval.conftest import write_jsonl
+
+ASSETS = Path(__file__).parent / "assets" / "benchmarks"
+
+
+@pytest.fixture
+def run_eval(monkeypatch):
+    """`instructglm eval argv` in this process, as the CLI runs it (the coordinator adds `eval` to the table)."""
+    monkeypatch.setitem(cli.COMMANDS, "eval", ("instructglm.eval.evaluate", "evaluate base and adapters"))
+    return lambda *argv: cli.run_command("eval", [str(a) for a in argv])
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    lines = [line for line in err if line.startswith("instructglm eval:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_trained_adapter_beats_the_base(run_eval, glm_base, trained_adapter, number_jsonl, number_rows, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = run_eval(
+        "--model_name_or_path", glm_base, "--adapter", "none", trained_adapter, "--data", number_jsonl,
+        "--output_dir", out, "--max_new_tokens", 6, "--benchmark", ASSETS / "ceval", "--benchmark_shots", 0,
+    )
+    printed = capsys.readouterr().out
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert list(metrics) == ["base", "numbers"]
+    base, adapter = metrics["base"], metrics["numbers"]
+    for key in ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "exact_match", "loss", "perplexity", "rows", "model", "adapter", "template", "generation"):
+        assert key in base and key in adapter, key
+    assert adapter["exact_match"] >= 50 > base["exact_match"]
+    assert adapter["bleu-4"] > base["bleu-4"] and adapter["rouge-l"] > base["rouge-l"]
+    assert adapter["loss"] < base["loss"] - 1 and adapter["perplexity"] < base["perplexity"]
+    assert (base["adapter"], adapter["adapter"], adapter["model"]) == (None, str(trained_adapter), str(glm_base))
+    assert base["template"] == "alpaca"  # recognised from the prompts (no convert sidecar)
+    assert base["generation"]["do_sample"] is False and base["generation"]["max_new_tokens"] == 6
+    assert base["data"]["sha256"] == hashlib.sha256(number_jsonl.read_bytes()).hexdigest()
+    assert base["rows"] == adapter["rows"] == len(number_rows) == base["loss_rows"]
+    assert set(adapter["benchmark"]) >= {"benchmark", "split", "0-shot"} and adapter["benchmark"]["0-shot"]["questions"] == 5
+
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(line["row"], line["context"], line["target"]) for line in lines] == [
+        (i, row["context"], row["target"]) for i, row in enumerate(number_rows)
+    ]
+    assert all(set(line["predictions"]) == set(line["scores"]) == {"base", "numbers"} for line in lines)
+    assert sum(line["scores"]["numbers"]["exact_match"] for line in lines) / len(lines) == pytest.approx(adapter["exact_match"])
+
+    # the answers are what a fresh load of each model generates: attaching and detaching on one base changes nothing
+    settings = GenerationArguments(max_new_tokens=6, do_sample=False)
+    for label, adapter_path in (("base", None), ("numbers", trained_adapter)):
+        model, tokenizer, _ = load_model(str(glm_base), str(adapter_path) if adapter_path else None, device="cpu")
+        fresh = [c.text.strip() for c in generate_batch(model, tokenizer, [r["context"] for r in number_rows], settings)]
+        assert [line["predictions"][label] for line in lines] == fresh, label
+
+    assert (out / "report.html").is_file()
+    assert "numbers" in printed and "exact_match" in printed and "arithmetic" in printed  # summary + benchmark table
+
+
+def test_detaching_an_adapter_gives_the_base_back(glm_base, trained_adapter):
+    base, tokenizer, _ = load_model(str(glm_base), device="cpu")
+    ids = tokenizer(["Instruction: hi\nAnswer: "], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        with_adapter = attach_adapter(base, str(trained_adapter))
+        changed = with_adapter(input_ids=ids).logits
+        restored = detach_adapter(with_adapter)
+        after = restored(input_ids=ids).logits
+    assert not torch.allclose(before, changed)
+    assert restored is base and torch.equal(before, after)
+    assert not any("lora" in name for name, _ in restored.named_modules())
+
+
+def test_labels_are_directory_names_made_unique(tmp_path):
+    for sub in ("a/checkpoint-10", "b/checkpoint-10", "c/base", "d/run"):
+        (tmp_path / sub).mkdir(parents=True)
+    (tmp_path / "d" / "run" / "chatglm-lora.pt").write_bytes(b"")
+    labels = model_labels(
+        [None, tmp_path / "a/checkpoint-10", tmp_path / "b/checkpoint-10", tmp_path / "c/base", tmp_path / "d/run",
+         tmp_path / "d/run/chatglm-lora.pt"]
+    )
+    assert labels == ["base", "a/checkpoint-10", "b/checkpoint-10", "c/base", "run", "run/chatglm-lora.pt"]
+
+
+def test_a_raw_dataset_is_rendered_with_the_template(tmp_path, number_rows):
+    source = tmp_path / "numbers.json"
+    records = [{"instruction": "Write the number in English words.", "input": str(i), "output": w}
+               for i, w in enumerate(("one", "two"), 1)]
+    source.write_text(json.dumps(records), encoding="utf-8")
+    data = load_eval_rows(source, template="alpaca")
+    assert (data.format, data.template, data.rows) == ("alpaca", "alpaca", number_rows[:2])
+    assert load_eval_rows(source, template="belle").rows[0]["context"] == "指令: Write the number in English words.\n输入: 1\n答案: "
+    assert len(load_eval_rows(source, max_rows=1).rows) == 1
+
+
+def test_bad_data_ends_in_one_line(run_eval, glm_base, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_eval("--model_name_or_path", glm_base, "--data", tmp_path / "missing.jsonl", "--output_dir", out) == 2
+    line = one_error_line(capsys)
+    assert "--data" in line and "missing.jsonl does not exist" in line
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"context": "a", "target": "b"}\n{not json\n{"context": "c"}\n', encoding="utf-8")
+    assert run_eval("--model_name_or_path", glm_base, "--data", broken, "--output_dir", out) == 2
+    line = one_error_line(capsys)
+    assert "2 unusable row(s)" in line and "broken.jsonl:2" in line and "broken.jsonl:3" in line
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}])
+    assert run_eval("--model_name_or_path", glm_base, "--data", odd, "--output_dir", out) == 2
+    assert "fields answer, question" in one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_missing_extra_ends_in_one_line(run_eval, glm_base, number_jsonl, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "jieba", None)  # `import jieba` now raises ImportError
+    assert run_eval("--model_name_or_path", glm_base, "--data", number_jsonl, "--output_dir", tmp_path / "out") == 2
+    assert one_error_line(capsys) == (
+        "instructglm eval: error: the generation metrics need jieba, which is not installed: run pip install 'instructglm[eval]'"
+    )
+
+
+def test_mismatched_adapter_ends_in_one_line_before_any_generation(run_eval, glm_base, llama_base, number_jsonl, tmp_path, capsys):
+    from tests.infer.helpers import tiny_adapter
+
+    llama_adapter = tiny_adapter(llama_base, tmp_path / "llama-run")  # targets q_proj / v_proj, which ChatGLM lacks
+    out = tmp_path / "out"
+    code = run_eval("--model_name_or_path", glm_base, "--adapter", "none", llama_adapter, "--data", number_jsonl, "--output_dir", out)
+    assert code == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"instructglm eval: error: --adapter {llama_adapter} does not fit --model_name_or_path")
+    assert not out.exists()
+
+
+def test_adapter_flags_and_existing_outputs(run_eval, glm_base, number_jsonl, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_eval("--model_name_or_path", glm_base, "--adapter", "none", "none", "--data", number_jsonl, "--output_dir", out) == 2
+    assert "none is given twice" in one_error_line(capsys)
+    assert run_eval("--model_name_or_path", glm_base, "--adapter", tmp_path / "nope", "--data", number_jsonl, "--output_dir", out) == 2
+    assert "does not exist" in one_error_line(capsys)
+    out.mkdir()
+    (out / "metrics.json").write_text("{}", encoding="utf-8")
+    assert run_eval("--model_name_or_path", glm_base, "--data", number_jsonl, "--output_dir", out) == 2
+    assert "--overwrite true" in one_error_line(capsys)
