@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("instructglm.infer.merge", "merge a LoRA adapter into the base and save it"),
     "web": ("instructglm.serve.web", "Gradio streaming chat"),
     "serve": ("instructglm.serve.api", "OpenAI-compatible API server"),
+    "eval": ("instructglm.eval.evaluate", "evaluate base and adapters: BLEU/ROUGE, loss, benchmarks, report.html"),
 }
 
 
