@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from instructglm.infer.generate import GenerationArguments, build_prompt, generate_batch, stream_chat, stream_generate
+from instructglm.infer.generate import GenerationArguments, build_prompt, generate_batch, stream_generate, stream_reply
 from instructglm.infer.load import load_model
 
 GREEDY = GenerationArguments(max_new_tokens=10, do_sample=False)
@@ -56,7 +56,7 @@ def test_stream_pieces_add_up_to_the_batch_answer(tuned):
     history = [("hi", "hello world")]
     prompt = build_prompt(template, "say hello", history)
     assert prompt.startswith("Instruction: hi\nAnswer: hello world\n")  # the run's alpaca template
-    stream = stream_chat(model, tokenizer, template, "say hello", history, GREEDY)
+    stream = stream_reply(model, tokenizer, template, "say hello", history, GREEDY)
     pieces = list(stream)
     expected = generate_batch(model, tokenizer, [prompt], GREEDY)[0]
     assert "".join(pieces) == expected.text

@@ -72,7 +72,7 @@ def test_interrupted_run_resumes_without_duplicates(tuned, rows, tmp_path, monke
         predict_rows(model, tokenizer, data, out, GREEDY, batch_size=2)
     assert len(_lines(out)) == 4
     monkeypatch.setattr(predict_module, "generate_batch", real)
-    assert predict_rows(model, tokenizer, data, out, GREEDY, batch_size=2) == 3
+    assert predict_rows(model, tokenizer, data, out, GREEDY, batch_size=2).written == 3
     assert _lines(out) == _lines(reference)
 
 
@@ -85,7 +85,7 @@ def test_partial_last_line_is_dropped_and_redone(tuned, rows, tmp_path):
     lines = text.splitlines(keepends=True)
     out = tmp_path / "out.jsonl"
     out.write_text("".join(lines[:3]) + lines[3][:10], encoding="utf-8")  # a write cut off mid-line
-    assert predict_rows(model, tokenizer, data, out, GREEDY, batch_size=4) == 4
+    assert predict_rows(model, tokenizer, data, out, GREEDY, batch_size=4).written == 4
     assert out.read_text(encoding="utf-8") == text
 
 
@@ -95,13 +95,13 @@ def test_output_of_another_input_is_refused(tuned, rows, tmp_path):
     out.write_text(json.dumps({"context": "something else", "prediction": "x"}) + "\n")
     with pytest.raises(ValueError, match="line 1 .*--overwrite true"):
         predict_rows(model, tokenizer, read_rows(rows), out, GREEDY)
-    assert predict_rows(model, tokenizer, read_rows(rows), out, GREEDY, overwrite=True) == len(CONTEXTS)
+    assert predict_rows(model, tokenizer, read_rows(rows), out, GREEDY, overwrite=True).written == len(CONTEXTS)
 
 
 def test_bad_rows_are_all_named(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"context": "ok"}\nnot json\n{"target": "no context"}\n')
-    with pytest.raises(ValueError, match=r"2 bad row\(s\): line 2: not JSON.*line 3: no string field `context`"):
+    with pytest.raises(ValueError, match=r"2 bad row\(s\): .*bad.jsonl:2: not JSON.*bad.jsonl:3: no string field `context`"):
         read_rows(path)
 
 
