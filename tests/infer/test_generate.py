@@ -83,3 +83,22 @@ def test_prompt_over_max_length_is_a_clear_error(tuned):
     model, tokenizer, _ = tuned
     with pytest.raises(ValueError, match="--max_length 3"):
         generate_batch(model, tokenizer, ["What is two plus three?"], GenerationArguments(max_length=3))
+
+
+def test_tiny_positive_temperatures_decode_greedily(tuned):
+    """Scores divided by 1e-300 overflow to inf and the sampler fails; below 1e-5 it is greedy decoding."""
+    model, tokenizer, _ = tuned
+    greedy = [c.text for c in generate_batch(model, tokenizer, PROMPTS, GREEDY)]
+    for temperature in (1e-300, 1e-30, 1e-6):
+        settings = GenerationArguments(max_new_tokens=10, do_sample=True, temperature=temperature)
+        assert [c.text for c in generate_batch(model, tokenizer, PROMPTS, settings)] == greedy
+
+
+def test_bad_settings_are_user_errors_naming_the_flag():
+    from instructglm.errors import BadValue
+
+    for kwargs, flag in (({"max_new_tokens": 0}, "--max_new_tokens"), ({"temperature": -1.0}, "--temperature"),
+                         ({"temperature": float("nan")}, "--temperature"), ({"top_p": 1.5}, "--top_p"),
+                         ({"max_length": None}, "--max_length")):
+        with pytest.raises(BadValue, match=flag):
+            GenerationArguments(**kwargs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,9 +219,11 @@ def attach_adapter(model: Any, adapter: str) -> Any:
     try:
         return load_adapter(model, adapter, is_trainable=False)
     except pickle.UnpicklingError as error:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = f" ({refused.group(1)})" if refused else ""
         raise BadValue(
-            f"--adapter {adapter}: the file holds pickled objects other than tensors, which are never loaded "
-            f"(torch.load weights_only=True refused: {_first_line(error)}); use a peft adapter dir or a plain state dict"
+            f"--adapter {adapter}: the file holds pickled objects other than tensors{what}, which are never loaded "
+            "(torch.load weights_only=True refused them); use a peft adapter dir or a plain state dict of tensors"
         ) from error
     except (SafetensorError, EOFError) as error:
         raise BadValue(f"--adapter {adapter}: the adapter weights are truncated or corrupt ({_first_line(error)}); re-save them") from error
@@ -232,7 +235,7 @@ def attach_adapter(model: Any, adapter: str) -> Any:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
     return text.splitlines()[0][:200] if text else type(error).__name__
 
 
