@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from instructglm.infer.generate import GenerationArguments, build_prompt, generate_batch, stream_chat, stream_generate
+from instructglm.infer.generate import GenerationArguments, build_prompt, generate_batch, stream_generate, stream_reply
 from instructglm.infer.load import load_model
 
 GREEDY = GenerationArguments(max_new_tokens=10, do_sample=False)
@@ -56,7 +56,7 @@ def test_stream_pieces_add_up_to_the_batch_answer(tuned):
     history = [("hi", "hello world")]
     prompt = build_prompt(template, "say hello", history)
     assert prompt.startswith("Instruction: hi\nAnswer: hello world\n")  # the run's alpaca template
-    stream = stream_chat(model, tokenizer, template, "say hello", history, GREEDY)
+    stream = stream_reply(model, tokenizer, template, "say hello", history, GREEDY)
     pieces = list(stream)
     expected = generate_batch(model, tokenizer, [prompt], GREEDY)[0]
     assert "".join(pieces) == expected.text
@@ -83,3 +83,22 @@ def test_prompt_over_max_length_is_a_clear_error(tuned):
     model, tokenizer, _ = tuned
     with pytest.raises(ValueError, match="--max_length 3"):
         generate_batch(model, tokenizer, ["What is two plus three?"], GenerationArguments(max_length=3))
+
+
+def test_tiny_positive_temperatures_decode_greedily(tuned):
+    """Scores divided by 1e-300 overflow to inf and the sampler fails; below 1e-5 it is greedy decoding."""
+    model, tokenizer, _ = tuned
+    greedy = [c.text for c in generate_batch(model, tokenizer, PROMPTS, GREEDY)]
+    for temperature in (1e-300, 1e-30, 1e-6):
+        settings = GenerationArguments(max_new_tokens=10, do_sample=True, temperature=temperature)
+        assert [c.text for c in generate_batch(model, tokenizer, PROMPTS, settings)] == greedy
+
+
+def test_bad_settings_are_user_errors_naming_the_flag():
+    from instructglm.errors import BadValue
+
+    for kwargs, flag in (({"max_new_tokens": 0}, "--max_new_tokens"), ({"temperature": -1.0}, "--temperature"),
+                         ({"temperature": float("nan")}, "--temperature"), ({"top_p": 1.5}, "--top_p"),
+                         ({"max_length": None}, "--max_length")):
+        with pytest.raises(BadValue, match=flag):
+            GenerationArguments(**kwargs)

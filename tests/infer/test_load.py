@@ -89,3 +89,120 @@ def test_missing_adapter_is_file_not_found(llama_dir, tmp_path):
 def test_bad_dtype_is_named(llama_dir):
     with pytest.raises(ValueError, match="--dtype 'half'"):
         load_model(str(llama_dir), dtype="half", device="cpu")
+
+
+# --- issue 8, item 12: a training template that is not known is never used silently -------------
+
+
+def test_unknown_training_template_warns_in_one_line(llama_dir, llama_adapter, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(llama_adapter, run)
+    (run / "instructglm_train.json").write_text(json.dumps({"template": "unknown"}))
+    _, _, template = load_model(str(llama_dir), adapter=str(run), device="cpu")
+    assert template.name == "plain"  # the family's chat template
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "unknown" in warning[0] and "`plain`" in warning[0] and "--template" in warning[0]
+    # the same for an adapter without any run config
+    (run / "instructglm_train.json").unlink()
+    load_model(str(llama_dir), adapter=str(run), device="cpu")
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "no instructglm_train.json" in warning[0] and "--template" in warning[0]
+    # --template says which: no warning
+    _, _, template = load_model(str(llama_dir), adapter=str(run), device="cpu", template="alpaca")
+    assert template.name == "alpaca" and "warning" not in capsys.readouterr().err
+
+
+# --- issue 8, item 15: what a user cannot act on ends as one line naming the path ---------------
+
+
+def _cli_error(*args, escapes_allowed: bool = False) -> str:
+    """Run `instructglm ...` in this process through the CLI's own code path; return its one-line error."""
+    import contextlib
+    import io
+
+    from instructglm.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    text = err.getvalue()
+    assert code == 2, (code, text[-3000:])
+    assert "Traceback" not in text, text[-3000:]
+    # stderr also carries progress bars; the error is one line, the last one
+    lines = [line for line in text.splitlines() if line.startswith("instructglm ") and ": error: " in line]
+    assert len(lines) == 1 and text.rstrip("\n").endswith(lines[0]), text[-3000:]
+    assert escapes_allowed or "\x1b" not in lines[0]  # no terminal escapes (from torch's message)
+    return lines[0]
+
+
+def _predict_args(base, tmp_path, *more):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"context": "hi"}\n')
+    return ("predict", "--model_name_or_path", str(base), "--device", "cpu", "--input", str(inp), "--output", str(tmp_path / "out.jsonl"), *more)
+
+
+class _Marker:
+    """Pickles to a call that creates `path`: a checkpoint that runs code when loaded unsafely."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_broken_base_checkpoints_end_in_one_line_naming_the_path(llama_dir, glm_dir, tmp_path):
+    import shutil
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(llama_dir, truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    message = _cli_error(*_predict_args(truncated, tmp_path))
+    assert str(truncated) in message and "truncated or corrupt" in message
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(llama_dir, pickled)
+    (pickled / "model.safetensors").unlink()
+    marker = tmp_path / "ran"
+    torch.save({"model.embed_tokens.weight": torch.zeros(2), "evil": _Marker(marker)}, pickled / "pytorch_model.bin")
+    # models/loading.py quotes torch's first line, bold escapes included (reported to its owner)
+    message = _cli_error("chat", "--model_name_or_path", str(pickled), "--device", "cpu", escapes_allowed=True)
+    assert str(pickled) in message and "weights_only" in message and not marker.exists()
+
+    no_vocab = tmp_path / "no_vocab"
+    shutil.copytree(glm_dir, no_vocab)
+    (no_vocab / "ice_text.model").unlink()
+    message = _cli_error(*_predict_args(no_vocab, tmp_path))
+    assert str(no_vocab) in message and "ice_text.model" in message
+
+
+def test_broken_adapters_end_in_one_line_naming_the_file(llama_dir, llama_adapter, tmp_path):
+    import shutil
+
+    for content in (b"", b"{not json"):
+        run = tmp_path / f"run{len(content)}"
+        shutil.copytree(llama_adapter, run)
+        (run / "adapter_config.json").write_bytes(content)
+        message = _cli_error(*_predict_args(llama_dir, tmp_path, "--adapter", str(run)))
+        assert str(run / "adapter_config.json") in message and ("is empty" if not content else "not valid JSON") in message
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil_run" / "chatglm-lora.pt"
+    evil.parent.mkdir()
+    torch.save({"base_model.model.x.lora_A.weight": torch.zeros(2, 2), "evil": _Marker(marker)}, evil)
+    message = _cli_error(*_predict_args(llama_dir, tmp_path, "--adapter", str(evil)))
+    assert str(evil) in message and "never loaded" in message
+    assert not marker.exists()  # nothing in the pickle ran
+
+    message = _cli_error(*_predict_args(llama_dir, tmp_path, "--adapter", str(tmp_path / "absent")))
+    assert str(tmp_path / "absent") in message
+
+
+def test_bad_dtype_is_a_user_error(llama_dir):
+    from instructglm.errors import BadValue
+
+    with pytest.raises(BadValue, match="--dtype"):
+        load_model(str(llama_dir), dtype="half", device="cpu")

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from instructglm.errors import OutputExists
 from instructglm.infer.load import load_model
 from instructglm.infer.merge import merge
 from tests.infer.helpers import cli, cli_env
@@ -48,5 +49,40 @@ def test_merged_checkpoint_equals_base_plus_adapter(family, tmp_path):
 
 def test_merge_refuses_a_non_empty_output(llama_dir, llama_adapter, tmp_path):
     (tmp_path / "old.txt").write_text("x")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(OutputExists, match="not empty"):
         merge(str(llama_dir), str(llama_adapter), tmp_path)
+
+
+def test_a_failed_merge_leaves_no_output_and_no_partial_dir(llama_dir, llama_adapter, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    real = PreTrainedModel.save_pretrained
+
+    def dies_mid_save(self, directory, **kwargs):
+        real(self, directory, **kwargs)
+        raise OSError(28, "No space left on device")  # as a full disk after the shards
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", dies_mid_save)
+    with pytest.raises(OSError, match="No space"):
+        merge(str(llama_dir), str(llama_adapter), tmp_path / "merged")
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a temp dir beside it
+
+
+def test_merge_fills_an_empty_dir_and_clears_a_killed_merges_leftovers(llama_dir, llama_adapter, tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    leftover = tmp_path / ".merged.partial-999999999"  # a pid that is not running
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    merge(str(llama_dir), str(llama_adapter), out)
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    assert (out.stat().st_mode & 0o777) == (0o777 & ~_umask())  # the umask's mode, not mkdtemp's 0700
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

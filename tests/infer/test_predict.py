@@ -72,7 +72,7 @@ def test_interrupted_run_resumes_without_duplicates(tuned, rows, tmp_path, monke
         predict_rows(model, tokenizer, data, out, GREEDY, batch_size=2)
     assert len(_lines(out)) == 4
     monkeypatch.setattr(predict_module, "generate_batch", real)
-    assert predict_rows(model, tokenizer, data, out, GREEDY, batch_size=2) == 3
+    assert predict_rows(model, tokenizer, data, out, GREEDY, batch_size=2).written == 3
     assert _lines(out) == _lines(reference)
 
 
@@ -85,7 +85,7 @@ def test_partial_last_line_is_dropped_and_redone(tuned, rows, tmp_path):
     lines = text.splitlines(keepends=True)
     out = tmp_path / "out.jsonl"
     out.write_text("".join(lines[:3]) + lines[3][:10], encoding="utf-8")  # a write cut off mid-line
-    assert predict_rows(model, tokenizer, data, out, GREEDY, batch_size=4) == 4
+    assert predict_rows(model, tokenizer, data, out, GREEDY, batch_size=4).written == 4
     assert out.read_text(encoding="utf-8") == text
 
 
@@ -95,13 +95,13 @@ def test_output_of_another_input_is_refused(tuned, rows, tmp_path):
     out.write_text(json.dumps({"context": "something else", "prediction": "x"}) + "\n")
     with pytest.raises(ValueError, match="line 1 .*--overwrite true"):
         predict_rows(model, tokenizer, read_rows(rows), out, GREEDY)
-    assert predict_rows(model, tokenizer, read_rows(rows), out, GREEDY, overwrite=True) == len(CONTEXTS)
+    assert predict_rows(model, tokenizer, read_rows(rows), out, GREEDY, overwrite=True).written == len(CONTEXTS)
 
 
 def test_bad_rows_are_all_named(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"context": "ok"}\nnot json\n{"target": "no context"}\n')
-    with pytest.raises(ValueError, match=r"2 bad row\(s\): line 2: not JSON.*line 3: no string field `context`"):
+    with pytest.raises(ValueError, match=r"2 bad row\(s\): .*bad.jsonl:2: not JSON.*bad.jsonl:3: no string field `context`"):
         read_rows(path)
 
 
@@ -128,3 +128,87 @@ def test_cli_killed_mid_run_then_rerun_gives_one_line_per_row(llama_dir, llama_a
     assert [r["context"] for r in rows] == [f"{CONTEXTS[i % 7]} {i}" for i in range(n)]
     assert f"{n - done_before} row(s) written now" in result.stdout
     assert killed and done_before < n, "the first run finished before it could be killed; raise n"
+
+
+# --- issue 8, item 8 ----------------------------------------------------------------------------
+
+
+def test_rows_with_unicode_line_separators_resume(tuned, tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028/U+2029/U+0085 raw; str.splitlines broke lines at them."""
+    model, tokenizer, _ = tuned
+    contexts = ["one\u2028two", "three\u2029four", "five\u0085six", "plain"]
+    data = [{"context": c} for c in contexts]
+    out = tmp_path / "out.jsonl"
+    assert predict_rows(model, tokenizer, data[:2], out, GREEDY, batch_size=2).written == 2
+    assert predict_rows(model, tokenizer, data, out, GREEDY, batch_size=2).written == 2  # resumes after row 2
+    assert predict_rows(model, tokenizer, data, out, GREEDY, batch_size=2).written == 0  # complete: nothing to do
+    assert [r["context"] for r in map(json.loads, out.read_text(encoding="utf-8").split("\n")[:-1])] == contexts
+
+
+def test_input_is_read_with_the_one_jsonl_reader(tmp_path):
+    """A JSON array and JSON Lines with a BOM and CRLF line ends are read alike (data.io.iter_json_rows)."""
+    array = tmp_path / "rows.json"
+    array.write_text(json.dumps([{"context": "a"}, {"context": "b\u2028c"}]), encoding="utf-8")
+    lines = tmp_path / "rows.jsonl"
+    lines.write_bytes(b"\xef\xbb\xbf" + '{"context": "a"}\r\n{"context": "b\u2028c"}\r\n'.encode())
+    assert read_rows(array) == read_rows(lines) == [{"context": "a"}, {"context": "b\u2028c"}]
+
+
+def _run_cli(*args):
+    """`instructglm predict ...` in this process (the CLI's own code path): (exit code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from instructglm.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_output_equal_to_input_is_refused_before_anything_is_deleted(llama_dir, rows, tmp_path):
+    original = rows.read_bytes()
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(rows)
+    hard = tmp_path / "hard.jsonl"
+    hard.hardlink_to(rows)
+    for output in (rows, tmp_path / "." / "in.jsonl", link, hard):
+        for overwrite in ("false", "true"):
+            code, _, err = _run_cli("predict", "--model_name_or_path", str(llama_dir), "--device", "cpu", "--input", str(rows),
+                                    "--output", str(output), "--overwrite", overwrite)
+            assert code == 2 and err.count("\n") == 1 and "is the --input file" in err, err
+            assert rows.read_bytes() == original
+
+
+def test_prompt_longer_than_the_context_is_skipped_not_generated(tuned, tmp_path, monkeypatch):
+    model, tokenizer, _ = tuned  # the tiny Llama's context is 256 tokens
+    huge = "hello " * 200_000  # 1.2 MB: generating it would try to allocate the attention of 200k tokens
+    data = [{"context": "hi"}, {"context": huge}, {"context": "hello " * 253}, {"context": "say hello"}]
+    generated = []
+    real = predict_module.generate_batch
+    monkeypatch.setattr(predict_module, "generate_batch", lambda m, t, prompts, s: generated.extend(prompts) or real(m, t, prompts, s))
+    out = tmp_path / "out.jsonl"
+    result = predict_rows(model, tokenizer, data, out, GREEDY, batch_size=2)
+    assert result == (4, 2)
+    assert generated == ["hi", "say hello"]  # the long ones never reached generate
+    lines = _lines(out)
+    assert [r["context"] for r in lines] == [r["context"] for r in data]
+    assert lines[1]["prediction"] is None and "200001 prompt tokens + --max_new_tokens 6" in lines[1]["skipped"]
+    assert "context of 256 tokens" in lines[1]["skipped"]
+    assert lines[2]["prediction"] is None and "skipped" in lines[2]  # 254 + 6 > 256
+    assert lines[0]["prediction"] == real(model, tokenizer, ["hi"], GREEDY)[0].text and "skipped" not in lines[0]
+    assert predict_rows(model, tokenizer, data, out, GREEDY, batch_size=2) == (0, 0)  # a rerun resumes past them
+    # with --max_length instead of --max_new_tokens, a prompt that leaves no room is skipped the same way
+    settings = GenerationArguments(max_length=8, do_sample=False)
+    out2 = tmp_path / "out2.jsonl"
+    assert predict_rows(model, tokenizer, [{"context": "hi"}, {"context": "hello " * 10}], out2, settings).skipped == 1
+    assert "under --max_length 8" in _lines(out2)[1]["skipped"]
+
+
+def test_cli_summary_counts_skipped_rows(llama_dir, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"context": "hi"}) + "\n" + json.dumps({"context": "hello " * 300}) + "\n", encoding="utf-8")
+    code, out, _ = _run_cli("predict", "--model_name_or_path", str(llama_dir), "--device", "cpu", "--input", str(inp),
+                            "--output", str(tmp_path / "out.jsonl"), "--max_new_tokens", "4")
+    assert code == 0 and "2 row(s) written now (1 skipped, prompt too long" in out, out

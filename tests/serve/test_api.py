@@ -198,3 +198,114 @@ def test_stop_scanner_holds_back_possible_starts():
     assert s.feed("yE") == "y" and s.feed("ND more") == "" and s.stopped
     assert s.feed("later") == "" and s.flush() == ""
     assert StopScanner([]).feed("E") == "E"
+
+
+# --- issue 8, item 13 ---------------------------------------------------------------------------
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def test_every_route_needs_the_key(server):
+    for path in ("/openapi.json", "/v1/models", "/v1/nothing", "/docs", "/"):
+        r = httpx.get(server + path)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+    assert httpx.post(server + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}).status_code == 401
+    r = httpx.get(server + "/openapi.json", headers=AUTH)
+    assert r.status_code == 200 and "/v1/chat/completions" in r.json()["paths"]
+
+
+def test_tiny_temperatures_answer_greedily(server, loaded):
+    expected = greedy(loaded, "hi", max_tokens=6).text
+    for temperature in (1e-300, 5e-324, 1e-30):
+        r = httpx.post(server + "/v1/chat/completions", headers=AUTH, timeout=60,
+                       json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": temperature})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == expected
+
+
+@pytest.mark.parametrize("param, value", [
+    ("max_tokens", True), ("max_tokens", "5"), ("max_tokens", 5.5), ("max_tokens", 5.0), ("max_completion_tokens", False),
+    ("n", True), ("n", "1"), ("top_p", "0.5"), ("top_p", True), ("temperature", "0"), ("temperature", False),
+    ("stream", "true"), ("stream", 1), ("stream", None),
+])
+def test_parameters_are_not_coerced(server, param, value):
+    r = httpx.post(server + "/v1/chat/completions", headers=AUTH,
+                   json={"messages": [{"role": "user", "content": "hi"}], param: value})
+    assert r.status_code == 400, (param, value, r.text)
+    assert r.json()["error"]["param"] == param
+
+
+def test_deeply_nested_json_is_a_400(server, loaded):
+    # within the fixture's 20 kB body limit, far beyond the JSON parser's recursion limit
+    r = httpx.post(server + "/v1/chat/completions", headers=AUTH, content=b"[" * 19_000)
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+    model, tokenizer, template = loaded
+    from fastapi.testclient import TestClient
+
+    app = create_app(Engine(model, tokenizer, template), max_request_bytes=1_000_000)
+    with TestClient(app) as local:
+        for body in (b"[" * 200_000, b'{"messages": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"):
+            r = local.post("/v1/chat/completions", content=body)
+            assert r.status_code == 400, r.text[:200]
+
+
+def test_internal_errors_are_logged_not_returned(loaded, monkeypatch, caplog):
+    from fastapi.testclient import TestClient
+
+    import instructglm.serve.api as api
+
+    model, tokenizer, _ = loaded
+
+    class BrokenTemplate:
+        def render(self, *args, **kwargs):
+            raise RuntimeError("secret-detail /home/me/internal.py")
+
+    def broken_generation(*args, **kwargs):
+        raise RuntimeError("secret-detail from generate")
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with TestClient(create_app(Engine(model, tokenizer, BrokenTemplate())), raise_server_exceptions=False) as local:
+        r = local.post("/v1/chat/completions", json=body)
+    assert r.status_code == 500 and "secret" not in r.text
+    request_id = r.json()["error"]["message"].split("request id ")[1].split(")")[0]
+    logged = [rec for rec in caplog.records if request_id in rec.getMessage()]
+    assert logged and logged[0].exc_info and "secret-detail /home/me" in str(logged[0].exc_info[1])
+
+    caplog.clear()
+    monkeypatch.setattr(api, "stream_generate", broken_generation)
+    with TestClient(create_app(Engine(model, tokenizer, loaded[2])), raise_server_exceptions=False) as local:
+        plain = local.post("/v1/chat/completions", json=body)
+        streamed = local.post("/v1/chat/completions", json={**body, "stream": True})
+    assert plain.status_code == 500 and "secret" not in plain.text and "chatcmpl-" in plain.text
+    assert "secret" not in streamed.text and "internal server error" in streamed.text
+    assert any(rec.exc_info and "secret-detail from generate" in str(rec.exc_info[1]) for rec in caplog.records)
+
+
+def test_plain_client_that_disconnects_stops_its_generation(server, loaded, monkeypatch):
+    """A non-streaming request abandoned by its client must not keep the model busy to max_tokens."""
+    import socket
+
+    import instructglm.infer.generate as generate
+
+    question = "What is two plus three?"
+    assert greedy(loaded, question, max_tokens=64).finish_reason == "length"  # it would run the full 64 tokens
+    real = generate._Cancelled.__call__
+
+    def slow(self, *args, **kwargs):  # 50 ms per token: 64 tokens take over 3 s
+        time.sleep(0.05)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(generate._Cancelled, "__call__", slow)
+    host, port = server.removeprefix("http://").split(":")
+    body = json.dumps({"messages": [{"role": "user", "content": question}], "max_tokens": 64, "temperature": 0}).encode()
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        time.sleep(0.5)  # generating now
+    started = time.monotonic()
+    r = httpx.post(server + "/v1/chat/completions", headers=AUTH, timeout=60,
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    waited = time.monotonic() - started
+    assert r.status_code == 200
+    # queued behind the abandoned job: it must have stopped within a poll (0.25 s) and a token, not run ~2.7 s more
+    assert waited < 1.5, waited

@@ -1,23 +1,35 @@
-"""Generation helpers shared by chat, predict, web and serve.
+"""Generation shared by chat, predict, web, serve and THUDM's `chat`/`stream_chat` API.
 
 - `build_prompt`: query + history -> prompt text through the run's template.
-- `generate_batch`: several prompts at once, left padded, one `Completion` per prompt.
-- `stream_generate`: one prompt, text pieces as they are decoded (transformers'
-  `TextIteratorStreamer`, generation on a background thread), cancellable.
+- `generate_kwargs`: the one place where decoding settings become `model.generate` arguments.
+- `generate_ids` / `generate_batch`: several prompts at once, left padded; new token ids per
+  row, or one decoded `Completion` per prompt.
+- `stream_generate`: one prompt, text pieces as they are decoded; `stream_token_ids`: one prompt,
+  the new token ids of every step. Both run `generate` on a background thread and are
+  cancellable: leaving the loop early stops the generation after the current token.
 
 Decoding settings come from `GenerationArguments`, which every command exposes as flags.
 """
 
 from __future__ import annotations
 
+import math
+import queue
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
+from instructglm.errors import BadValue
+
+# Sampling at a temperature below this is greedy decoding in all but name (a logit gap of 0.01
+# already weighs e^1000 to one), and dividing the scores by a far smaller one (1e-300) overflows
+# them to inf and the sampler fails: such temperatures decode greedily.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
 
 @dataclass
 class GenerationArguments:
-    max_length: int = field(
+    max_length: Optional[int] = field(
         default=2048,
         metadata={"help": "Maximum prompt + answer length in tokens (ignored when --max_new_tokens is set)."},
     )
@@ -25,8 +37,29 @@ class GenerationArguments:
         default=None, metadata={"help": "Maximum answer length in tokens; overrides --max_length."}
     )
     top_p: float = field(default=0.7, metadata={"help": "Nucleus sampling: keep the smallest token set of this mass."})
-    temperature: float = field(default=0.95, metadata={"help": "Sampling temperature; 0 means greedy."})
+    temperature: float = field(
+        default=0.95,
+        metadata={"help": f"Sampling temperature; below {MIN_SAMPLING_TEMPERATURE:g} (0 included) decodes greedily."},
+    )
     do_sample: bool = field(default=True, metadata={"help": "Sample (true) or decode greedily (false)."})
+
+    def __post_init__(self):
+        problems = []
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            problems.append(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.max_new_tokens is None and (self.max_length is None or self.max_length < 1):
+            problems.append(f"--max_length must be at least 1 (or set --max_new_tokens), got {self.max_length}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            problems.append(f"--temperature must be a finite number >= 0, got {self.temperature}")
+        if not (0 <= self.top_p <= 1):
+            problems.append(f"--top_p must be between 0 and 1, got {self.top_p}")
+        if problems:
+            raise BadValue("; ".join(problems))
+
+    @property
+    def samples(self) -> bool:
+        """Whether these settings sample (else: greedy decoding)."""
+        return self.do_sample and self.temperature >= MIN_SAMPLING_TEMPERATURE
 
 
 @dataclass
@@ -58,7 +91,8 @@ def context_limit(model: Any) -> int | None:
     return None
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The ids that end an answer: the generation config's eos, else the tokenizer's."""
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -66,42 +100,52 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     return {int(i) for i in ids if i is not None}
 
 
-def _generate_kwargs(settings: GenerationArguments, prompt_len: int, tokenizer: Any) -> dict:
-    """`model.generate` keyword arguments for `settings` and a (padded) prompt length."""
+def generate_kwargs(settings: GenerationArguments, prompt_len: int, tokenizer: Any, **extra: Any) -> dict:
+    """`model.generate` keyword arguments for `settings` and a (padded) prompt length.
+
+    Args:
+        settings: the decoding settings.
+        prompt_len: tokens of the (padded) prompt; `--max_length` counts them.
+        tokenizer: gives the pad id.
+        extra: further `generate` arguments (logits_processor, num_beams, eos_token_id, ...);
+            they override the ones built here.
+
+    Raises:
+        BadValue: the prompt leaves no room for an answer under `--max_length`.
+    """
     if settings.max_new_tokens is not None:
         budget = settings.max_new_tokens
     else:
         budget = settings.max_length - prompt_len
         if budget <= 0:
-            raise ValueError(
+            raise BadValue(
                 f"the prompt has {prompt_len} tokens, at or over --max_length {settings.max_length}: "
                 "raise --max_length, set --max_new_tokens, or shorten the history"
             )
-    if budget < 1:
-        raise ValueError(f"--max_new_tokens must be at least 1, got {budget}")
     kwargs: dict = {"max_new_tokens": budget, "pad_token_id": tokenizer.pad_token_id}
-    if settings.do_sample and settings.temperature > 0:
-        # top_k=0 switches off transformers' default top-k of 50: THUDM's chat samples by top_p alone.
+    if settings.samples:
+        # top_k=0 switches off transformers' default top-k of 50: sampling is by top_p alone,
+        # in every command and in THUDM's chat API alike.
         kwargs.update(do_sample=True, top_p=settings.top_p, temperature=settings.temperature, top_k=0)
     else:
         # Explicit do_sample=False, so a checkpoint's generation_config (THUDM's ships
         # sampling defaults) cannot turn greedy decoding into sampling.
         kwargs.update(do_sample=False, top_p=1.0, temperature=1.0)
+    kwargs.update(extra)
     return kwargs
 
 
-def _prepare(model: Any, tokenizer: Any, prompts: Sequence[str], settings: GenerationArguments) -> tuple[dict, int, dict]:
+def _prepare(model: Any, tokenizer: Any, prompts: Sequence[str], settings: GenerationArguments, extra: dict) -> tuple[dict, int, dict]:
     """(left-padded model inputs on the model's device, padded prompt width, `generate` kwargs)."""
     batch = tokenizer(list(prompts), padding=True, return_tensors="pt")
     device = next(model.parameters()).device
     # Only what every decoder-only model takes; fast tokenizers may add token_type_ids.
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
     width = inputs["input_ids"].shape[1]
-    return inputs, width, _generate_kwargs(settings, width, tokenizer)
+    return inputs, width, generate_kwargs(settings, width, tokenizer, **extra)
 
 
-def _completion(tokenizer: Any, new_ids: Any, prompt_tokens: int, eos: set[int], budget: int, cancelled: bool) -> Completion:
-    ids = new_ids.tolist()
+def _completion(tokenizer: Any, ids: list[int], prompt_tokens: int, eos: set[int], budget: int, cancelled: bool) -> Completion:
     stop = next((i for i, t in enumerate(ids) if t in eos), None)
     if stop is not None:
         ids, reason = ids[:stop], "stop"
@@ -111,23 +155,31 @@ def _completion(tokenizer: Any, new_ids: Any, prompt_tokens: int, eos: set[int],
     return Completion(text=text, prompt_tokens=prompt_tokens, completion_tokens=len(ids), finish_reason=reason)
 
 
-def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str], settings: GenerationArguments) -> list[Completion]:
+def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[str], settings: GenerationArguments, **extra: Any) -> tuple[list[list[int]], list[int], int]:
     """Generate for every prompt in one left-padded batch.
+
+    Returns:
+        (the new token ids of each row, as `generate` returned them: eos and any padding after it
+        included; each row's prompt length in tokens; the answer budget `max_new_tokens`).
+    """
+    import torch
+
+    inputs, width, kwargs = _prepare(model, tokenizer, prompts, settings, extra)
+    with torch.inference_mode():
+        out = model.generate(**inputs, **kwargs)
+    lengths = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
+    return out[:, width:].tolist(), lengths, kwargs["max_new_tokens"]
+
+
+def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str], settings: GenerationArguments) -> list[Completion]:
+    """One `Completion` per prompt, generated in one left-padded batch.
 
     With `--max_length` (no `--max_new_tokens`), the budget is max_length minus the longest
     prompt of the batch, the same for every row.
     """
-    import torch
-
-    inputs, width, kwargs = _prepare(model, tokenizer, prompts, settings)
-    with torch.inference_mode():
-        out = model.generate(**inputs, **kwargs)
-    eos = _eos_ids(model, tokenizer)
-    lengths = inputs["attention_mask"].sum(dim=1).tolist()
-    return [
-        _completion(tokenizer, out[i, width:], int(lengths[i]), eos, kwargs["max_new_tokens"], False)
-        for i in range(len(prompts))
-    ]
+    rows, lengths, budget = generate_ids(model, tokenizer, prompts, settings)
+    eos = eos_ids(model, tokenizer)
+    return [_completion(tokenizer, ids, n, eos, budget, False) for ids, n in zip(rows, lengths)]
 
 
 class _Cancelled:
@@ -142,10 +194,36 @@ class _Cancelled:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-class TextStream:
-    """Iterate to get the answer's text pieces as they are decoded; `.completion` is set once the
-    iteration has finished. Leaving the loop early (break, exception, closed generator) cancels
-    the generation, so an abandoned stream never keeps the model busy."""
+class _TokenIdQueue:
+    """A `generate` streamer that hands each step's new token ids (a list, one per row) to a reader
+    in another thread; the prompt, which `generate` puts first, is skipped."""
+
+    def __init__(self, timeout: float | None = None):
+        self.queue: queue.Queue = queue.Queue()
+        self.timeout = timeout
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while (ids := self.queue.get(timeout=self.timeout)) is not None:
+            yield ids
+
+
+class _Stream:
+    """Runs `generate` for one prompt on a background thread and yields what its streamer gives.
+
+    `.completion` is set once the iteration has finished. Leaving the loop early (break,
+    exception, closed generator) cancels the generation and waits for the thread, so an
+    abandoned stream never keeps the model busy.
+    """
 
     def __init__(
         self,
@@ -155,32 +233,37 @@ class TextStream:
         settings: GenerationArguments,
         timeout: float | None = None,
         cancel_event: threading.Event | None = None,
+        extra: dict | None = None,
     ):
         self.model, self.tokenizer, self.prompt, self.settings = model, tokenizer, prompt, settings
         self.timeout = timeout
         self.cancel_event = cancel_event or threading.Event()
+        self.extra = dict(extra or {})
         self.completion: Completion | None = None
 
     def cancel(self) -> None:
         self.cancel_event.set()
 
-    def __iter__(self) -> Iterator[str]:
-        import torch
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
+    def _streamer(self) -> Any:
+        raise NotImplementedError
 
-        inputs, width, kwargs = _prepare(self.model, self.tokenizer, [self.prompt], self.settings)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, timeout=self.timeout, skip_special_tokens=True)
+    def _pieces(self, streamer: Any) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Any]:
+        import torch
+        from transformers import StoppingCriteriaList
+
+        inputs, width, kwargs = _prepare(self.model, self.tokenizer, [self.prompt], self.settings, self.extra)
+        criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
+        criteria.append(_Cancelled(self.cancel_event))
+        streamer = self._streamer()
         result: dict = {}
 
         def run() -> None:
             try:
                 with torch.inference_mode():
-                    result["out"] = self.model.generate(
-                        **inputs,
-                        **kwargs,
-                        streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([_Cancelled(self.cancel_event)]),
-                    )
+                    result["out"] = self.model.generate(**inputs, **kwargs, streamer=streamer, stopping_criteria=criteria)
             except BaseException as err:  # re-raised in the consuming thread below
                 result["error"] = err
                 streamer.end()
@@ -189,9 +272,7 @@ class TextStream:
         thread.start()
         finished = False
         try:
-            for piece in streamer:
-                if piece:
-                    yield piece
+            yield from self._pieces(streamer)
             finished = True
         finally:
             if not finished:
@@ -201,12 +282,36 @@ class TextStream:
             raise result["error"]
         self.completion = _completion(
             self.tokenizer,
-            result["out"][0, width:],
+            result["out"][0, width:].tolist(),
             width,
-            _eos_ids(self.model, self.tokenizer),
+            eos_ids(self.model, self.tokenizer),
             kwargs["max_new_tokens"],
             self.cancel_event.is_set(),
         )
+
+
+class TextStream(_Stream):
+    """Iterate to get the answer's text pieces as they are decoded (special tokens skipped)."""
+
+    def _streamer(self) -> Any:
+        from transformers import TextIteratorStreamer
+
+        return TextIteratorStreamer(self.tokenizer, skip_prompt=True, timeout=self.timeout, skip_special_tokens=True)
+
+    def _pieces(self, streamer: Any) -> Iterator[str]:
+        for piece in streamer:
+            if piece:
+                yield piece
+
+
+class TokenIdStream(_Stream):
+    """Iterate to get the new token ids of every generation step (a list of one id per step)."""
+
+    def _streamer(self) -> Any:
+        return _TokenIdQueue(self.timeout)
+
+    def _pieces(self, streamer: Any) -> Iterator[list[int]]:
+        yield from streamer
 
 
 def stream_generate(
@@ -222,8 +327,13 @@ def stream_generate(
     return TextStream(model, tokenizer, prompt, settings, timeout, cancel_event)
 
 
-def stream_chat(
+def stream_token_ids(model: Any, tokenizer: Any, prompt: str, settings: GenerationArguments, **extra: Any) -> TokenIdStream:
+    """A `TokenIdStream` for `prompt` with further `generate` arguments `extra` (see `generate_kwargs`)."""
+    return TokenIdStream(model, tokenizer, prompt, settings, extra=extra)
+
+
+def stream_reply(
     model: Any, tokenizer: Any, template: Any, query: str, history: Sequence[tuple[str, str]], settings: GenerationArguments
 ) -> TextStream:
-    """`stream_generate` for a chat turn: the prompt is built from `query` and `history`."""
+    """`stream_generate` for a chat turn: the prompt is built from `query` and `history` through `template`."""
     return stream_generate(model, tokenizer, build_prompt(template, query, history), settings)

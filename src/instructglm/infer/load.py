@@ -11,13 +11,20 @@ batched decoder-only generation needs.
 from __future__ import annotations
 
 import json
+import pickle
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from instructglm.errors import BadValue, MissingFile
 from instructglm.layout import RUN_CONFIG
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+# What `train` records as the template when its data's template is not known (a jsonl made by
+# the 2023 scripts, without convert's sidecar).
+UNKNOWN_TEMPLATE = "unknown"
 
 
 @dataclass
@@ -63,7 +70,7 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     import torch
 
     if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise BadValue(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if dtype == "auto":
         return torch.float32 if device == "cpu" else "auto"
     return getattr(torch, dtype)
@@ -79,27 +86,54 @@ def run_config_path(path: str | None) -> Path | None:
 
 
 def template_name_for(model_config: Any, adapter: str | None, model_name_or_path: str | None = None) -> str:
-    """The template the adapter (or a merged model) was trained with, else the family's chat template."""
+    """The template the adapter (or a merged model) was trained with, else the family's chat template.
+
+    When the run says its training template is unknown, or an adapter comes without a run config,
+    the family's template is a guess: a one-line warning on stderr says so and names --template.
+
+    Raises:
+        BadValue: the run's instructglm_train.json is not a JSON object.
+    """
     from instructglm.models.registry import family_for
 
+    fallback = family_for(model_config).chat_template
     for source in (adapter, model_name_or_path):
         saved = run_config_path(source)
         if saved is None:
             continue
         try:
-            name = json.loads(saved.read_text(encoding="utf-8")).get("template")
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{saved}: not valid JSON ({err}); fix or delete it, or pass --template") from err
+            run = json.loads(saved.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise BadValue(f"{saved}: not valid JSON ({err}); fix or delete it, or pass --template") from err
+        if not isinstance(run, dict):
+            raise BadValue(f"{saved}: not a JSON object; fix or delete it, or pass --template")
+        name = run.get("template")
+        if name == UNKNOWN_TEMPLATE:
+            _warn(
+                f"{saved} says the adapter's training template is unknown (its data had no convert sidecar); "
+                f"prompting with the model family's `{fallback}` template instead: pass --template NAME "
+                "(e.g. alpaca, belle) if the training prompts looked different"
+            )
+            return fallback
         if name:
             return name
-    return family_for(model_config).chat_template
+    if adapter is not None:
+        _warn(
+            f"--adapter {adapter} has no {RUN_CONFIG}, so the template it was trained with is unknown; prompting with "
+            f"the model family's `{fallback}` template instead: pass --template NAME if the training prompts looked different"
+        )
+    return fallback
 
 
-def load_tokenizer(model_name_or_path: str):
+def _warn(message: str) -> None:
+    print(f"instructglm: warning: {message}", file=sys.stderr, flush=True)
+
+
+def generation_tokenizer(model_name_or_path: str):
     """The base model's tokenizer, set up for batched generation (left padding, a pad token)."""
-    from instructglm.models.loading import load_tokenizer as load_base_tokenizer
+    from instructglm.models.loading import load_tokenizer
 
-    tokenizer, _ = load_base_tokenizer(model_name_or_path)
+    tokenizer, _ = load_tokenizer(model_name_or_path)
     # Decoder-only generation continues from the last position of every row, so padding must
     # come first; right padding would make the model continue after pad tokens.
     tokenizer.padding_side = "left"
@@ -130,24 +164,79 @@ def load_model(
         padding, and the template object (`.render(instruction, input, history)`).
 
     Raises:
-        FileNotFoundError: the adapter path does not exist, or `model_name_or_path` holds no tokenizer.
-        ValueError: bad dtype; the adapter does not fit the base (the message names the tensors).
+        MissingFile: the adapter path does not exist, or `model_name_or_path` holds no tokenizer or weights.
+        BadValue: bad dtype; a truncated or refused checkpoint or adapter file (named); the adapter
+            does not fit the base (the message names the tensors).
     """
     from instructglm.data.templates import get_template
     from instructglm.models.loading import load_causal_lm
 
-    if adapter is not None and not Path(adapter).exists():
-        raise FileNotFoundError(f"--adapter {adapter}: no such file or directory")
+    if adapter is not None:
+        check_adapter_files(adapter)
     device = resolve_device(device)
-    tokenizer = load_tokenizer(model_name_or_path)
+    tokenizer = generation_tokenizer(model_name_or_path)
     model = load_causal_lm(model_name_or_path, dtype=resolve_dtype(dtype, device), device_map={"": device})
     if adapter is not None:
-        from instructglm.train.lora import load_adapter
-
-        model = load_adapter(model, adapter, is_trainable=False)
+        model = attach_adapter(model, adapter)
     model.eval()
     name = template or template_name_for(model.config, adapter, model_name_or_path)
     return model, tokenizer, get_template(name)
+
+
+def check_adapter_files(adapter: str) -> None:
+    """Fail early, naming the file, on an adapter path that is missing or whose config is unreadable.
+
+    Raises:
+        MissingFile: nothing at `adapter`, or a directory without adapter_config.json.
+        BadValue: adapter_config.json is empty or not a JSON object (an interrupted save).
+    """
+    path = Path(adapter)
+    if not path.exists():
+        raise MissingFile(f"--adapter {adapter}: no such file or directory")
+    if not path.is_dir():
+        return
+    config = path / "adapter_config.json"
+    if not config.is_file():
+        raise MissingFile(
+            f"--adapter {adapter} has no adapter_config.json: not a peft adapter dir (a `train` run dir or checkpoint-N), "
+            "nor a chatglm-lora.pt file"
+        )
+    try:
+        value = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        what = "is empty" if config.stat().st_size == 0 else f"is not valid JSON ({err})"
+        raise BadValue(f"{config} {what}: the adapter was not saved completely; re-save it or use another checkpoint") from None
+    if not isinstance(value, dict):
+        raise BadValue(f"{config} is not a JSON object: the adapter was not saved completely; re-save it or use another checkpoint")
+
+
+def attach_adapter(model: Any, adapter: str) -> Any:
+    """`train.lora.load_adapter` for inference, with unreadable adapter weights named as the user's to fix."""
+    from safetensors import SafetensorError
+
+    from instructglm.train.lora import load_adapter
+
+    try:
+        return load_adapter(model, adapter, is_trainable=False)
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = f" ({refused.group(1)})" if refused else ""
+        raise BadValue(
+            f"--adapter {adapter}: the file holds pickled objects other than tensors{what}, which are never loaded "
+            "(torch.load weights_only=True refused them); use a peft adapter dir or a plain state dict of tensors"
+        ) from error
+    except (SafetensorError, EOFError) as error:
+        raise BadValue(f"--adapter {adapter}: the adapter weights are truncated or corrupt ({_first_line(error)}); re-save them") from error
+    except RuntimeError as error:
+        # torch.load of a truncated or foreign zip archive ("PytorchStreamReader failed ...")
+        if "PytorchStreamReader" not in str(error) and "zip archive" not in str(error):
+            raise
+        raise BadValue(f"--adapter {adapter}: the file is truncated or not a torch checkpoint ({_first_line(error)}); re-save it") from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def load_from_args(args: ModelArguments):

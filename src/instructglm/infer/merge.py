@@ -7,14 +7,21 @@ safetensors shards with `model.safetensors.index.json`, and the tokenizer files 
 `AutoModelForCausalLM.from_pretrained(output)` loads it with no peft and no adapter, and gives
 the outputs of base + adapter. The run's `instructglm_train.json` is copied beside it, so
 `chat`/`predict`/`serve` on the merged model use the template the adapter was trained with.
+
+Everything is written into a temp dir beside `--output` (`.<name>.partial-<pid>`), synced, and
+renamed into place as the last step: a merge that is killed or fails leaves `--output` as it was
+(absent or empty), never a half-written model. A partial dir left by a killed merge is removed
+by the next merge into the same `--output`.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from instructglm.errors import OutputExists
 from instructglm.infer.load import load_model, run_config_path
 from instructglm.layout import RUN_CONFIG
 
@@ -35,19 +42,22 @@ class MergeArguments:
 
 ARGUMENTS = (MergeArguments,)
 
+PARTIAL = ".partial-"
+
 
 def merge(model_name_or_path: str, adapter: str, output: str | Path, max_shard_size: str | int = "2GB", dtype: str = "auto") -> Path:
-    """Load base + adapter, fold the LoRA deltas into the base weights, save to `output`.
+    """Load base + adapter, fold the LoRA deltas into the base weights, save to `output` atomically.
 
     Raises:
-        FileExistsError: `output` exists and is not empty (a merge never mixes with old files).
-        FileNotFoundError / ValueError: from `load_model` (missing or mismatched adapter).
+        OutputExists: `output` exists and is not an empty directory (a merge never mixes with old files).
+        MissingFile / BadValue: from `load_model` (missing, unreadable or mismatched base or adapter).
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
+
+    from instructglm.models.loading import load_tokenizer
 
     output = Path(output)
-    if output.exists() and any(output.iterdir()):
-        raise FileExistsError(f"--output {output} is not empty; choose a new directory or empty it first")
+    _refuse_existing(output)
     # The LoRA deltas are added in float32 on the CPU (no fp16 rounding of B @ A), then the
     # weights go back to the dtype the base checkpoint was stored in, unless --dtype says otherwise.
     model, _, _ = load_model(model_name_or_path, adapter, dtype="float32" if dtype == "auto" else dtype, device="cpu")
@@ -56,20 +66,76 @@ def merge(model_name_or_path: str, adapter: str, output: str | Path, max_shard_s
         stored = _stored_dtype(AutoConfig.from_pretrained(model_name_or_path))
         if stored is not None:
             merged = merged.to(stored)
-    output.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(output, max_shard_size=max_shard_size)
-    # A fresh copy of the base's tokenizer: the loaded one was switched to left padding for generation.
-    AutoTokenizer.from_pretrained(model_name_or_path).save_pretrained(output)
-    saved = run_config_path(adapter)
-    if saved is not None:
-        shutil.copyfile(saved, output / RUN_CONFIG)
+    _remove_stale_partials(output)
+    partial = output.parent / f".{output.name}{PARTIAL}{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial.mkdir()  # the umask's mode, unlike mkdtemp's 0700
+    try:
+        merged.save_pretrained(partial, max_shard_size=max_shard_size)
+        # A fresh copy of the base's tokenizer: the loaded one was switched to left padding for generation.
+        load_tokenizer(model_name_or_path)[0].save_pretrained(partial)
+        saved = run_config_path(adapter)
+        if saved is not None:
+            shutil.copyfile(saved, partial / RUN_CONFIG)
+        _fsync_tree(partial)
+        _refuse_existing(output)  # something may have appeared there while the merge ran
+        # rename(2) replaces an empty directory atomically, and creates an absent one.
+        os.replace(partial, output)
+        _fsync_dir(output.parent)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return output
+
+
+def _refuse_existing(output: Path) -> None:
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        what = "is not empty" if output.is_dir() else "is a file"
+        raise OutputExists(f"--output {output} {what}; choose a new directory or empty it first")
+
+
+def _remove_stale_partials(output: Path) -> None:
+    """Delete the partial dirs of earlier merges into `output` whose process is gone (killed)."""
+    if not output.parent.is_dir():
+        return
+    for path in output.parent.glob(f".{output.name}{PARTIAL}*"):
+        pid = path.name.rpartition(PARTIAL)[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root`, then the directories, so the rename publishes complete files."""
+    for folder, _, names in os.walk(root):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _stored_dtype(config):
     import torch
 
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    stored = getattr(config, "dtype", None)  # not `torch_dtype`: deprecated in transformers 5
     if isinstance(stored, str):
         stored = getattr(torch, stored, None)
     return stored if isinstance(stored, torch.dtype) else None

@@ -15,13 +15,21 @@ start, as it would if a user had typed it. The prompt is then the run's template
 
 One model, one worker thread: requests queue and are generated one at a time, in arrival order
 (`--max_queue` bounds the waiting line; beyond it requests get a 503 that clients retry). A
-streaming client that disconnects stops its generation. `model` in a request is not checked:
-every name is answered by the loaded model, so clients with a hard-coded name work.
+client that disconnects, streaming or not, stops its generation at once (a waiting plain request
+checks for it every quarter second). `model` in a request is not checked: every name is answered
+by the loaded model, so clients with a hard-coded name work.
+
+Parameters are checked strictly: `max_tokens`, `max_completion_tokens` and `n` must be JSON
+integers (not `true`, `"5"` or `5.5`), `temperature` and `top_p` numbers, `stream` a boolean;
+anything else is a 400 naming the parameter. A temperature below 1e-5 (0 included) decodes
+greedily (see `MIN_SAMPLING_TEMPERATURE`).
 
 Limits and errors: `--api_key` (or INSTRUCTGLM_API_KEY) requires `Authorization: Bearer <key>`
-(401 otherwise); bodies over `--max_request_bytes` get 413; `max_tokens` over `--max_tokens_limit`,
-or a prompt plus `max_tokens` longer than the model's context, get 400. Every error has
-OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
+on every route — `/openapi.json` and unknown paths included — (401 otherwise); bodies over
+`--max_request_bytes` get 413, bodies nested too deeply to parse 400; `max_tokens` over
+`--max_tokens_limit`, or a prompt plus `max_tokens` longer than the model's context, get 400.
+Every error has OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`; an internal
+error is logged with its traceback and a request id, and the client gets only that id.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at
@@ -29,6 +37,7 @@ OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
 import asyncio
 import hmac
 import json
+import logging
 import os
 import queue
 import threading
@@ -39,6 +48,11 @@ from typing import Any, Literal, Optional, Union
 
 from instructglm.infer.generate import GenerationArguments, build_prompt, context_limit, prompt_length, stream_generate
 from instructglm.infer.load import ModelArguments, load_from_args
+
+logger = logging.getLogger(__name__)
+
+# How often a plain (non-streaming) request that waits for its answer checks that its client is still there.
+DISCONNECT_POLL_SECONDS = 0.25
 
 
 @dataclass
@@ -74,6 +88,42 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def internal_error(request_id: str) -> APIError:
+    """What a client is told of a bug: nothing of its text, which stays in the server log with this id."""
+    return APIError(500, f"internal server error (request id {request_id}); the server log has the details", type="server_error")
+
+
+def _new_request_id() -> str:
+    return f"req-{uuid.uuid4().hex[:16]}"
+
+
+def _unauthorized() -> APIError:
+    return APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`", code="invalid_api_key")
+
+
+class RequireKey:
+    """ASGI middleware: every HTTP request needs `Authorization: Bearer <key>`, before any routing, so
+    no route (the OpenAPI schema, unknown paths, and any added later) answers without it."""
+
+    def __init__(self, app: Any, api_key: str):
+        self.app = app
+        self.api_key = api_key.encode()
+
+    def authorized(self, scope: dict) -> bool:
+        given = next((value for name, value in scope.get("headers", []) if name == b"authorization"), b"")
+        scheme, _, token = given.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or self.authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        from fastapi.responses import JSONResponse
+
+        response = JSONResponse(_unauthorized().body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
 # --- request schema -----------------------------------------------------------------------------
 
 
@@ -81,23 +131,24 @@ def _schemas():
     """Pydantic models, built on first use so importing this module stays light."""
     from pydantic import BaseModel, ConfigDict, Field
 
+    # strict: no coercion, so `max_tokens: true`, `"5"` or `5.5` and `stream: "yes"` are 400s, not 1, 5 and True.
     class TextPart(BaseModel):
-        model_config = ConfigDict(extra="ignore")
+        model_config = ConfigDict(extra="ignore", strict=True)
         type: Literal["text"]
         text: str
 
     class Message(BaseModel):
-        model_config = ConfigDict(extra="ignore")
+        model_config = ConfigDict(extra="ignore", strict=True)
         role: str
         content: Union[str, list[TextPart], None] = None
 
     class StreamOptions(BaseModel):
-        model_config = ConfigDict(extra="ignore")
+        model_config = ConfigDict(extra="ignore", strict=True)
         include_usage: bool = False
 
     class ChatCompletionRequest(BaseModel):
         # Parameters this server does not implement (penalties, logit_bias, tools, …) are ignored.
-        model_config = ConfigDict(extra="ignore")
+        model_config = ConfigDict(extra="ignore", strict=True)
         model: str = "instructglm"
         messages: list[Message] = Field(min_length=1)
         max_tokens: Optional[int] = Field(default=None, ge=1)
@@ -184,6 +235,7 @@ class StopScanner:
 
 @dataclass
 class Job:
+    request_id: str
     prompt: str
     settings: GenerationArguments
     stops: list[str]
@@ -235,7 +287,8 @@ class Engine:
                 continue
             try:
                 self._run(job)
-            except Exception as err:  # reported to that request; the worker keeps serving
+            except Exception as err:  # reported to that request (by id only); the worker keeps serving
+                logger.exception("request %s: generation failed", job.request_id)
                 job.emit("error", err)
 
     def _run(self, job: Job) -> None:
@@ -271,7 +324,7 @@ def create_app(
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from pydantic import ValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -289,6 +342,8 @@ def create_app(
             await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="InstructGLM OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None)
+    if api_key is not None:
+        app.add_middleware(RequireKey, api_key=api_key)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
@@ -303,15 +358,9 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, err: Exception):
-        return JSONResponse(APIError(500, f"internal error: {err}", type="server_error").body(), status_code=500)
-
-    def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>`", code="invalid_api_key")
+        request_id = _new_request_id()
+        logger.error("request %s: %s %s failed", request_id, request.method, request.url.path, exc_info=err)
+        return JSONResponse(internal_error(request_id).body(), status_code=500)
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -328,13 +377,11 @@ def create_app(
         return {"id": model_id, "object": "model", "created": created, "owned_by": "instructglm"}
 
     @app.get("/v1/models")
-    async def list_models(request: Request):
-        authorize(request)
+    async def list_models():
         return {"object": "list", "data": [model_card()]}
 
     @app.get("/v1/models/{name:path}")
-    async def get_model(name: str, request: Request):
-        authorize(request)
+    async def get_model(name: str):
         if name != model_id:
             raise APIError(404, f"The model {name!r} does not exist; this server serves {model_id!r}", param="model", code="model_not_found")
         return model_card()
@@ -344,6 +391,8 @@ def create_app(
             payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise APIError(400, f"the request body is not valid JSON ({err})") from None
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply to parse; send a chat completion request") from None
         try:
             return ChatCompletionRequest.model_validate(payload)
         except ValidationError as err:
@@ -376,31 +425,48 @@ def create_app(
     def usage(c) -> dict:
         return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "total_tokens": c.prompt_tokens + c.completion_tokens}
 
+    async def next_event(job: Job, request: Request) -> tuple[str, Any] | None:
+        """The job's next event; None once the client has disconnected (the job is then cancelled)."""
+        waiting = asyncio.ensure_future(job.events.get())
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_SECONDS)
+                if done:
+                    return waiting.result()
+                if await request.is_disconnected():
+                    job.cancel.set()
+                    return None
+        finally:
+            waiting.cancel()
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        authorize(request)
         req = parse(await read_body(request))
         query, history = messages_to_chat(req.messages)
         prompt = build_prompt(engine.template, query, history)
         settings = settings_for(req, prompt_length(engine.tokenizer, prompt))
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        job = Job(prompt, settings, stops, asyncio.get_running_loop(), asyncio.Queue())
-        engine.submit(job)
         ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        job = Job(ident, prompt, settings, stops, asyncio.get_running_loop(), asyncio.Queue())
+        engine.submit(job)
 
         if not req.stream:
             parts = []
             try:
                 while True:
-                    kind, value = await job.events.get()
+                    event = await next_event(job, request)
+                    if event is None:
+                        # Nobody reads this any more; 499 is nginx's "client closed request".
+                        return Response(status_code=499)
+                    kind, value = event
                     if kind == "delta":
                         parts.append(value)
                     elif kind == "error":
-                        raise APIError(500, f"generation failed: {value}", type="server_error")
+                        raise internal_error(ident)
                     else:
                         break
             finally:
-                job.cancel.set()  # no-op when finished; stops the work if the client went away
+                job.cancel.set()  # no-op when finished; stops the work if the handler is left early
             return {
                 "id": ident,
                 "object": "chat.completion",
@@ -427,7 +493,7 @@ def create_app(
                     if kind == "delta":
                         yield chunk({"content": value})
                     elif kind == "error":
-                        yield f"data: {json.dumps(APIError(500, f'generation failed: {value}', type='server_error').body())}\n\n"
+                        yield f"data: {json.dumps(internal_error(ident).body())}\n\n"
                         break
                     else:
                         yield chunk({}, value.finish_reason)

@@ -14,7 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from instructglm.infer.generate import GenerationArguments, stream_chat
+from instructglm.errors import BadValue
+from instructglm.infer.generate import GenerationArguments, stream_reply
 from instructglm.infer.load import ModelArguments, load_from_args
 
 TITLE = "InstructGLM: Streaming Chatbot with Gradio"
@@ -47,11 +48,11 @@ def build_app(model: Any, tokenizer: Any, template: Any, defaults: GenerationArg
         answer = ""
         yield messages, history, ""
         try:
-            for piece in stream_chat(model, tokenizer, template, query, [tuple(h) for h in history], settings):
+            for piece in stream_reply(model, tokenizer, template, query, [tuple(h) for h in history], settings):
                 answer += piece
                 messages[-1] = {"role": "assistant", "content": answer}
                 yield messages, history, ""
-        except ValueError as err:  # prompt longer than Maximum length
+        except BadValue as err:  # prompt longer than Maximum length
             raise gr.Error(str(err)) from None
         yield messages, list(history) + [(query, answer)], ""
 
