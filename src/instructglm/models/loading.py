@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -126,11 +127,13 @@ def load_causal_lm(model_name_or_path: str, flag: str = "--model_name_or_path", 
 
 
 def _broken_checkpoint(path: str, flag: str, error: BaseException) -> str:
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    lines = [line for line in lines if line] or [type(error).__name__]
     if isinstance(error, pickle.UnpicklingError):
+        # torch's message opens with advice to pass weights_only=False; the line naming the refused global is the fact
+        refused = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0])
         return (
             f"{flag} {path}: a weight file holds pickled objects other than tensors, which are never loaded "
-            f"(torch.load weights_only=True refused: {first_line[:200]}); use a safetensors or plain state-dict checkpoint"
+            f"({refused[:200]}); use a safetensors or plain state-dict checkpoint"
         )
-    return f"{flag} {path}: a weight file is truncated or corrupt ({first_line[:200]}); re-download or re-save the checkpoint"
-
+    return f"{flag} {path}: a weight file is truncated or corrupt ({lines[0][:200]}); re-download or re-save the checkpoint"
