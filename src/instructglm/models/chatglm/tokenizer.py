@@ -154,6 +154,10 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
 
             return ChatGLM3Tokenizer.from_pretrained(pretrained_model_name_or_path, *init_inputs, **kwargs)
         kwargs.pop("chatglm_version", None)
+        own = os.path.join(str(pretrained_model_name_or_path), cls.vocab_files_names["vocab_file"])
+        if os.path.isdir(str(pretrained_model_name_or_path)) and os.path.isfile(own) and not init_inputs:
+            # transformers prefers any `tokenizer.model` in the directory to the class's own vocabulary file
+            kwargs.setdefault("vocab_file", own)
         return super().from_pretrained(pretrained_model_name_or_path, *init_inputs, **kwargs)
 
     def __init__(

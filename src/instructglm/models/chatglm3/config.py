@@ -62,8 +62,12 @@ def chatglm_version_from_name(name: str | None) -> int | None:
     """2 or 3 (or 1) from a checkpoint name or path such as `THUDM/chatglm3-6b`; None when it names none."""
     if not name:
         return None
-    found = {int(m) for m in _NAME_VERSION.findall(str(name))}
-    return found.pop() if len(found) == 1 else None
+    # the last path component that names a version: "/models/chatglm3-6b/checkpoint-100" is ChatGLM3
+    for part in reversed(re.split(r"[/\\]", str(name))):
+        found = {int(m) for m in _NAME_VERSION.findall(part)}
+        if found:
+            return found.pop() if len(found) == 1 else None
+    return None
 
 
 def chatglm_architecture(config: Mapping[str, Any], where: str = "config.json") -> int:

@@ -262,6 +262,14 @@ class ChatGLM3Tokenizer(PreTrainedTokenizer):
         transformers replaces tokenizer_config.json's `name_or_path` by the loading path before `__init__`,
         so the detection (`detect_chatglm_version`) runs here on the file as written.
         """
+        if resolved_vocab_files.get("vocab_file") is None and not init_inputs and "vocab_file" not in kwargs:
+            # (transformers would turn the constructor's own error into a bare "Unable to load vocabulary")
+            has_v1 = _has_file(str(pretrained_model_name_or_path), "ice_text.model", kwargs)
+            raise MissingFile(
+                f"{pretrained_model_name_or_path} has no tokenizer.model, the ChatGLM2/3 vocabulary"
+                + (" (it holds ice_text.model: a ChatGLM-6B tokenizer, loaded by AutoTokenizer or ChatGLMTokenizer)" if has_v1 else "")
+                + "; copy tokenizer.model from the model's hub repo into it"
+            )
         if parse_chatglm_version(kwargs.get("chatglm_version"), "chatglm_version") is None:
             kwargs.pop("chatglm_version", None)
             config_file = resolved_vocab_files.get("tokenizer_config_file")
