@@ -51,11 +51,22 @@ class Registration:
 
 
 REGISTRATIONS: list[Registration] = [
+    # ChatGLM-6B, ChatGLM2-6B and ChatGLM3-6B share `model_type: "chatglm"` and THUDM's tokenizer_class name
+    # "ChatGLMTokenizer": AutoConfig resolves "chatglm" to ChatGLMConfig, whose `from_dict` returns a
+    # ChatGLM3Config for a v2/v3 config.json, and the ChatGLMTokenizer name resolves to ChatGLM3Tokenizer for a
+    # directory holding tokenizer.model; the model and tokenizer mappings then go by the config class.
     Registration(
         model_type="chatglm",
         config="instructglm.models.chatglm.config:ChatGLMConfig",
         tokenizer="instructglm.models.chatglm.tokenizer:ChatGLMTokenizer",
         model="instructglm.models.chatglm.model:ChatGLMForConditionalGeneration",
+    ),
+    Registration(
+        model_type="chatglm",
+        config="instructglm.models.chatglm3.config:ChatGLM3Config",
+        tokenizer="instructglm.models.chatglm3.tokenizer:ChatGLM3Tokenizer",
+        model="instructglm.models.chatglm3.model:ChatGLM3ForConditionalGeneration",
+        auto_config=False,
     ),
 ]
 
@@ -102,7 +113,7 @@ def _register_configs(auto: ModuleType) -> None:
 def _register_tokenizers(auto: ModuleType) -> None:
     for entry in REGISTRATIONS:
         if entry.tokenizer:
-            auto.AutoTokenizer.register(load_class(entry.config), slow_tokenizer_class=load_class(entry.tokenizer), exist_ok=True)
+            auto.AutoTokenizer.register(load_class(entry.config), tokenizer_class=load_class(entry.tokenizer), exist_ok=True)
 
 
 def _register_models(auto: ModuleType) -> None:

@@ -3,11 +3,15 @@
 Field names and meanings are THUDM's `configuration_chatglm.py` (so their `config.json` loads as is);
 defaults are the released `THUDM/chatglm-6b` config.json, except `tie_word_embeddings`, which that file
 omits: THUDM's loader then ties `lm_head` to the word embeddings, so the default here is `True`.
+
+ChatGLM2-6B and ChatGLM3-6B write the same `model_type: "chatglm"`, so this class, which `AutoConfig`
+resolves "chatglm" to, hands their config.json to `ChatGLM3Config` (`from_dict`), telling the versions
+apart by their fields or an explicit `chatglm_version` (see `instructglm.models.chatglm3.config`).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from huggingface_hub.dataclasses import strict
 from transformers import PretrainedConfig
@@ -57,6 +61,25 @@ class ChatGLMConfig(PretrainedConfig):
     use_cache: bool = True
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
+
+    # the GLM generation this class describes (ChatGLM3Config says 2 or 3)
+    chatglm_version: ClassVar[int] = 1
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        """A ChatGLM-6B config, or for a ChatGLM2/3 config.json (same `model_type`) a `ChatGLM3Config`.
+
+        Raises:
+            BadValue: the dict mixes both versions' fields, or holds a bad `chatglm_version`.
+        """
+        from instructglm.models.chatglm3.config import chatglm_architecture
+
+        if cls is ChatGLMConfig and chatglm_architecture(config_dict) == 2:
+            from instructglm.models.chatglm3.config import ChatGLM3Config
+
+            return ChatGLM3Config.from_dict(config_dict, **kwargs)
+        config_dict = {key: value for key, value in config_dict.items() if key != "chatglm_version"}
+        return super().from_dict(config_dict, **kwargs)
 
     def __post_init__(self, **kwargs):
         if self.inner_hidden_size is None:

@@ -132,8 +132,33 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     """
 
     vocab_files_names = {"vocab_file": "ice_text.model"}
+    # THUDM's tokenizer_config.json names this class for every ChatGLM version; a directory holds one of these
+    # (ChatGLM-6B's, then ChatGLM2/3's, which `from_pretrained` hands to ChatGLM3Tokenizer)
+    vocab_file_layouts = ({"vocab_file": "ice_text.model"}, {"vocab_file": "tokenizer.model"})
     model_input_names = ["input_ids", "attention_mask"]
     padding_side = "left"
+    # the GLM generation this class is for (ChatGLM3Tokenizer says 2 or 3)
+    chatglm_version = 1
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *init_inputs, **kwargs):
+        """This tokenizer, or for a ChatGLM2/3 directory (`tokenizer.model`) a `ChatGLM3Tokenizer`.
+
+        THUDM's tokenizer_config.json says `tokenizer_class: "ChatGLMTokenizer"` in all three versions; the
+        vocabulary file there, or an explicit `chatglm_version` (keyword or tokenizer_config.json), decides.
+        """
+        from instructglm.models.chatglm3.tokenizer import tokenizer_architecture
+
+        if cls is ChatGLMTokenizer and tokenizer_architecture(pretrained_model_name_or_path, **kwargs) == 2:
+            from instructglm.models.chatglm3.tokenizer import ChatGLM3Tokenizer
+
+            return ChatGLM3Tokenizer.from_pretrained(pretrained_model_name_or_path, *init_inputs, **kwargs)
+        kwargs.pop("chatglm_version", None)
+        own = os.path.join(str(pretrained_model_name_or_path), cls.vocab_files_names["vocab_file"])
+        if os.path.isdir(str(pretrained_model_name_or_path)) and os.path.isfile(own) and not init_inputs:
+            # transformers prefers any `tokenizer.model` in the directory to the class's own vocabulary file
+            kwargs.setdefault("vocab_file", own)
+        return super().from_pretrained(pretrained_model_name_or_path, *init_inputs, **kwargs)
 
     def __init__(
         self,

@@ -1,0 +1,613 @@
+"""ChatGLM2-6B and ChatGLM3-6B (one architecture), native on current transformers.
+
+Reference: THUDM's `modeling_chatglm.py` for `THUDM/chatglm3-6b` (the revision with `build_chat_input` and the
+torch-2 `scaled_dot_product_attention` path) and for `THUDM/chatglm2-6b`, which gives bit-identical float32 outputs.
+Parameter names are THUDM's, so their checkpoints and LoRA adapters (on `query_key_value`) load unchanged.
+
+The architecture, top to bottom: word embeddings (no scaling, no position embedding); `num_layers` pre-norm blocks
+    h = x + Attention(RMSNorm(x));  out = h + MLP(RMSNorm(h))
+then a final RMSNorm and an untied `output_layer` without bias. RMSNorm is computed in float32. Attention has one
+fused `query_key_value` projection (the only linear layer with a bias) whose output rows are
+[all query heads | g key heads | g value heads]; query head j reads key/value group j // (heads / g) (multi-query
+attention, like `repeat_interleave`). RoPE rotates only the first `kv_channels / 2` dims of each query and key head,
+in interleaved pairs (x[2i], x[2i+1]) with angle pos * 10000^(-2i / (kv_channels / 2)); the other half passes through.
+Scores are scaled by 1 / sqrt(kv_channels) (THUDM's query-key layer scaling cancels out). The MLP is SwiGLU:
+`dense_h_to_4h` to 2 * ffn, silu(first half) * second half, `dense_4h_to_h`.
+
+Deliberate differences from the reference:
+- Tensors are [batch, seq, ...] instead of THUDM's [seq, batch, ...]; the KV cache is a transformers `Cache` holding
+  the un-expanded keys (after RoPE) and values per layer, [b, g, s, kv_channels].
+- The attention mask is built once per forward (`chatglm_attention_mask`) from the standard 2-D padding mask, in the
+  attention backend's form; positions not given are counted over each row's real tokens (`position_ids_from_mask`),
+  so left padding (generation) and right padding (training) give the same per-row logits as THUDM's left-padded
+  batches with the tokenizer's positions. THUDM, given a mask but no positions, counted 0..s-1 over the padded row;
+  RoPE is relative, so the logits at real positions agree up to rounding.
+- Rotary cos/sin are computed from the positions directly (no `seq_length` table, so longer inputs run), in float32
+  and then cast, as ChatGLM3's code does; for a ChatGLM2 checkpoint (`chatglm_version=2`) in float16 the angles are
+  computed in float16 as ChatGLM2's code does. (ChatGLM2's code in bfloat16 mixed dtypes; ChatGLM3's rule is used.)
+- `eager` and `sdpa` attention behind one signature, chosen by `config._attn_implementation`; the `hidden_states`
+  output is THUDM's (the embedding output, then each block's output; the last is before the final RMSNorm).
+- `from_pretrained` raises on missing or mis-shaped tensors instead of re-initialising them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from instructglm.errors import BadValue
+from instructglm.models.chatglm3.config import ChatGLM3Config
+
+# transformers renamed the outputs' `past_key_values` to `cache` (5.2x); write whichever this version has.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Positions and the attention mask (built once per forward)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def position_ids_from_mask(padding_mask: torch.Tensor, query_length: int) -> torch.LongTensor:
+    """Positions of the last `query_length` tokens: 0 on left pads, then 0..n-1 over each row's real tokens.
+
+    padding_mask: [b, T] with 1 on real tokens, T = cached + new tokens. These are exactly the `position_ids`
+    THUDM's tokenizer returned for its left-padded batches; with right padding the real tokens get the same.
+    """
+    positions = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    return positions[:, -query_length:]
+
+
+def chatglm_attention_mask(
+    padding_mask: torch.Tensor | None,
+    past_length: int,
+    query_length: int,
+    implementation: str,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """The attention mask of one forward, [b|1, 1, q, past + q], in the form `implementation` takes, or None.
+
+    A key is allowed if it is causal and real (`padding_mask` 1). As in THUDM's `get_masks`, when nothing is cached
+    a PAD query may attend to every key: its output is junk but finite, and no row is fully masked. None means
+    plain causal attention (SDPA's `is_causal`) or, for a single new token, attention to everything cached.
+
+    Returns:
+        sdpa: bool, True = may attend; eager: float, 0 where allowed and the dtype's minimum elsewhere.
+    """
+    if padding_mask is not None and bool(padding_mask.all()):
+        padding_mask = None
+    if padding_mask is None and (query_length == 1 or (past_length == 0 and implementation != "eager")):
+        return None
+    key_index = torch.arange(past_length + query_length, device=device)  # (T,)
+    query_index = past_length + torch.arange(query_length, device=device)  # (q,)
+    allowed = (key_index[None, :] <= query_index[:, None])[None]  # (1, q, T) causal
+    if padding_mask is not None:
+        real = padding_mask.to(device=device, dtype=torch.bool)  # (B, T)
+        allowed = allowed & real[:, None, :]
+        if past_length == 0:
+            allowed = allowed | ~real[:, :, None]  # THUDM's rule for pad queries
+    allowed = allowed[:, None]  # (B|1, 1, q, T)
+    if implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Norm and rotary embedding
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """w * x / sqrt(mean(x^2) + eps), computed in float32 and returned in the input's dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        states = hidden_states.float()
+        states = states * torch.rsqrt(states.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * states).to(dtype)
+
+
+def _norm(config: ChatGLM3Config) -> nn.Module:
+    if config.rmsnorm:
+        return RMSNorm(config.hidden_size, eps=config.layernorm_epsilon)
+    return nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin of the positions for the rotated half of a head (kv_channels / 2 dims, kv_channels / 4 angles).
+
+    THUDM stored an `inv_freq` buffer (`transformer.rotary_pos_emb.inv_freq` in checkpoints) that its forward never
+    read; it is ignored on load and recomputed here, so nothing needs loading or device placement.
+    """
+
+    def __init__(self, config: ChatGLM3Config):
+        super().__init__()
+        self.dim = config.kv_channels // 2
+        self.base = 10000 * config.rope_ratio
+        # ChatGLM2's code computed theta, positions and their product in the weights' dtype
+        self.angles_in_float16 = config.chatglm_version == 2
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.LongTensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        device = position_ids.device
+        compute = torch.float16 if self.angles_in_float16 and dtype == torch.float16 else torch.float32
+        theta = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=compute, device=device) / self.dim))
+        angles = (position_ids.to(compute)[..., None] * theta).float()  # (B, T, dim/2)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of the first 2 * cos.shape[-1] dims of every head.
+
+    x: (B, T, nh, hs); cos, sin: (B, T, rot/2).
+    """
+    rotated_dims = 2 * cos.shape[-1]
+    x_rot, x_pass = x[..., :rotated_dims], x[..., rotated_dims:]
+    pairs = x_rot.reshape(*x_rot.shape[:-1], -1, 2)  # (B, T, nh, rot/2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
+    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated, x_pass), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, g, T, hs) -> (B, g * groups, T, hs): query head j reads key/value head j // groups."""
+    if groups == 1:
+        return states
+    batch, heads, length, size = states.shape
+    return states[:, :, None].expand(batch, heads, groups, length, size).reshape(batch, heads * groups, length, size)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention in float32. query (B, nh, q, hs), key/value (B, g, T, hs), mask additive (B|1, 1, q, T).
+
+    Returns the output (B, q, nh, hs) and the probabilities (B, nh, q, T).
+    """
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nh, q, T)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+class SelfAttention(nn.Module):
+    """THUDM's fused-projection attention with multi-query key/value groups and half-head RoPE."""
+
+    def __init__(self, config: ChatGLM3Config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.kv_channels
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.multi_query_attention = config.multi_query_attention
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        qkv_size = self.head_dim * (self.num_heads + 2 * self.num_key_value_heads)
+        self.query_key_value = nn.Linear(
+            config.hidden_size, qkv_size, bias=config.add_bias_linear or config.add_qkv_bias
+        )
+        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        implementation: str,
+        cache: Cache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, length, _ = hidden_states.shape
+        mixed = self.query_key_value(hidden_states)
+        if self.multi_query_attention:
+            # rows: [all query heads | g key heads | g value heads]
+            query, key, value = mixed.split(
+                [self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim, self.num_key_value_heads * self.head_dim],
+                dim=-1,
+            )
+            query = query.view(batch, length, self.num_heads, self.head_dim)
+            key = key.view(batch, length, self.num_key_value_heads, self.head_dim)
+            value = value.view(batch, length, self.num_key_value_heads, self.head_dim)
+        else:
+            # without MQA THUDM lays the rows out per head: [q | k | v] of head 0, then head 1...
+            query, key, value = mixed.view(batch, length, self.num_heads, 3 * self.head_dim).chunk(3, dim=-1)
+        cos, sin = rotary
+        query = apply_rotary(query, cos, sin).transpose(1, 2)  # (B, nh, T, hs)
+        key = apply_rotary(key, cos, sin).transpose(1, 2)  # (B, g, T, hs)
+        value = value.transpose(1, 2)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        attention = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        output, probs = attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=self.scaling,
+            dropout=self.attention_dropout if self.training else 0.0,
+        )
+        return self.dense(output.reshape(batch, length, self.num_heads * self.head_dim)), probs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MLP, block, stack
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """SwiGLU: dense_h_to_4h to 2 * ffn, silu(first half) * second half, dense_4h_to_h."""
+
+    def __init__(self, config: ChatGLM3Config):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=config.add_bias_linear)
+        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        gate, up = self.dense_h_to_4h(hidden_states).chunk(2, dim=-1)
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class GLMBlock(GradientCheckpointingLayer):
+    def __init__(self, config: ChatGLM3Config, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = _norm(config)
+        self.self_attention = SelfAttention(config, layer_idx)
+        self.post_attention_layernorm = _norm(config)
+        self.mlp = MLP(config)
+        self.hidden_dropout = config.hidden_dropout
+        # residuals from the normalised input instead of the input (False in every released checkpoint)
+        self.residual_from_norm = config.apply_residual_connection_post_layernorm
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        implementation: str,
+        cache: Cache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        normed = self.input_layernorm(hidden_states)
+        attention_output, probs = self.self_attention(normed, rotary, attention_mask, implementation, cache)
+        residual = normed if self.residual_from_norm else hidden_states
+        hidden_states = residual + F.dropout(attention_output, p=self.hidden_dropout, training=self.training)
+        normed = self.post_attention_layernorm(hidden_states)
+        residual = normed if self.residual_from_norm else hidden_states
+        return residual + F.dropout(self.mlp(normed), p=self.hidden_dropout, training=self.training), probs
+
+
+class GLMTransformer(nn.Module):
+    """THUDM's `encoder`: the blocks and the final norm (absent when `post_layer_norm` is false)."""
+
+    def __init__(self, config: ChatGLM3Config):
+        super().__init__()
+        self.layers = nn.ModuleList([GLMBlock(config, i) for i in range(config.num_layers)])
+        if config.post_layer_norm:
+            self.final_layernorm = _norm(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        implementation: str,
+        cache: Cache | None,
+        output_attentions: bool,
+        output_hidden_states: bool,
+    ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, probs = layer(hidden_states, rotary, attention_mask, implementation, cache=cache)
+            if output_attentions:
+                all_attentions += (probs,)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)  # THUDM's last one: before the final norm
+        if hasattr(self, "final_layernorm"):
+            hidden_states = self.final_layernorm(hidden_states)
+        return hidden_states, all_hidden_states, all_attentions
+
+
+class Embedding(nn.Module):
+    """THUDM's `embedding`: word embeddings only."""
+
+    def __init__(self, config: ChatGLM3Config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+
+    def forward(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        return self.word_embeddings(input_ids)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pretrained base and models
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class ChatGLM3PreTrainedModel(PreTrainedModel):
+    config_class = ChatGLM3Config
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GLMBlock"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False
+    # THUDM saved a rotary inv_freq buffer that its forward never read; the angles are recomputed here
+    _keys_to_ignore_on_load_unexpected = [r"rotary_pos_emb\.inv_freq"]
+
+    def __init__(self, config: ChatGLM3Config, *args, **kwargs):
+        if not isinstance(config, ChatGLM3Config):
+            raise BadValue(
+                f"{type(self).__name__} needs a ChatGLM2/3 config (ChatGLM3Config), got {type(config).__name__}; "
+                "a ChatGLM-6B (v1) checkpoint loads with ChatGLMForConditionalGeneration"
+            )
+        if problems := config.unsupported_options():
+            raise BadValue("This ChatGLM2/3 config uses options InstructGLM does not support: " + "; ".join(problems))
+        super().__init__(config, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' loader (every layout, dtype, device_map), made strict about the checkpoint's tensors.
+
+        transformers only warns about missing tensors and re-initialises them randomly; a ChatGLM checkpoint with
+        missing or mis-shaped tensors is a wrong or broken download, so this raises naming them.
+        `ignore_mismatched_sizes=True` restores transformers' lenient behaviour for both.
+
+        Raises:
+            BadValue: missing or mis-shaped tensors, or `weights_only=False`.
+        """
+        if kwargs.get("weights_only") is False:
+            raise BadValue("weights_only=False is refused: checkpoints are read with torch.load(weights_only=True)")
+        lenient = kwargs.get("ignore_mismatched_sizes", False)
+        want_info = kwargs.pop("output_loading_info", False)
+        kwargs["ignore_mismatched_sizes"] = True  # so the mismatches come back to us instead of a bare RuntimeError
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
+        problems = []
+        if info["missing_keys"]:
+            problems.append("missing tensors: " + ", ".join(sorted(info["missing_keys"])))
+        if info["mismatched_keys"]:
+            shapes = [f"{name} (checkpoint {tuple(old)}, model {tuple(new)})" for name, old, new in info["mismatched_keys"]]
+            problems.append("tensors with the wrong shape: " + ", ".join(sorted(shapes)))
+        if problems and not lenient:
+            raise BadValue(
+                f"{pretrained_model_name_or_path} does not hold a complete {cls.__name__} checkpoint for its "
+                f"config.json: " + "; ".join(problems) + ". Re-download the checkpoint or fix config.json "
+                "(pass ignore_mismatched_sizes=True to load anyway with those tensors randomly initialised)."
+            )
+        return (model, info) if want_info else model
+
+
+class ChatGLM3Model(ChatGLM3PreTrainedModel):
+    """The transformer: embedding, blocks, final norm; it also holds THUDM's `output_layer` (applied by the LM)."""
+
+    def __init__(self, config: ChatGLM3Config):
+        super().__init__(config)
+        self.embedding = Embedding(config)
+        self.rotary_pos_emb = RotaryEmbedding(config)
+        self.encoder = GLMTransformer(config)
+        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embedding.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embedding.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        """Final hidden states [b, s, hidden] and the cache.
+
+        Args:
+            attention_mask: the tokenizer's 2-D padding mask over cached + new tokens (1 = real; left or right
+                padding), or None (every token real).
+            position_ids: [b, s] positions of the new tokens; None counts them over the real tokens of the mask
+                (or from the cache length without one).
+            cache: a transformers `Cache` (a `DynamicCache` is made when `use_cache` and none is given);
+                `past_key_values=` is accepted for older callers.
+        """
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if cache is not None and not isinstance(cache, Cache):
+            raise ValueError(
+                f"cache must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}; THUDM's tuples of "
+                "[s, b, g, hs] tensors are not accepted"
+            )
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # recomputation would write the cache twice
+        output_attentions = bool(self.config.output_attentions if output_attentions is None else output_attentions)
+        output_hidden_states = bool(self.config.output_hidden_states if output_hidden_states is None else output_hidden_states)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embedding(input_ids)
+        batch, length, _ = inputs_embeds.shape
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_length = cache.get_seq_length() if cache is not None else 0
+
+        if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[-1] != past_length + length):
+            raise ValueError(
+                f"attention_mask must be the 2-D padding mask [b, {past_length + length}] ({past_length} cached + "
+                f"{length} new tokens, 1 = real token), got shape {tuple(attention_mask.shape)}"
+            )
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = position_ids_from_mask(attention_mask, length)
+            else:
+                position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
+        if position_ids.shape[-1] != length or position_ids.dim() != 2:
+            raise ValueError(f"position_ids must have shape [b, {length}] (one position per new token), got {tuple(position_ids.shape)}")
+        position_ids = position_ids.to(inputs_embeds.device).expand(batch, length)
+        rotary = self.rotary_pos_emb(position_ids, inputs_embeds.dtype)
+
+        implementation = self.config._attn_implementation or "eager"
+        if output_attentions:
+            implementation = "eager"  # only the eager path materialises the probabilities
+        mask = chatglm_attention_mask(
+            attention_mask, past_length, length, implementation, inputs_embeds.dtype, inputs_embeds.device
+        )
+
+        hidden_states, all_hidden_states, all_attentions = self.encoder(
+            inputs_embeds, rotary, mask, implementation, cache, output_attentions, output_hidden_states
+        )
+        cache = cache if use_cache else None
+        if not return_dict:
+            return tuple(v for v in (hidden_states, cache, all_hidden_states, all_attentions) if v is not None)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_attentions, **{_CACHE_FIELD: cache}
+        )
+
+
+class ChatGLM3ForConditionalGeneration(ChatGLM3PreTrainedModel, GenerationMixin):
+    """ChatGLM2/3-6B with its output layer: forward with loss, `generate`, `chat` and `stream_chat`."""
+
+    def __init__(self, config: ChatGLM3Config):
+        super().__init__(config)
+        self.transformer = ChatGLM3Model(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.embedding.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.transformer.embedding.word_embeddings = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.transformer.output_layer
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.transformer.output_layer = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """Logits and, given `labels`, the mean next-token cross-entropy (labels shifted inside, -100 ignored).
+
+        The inputs are `ChatGLM3Model.forward`'s; `logits_to_keep=n` computes only the last n logits (a tensor:
+        those positions).
+        """
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.transformer(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            if logits_to_keep:
+                hidden_states = hidden_states[:, -logits_to_keep:, :]
+        else:
+            hidden_states = hidden_states[:, logits_to_keep, :]
+        logits = self.transformer.output_layer(hidden_states)  # (B, T, vocab)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.padded_vocab_size, **kwargs)
+        cache = getattr(outputs, _CACHE_FIELD)
+        if not return_dict:
+            rest = tuple(v for v in (cache, outputs.hidden_states, outputs.attentions) if v is not None)
+            return ((loss,) if loss is not None else ()) + (logits,) + rest
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions, **{_CACHE_FIELD: cache}
+        )
+
+    def _prepare_attention_mask_for_generation(self, inputs_tensor: torch.Tensor, *args, **kwargs) -> torch.LongTensor:
+        # Bare input_ids mean "every token is real" (what the forward does); transformers would otherwise guess a
+        # padding mask from the pad id 0, which is also <unk>. Pass the tokenizer's attention_mask for padding.
+        return torch.ones(inputs_tensor.shape[:2], dtype=torch.long, device=inputs_tensor.device)
+
+    # -- THUDM's chat API, written once for every model in instructglm.infer.chat -------------------------------------
+
+    def chat(self, tokenizer, query, history=None, **kwargs):
+        """One chat turn, as THUDM's `model.chat`; see `instructglm.infer.chat.chat`."""
+        from instructglm.infer.chat import chat
+
+        return chat(self, tokenizer, query, history, **kwargs)
+
+    def stream_chat(self, tokenizer, query, history=None, **kwargs):
+        """Like `chat`, yielding the answer as it grows; see `instructglm.infer.chat.stream_chat`."""
+        from instructglm.infer.chat import stream_chat
+
+        return stream_chat(self, tokenizer, query, history, **kwargs)
+
+
+__all__ = [
+    "ChatGLM3ForConditionalGeneration",
+    "ChatGLM3Model",
+    "ChatGLM3PreTrainedModel",
+    "GLMBlock",
+    "chatglm_attention_mask",
+    "position_ids_from_mask",
+]
