@@ -84,7 +84,7 @@ def test_tokenizer_dir_missing_its_vocabulary(tmp_path, chatglm6b_tokenizer_dir)
     target = tmp_path / "tok"
     shutil.copytree(chatglm6b_tokenizer_dir, target)
     (target / "ice_text.model").unlink()
-    with pytest.raises(MissingFile, match="ice_text.model is missing"):
+    with pytest.raises(MissingFile, match="ice_text.model or tokenizer.model is missing"):
         load_tokenizer(str(target))
 
 

@@ -85,11 +85,14 @@ def _check_tokenizer_files(path: str, flag: str) -> None:
 
     for entry in REGISTRATIONS:
         if entry.tokenizer and entry.tokenizer.rpartition(":")[2] == class_name:
-            vocab_files = getattr(load_class(entry.tokenizer), "vocab_files_names", {})
-            missing = [name for name in vocab_files.values() if not (Path(path) / name).is_file()]
-            if missing:
+            tokenizer_class = load_class(entry.tokenizer)
+            # one class may read several layouts (ChatGLM's name covers v1's ice_text.model and v2/v3's tokenizer.model)
+            layouts = getattr(tokenizer_class, "vocab_file_layouts", (tokenizer_class.vocab_files_names,))
+            missing = [[name for name in layout.values() if not (Path(path) / name).is_file()] for layout in layouts]
+            if all(missing):
+                wanted = " or ".join(", ".join(files) for files in missing)
                 raise MissingFile(
-                    f"{flag} {path}: tokenizer_config.json names {class_name}, but {', '.join(missing)} is missing "
+                    f"{flag} {path}: tokenizer_config.json names {class_name}, but {wanted} is missing "
                     f"(the dir holds: {_listing(path)}); copy it from the model's hub repo"
                 )
             return
