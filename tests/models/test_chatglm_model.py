@@ -367,7 +367,7 @@ def test_every_backend_takes_one_signature_and_mask_form():
 
     model = random_chatglm(8, "eager")
     attention = model.transformer.layers[1].attention
-    rows, ids, padding = _mixed_batch(8)
+    _, ids, padding = _mixed_batch(8)
     mask, _ = prefix_lm_inputs(ids, padding, None, 0, ids.shape[1], model.config)
     assert mask.dtype == torch.bool and mask.shape == (3, 1, ids.shape[1], ids.shape[1])
     generator = torch.Generator().manual_seed(8)
@@ -401,7 +401,7 @@ def test_eager_attention_is_thudm_math():
 @torch.no_grad()
 def test_attention_weights_come_from_eager_only():
     model = random_chatglm(10, "eager")
-    rows, ids, mask = _mixed_batch(10)
+    _, ids, mask = _mixed_batch(10)
     out = model(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
     assert len(out.attentions) == 2 and out.attentions[0].shape == (3, 4, ids.shape[1], ids.shape[1])
     assert_close(out.attentions[1].sum(-1), torch.ones(3, 4, ids.shape[1]), atol=1e-5, rtol=0)
