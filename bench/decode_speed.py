@@ -2,6 +2,7 @@
 
     python bench/decode_speed.py                                   # CPU, a small random model
     python bench/decode_speed.py --device cuda --real-shape        # the 6B shape, fp16, on a GPU
+    python bench/decode_speed.py --attn sdpa,eager                 # each variant under both attention backends
 
 For batch sizes 1 and 8 it times `model.generate` (greedy, KV cache, exactly --new_tokens new
 tokens per row) on: the plain base model ("generate baseline", no peft), the same model wrapped
@@ -23,12 +24,13 @@ SMALL = {"hidden_size": 256, "num_layers": 4, "num_attention_heads": 8, "inner_h
 REAL_6B = {"hidden_size": 4096, "num_layers": 28, "num_attention_heads": 32, "inner_hidden_size": 16384, "vocab_size": 130528}
 
 
-def build(shape: dict, device: str, dtype: torch.dtype):
+def build(shape: dict, device: str, dtype: torch.dtype, attn: str = "sdpa"):
     import instructglm  # noqa: F401  (registers ChatGLM)
     from instructglm.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
 
     config = ChatGLMConfig(**shape, max_sequence_length=2048, bos_token_id=shape["vocab_size"] - 2, eos_token_id=shape["vocab_size"] - 1,
                            pad_token_id=3, mask_token_id=shape["vocab_size"] - 4, gmask_token_id=shape["vocab_size"] - 3)
+    config._attn_implementation = attn
     torch.manual_seed(0)
     with torch.device(device):
         model = ChatGLMForConditionalGeneration(config).to(dtype)
@@ -77,18 +79,23 @@ def main() -> None:
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch_sizes", default="1,8")
+    parser.add_argument("--attn", default="sdpa", help="comma-separated attn_implementation values (sdpa, eager)")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args()
     from peft import LoraConfig, get_peft_model
 
     dtype = getattr(torch, args.dtype or ("float32" if args.device == "cpu" else "float16"))
     shape = REAL_6B if args.real_shape else SMALL
-    base = build(shape, args.device, dtype)
     lora = LoraConfig(r=8, lora_alpha=32, target_modules=["query_key_value"], init_lora_weights=False)
-    # Separate copies, so merging one never alters another (6B in fp16 is ~12 GB: three fit an H100).
-    unmerged = get_peft_model(copy.deepcopy(base), lora).eval()
-    merged = get_peft_model(copy.deepcopy(base), lora).merge_and_unload().eval()
-    variants = {"generate baseline (no peft)": base, "LoRA unmerged": unmerged, "LoRA merged": merged}
+    attns = args.attn.split(",")
+    variants = {}
+    for attn in attns:
+        base = build(shape, args.device, dtype, attn)
+        tag = f" [{attn}]" if len(attns) > 1 else ""
+        # Separate copies, so merging one never alters another (6B in fp16 is ~12 GB: three fit an H100).
+        variants[f"generate baseline (no peft){tag}"] = base
+        variants[f"LoRA unmerged{tag}"] = get_peft_model(copy.deepcopy(base), lora).eval()
+        variants[f"LoRA merged{tag}"] = get_peft_model(copy.deepcopy(base), lora).merge_and_unload().eval()
     batches = [int(b) for b in args.batch_sizes.split(",")]
     rows = {name: [] for name in variants}
     for b in batches:
@@ -97,9 +104,12 @@ def main() -> None:
 
     cfg = base.config
     title = (f"decode tokens/s — ChatGLM {cfg.num_layers}x{cfg.hidden_size}, {dtype}, {args.device}, "
-             f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, best of {args.repeats}")
+             f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, best of {args.repeats}, attention {args.attn}")
     lines = [title, "", "| variant | " + " | ".join(f"batch {b}" for b in batches) + " |", "|---|" + "---:|" * len(batches)]
     lines += [f"| {name} | " + " | ".join(f"{v:.1f}" for v in speeds) + " |" for name, speeds in rows.items()]
+    if {"sdpa", "eager"} <= set(attns):
+        sdpa, eager = rows["generate baseline (no peft) [sdpa]"], rows["generate baseline (no peft) [eager]"]
+        lines += ["", "sdpa vs eager (no peft): " + ", ".join(f"batch {b} {s / e:.2f}x" for b, s, e in zip(batches, sdpa, eager))]
     table = "\n".join(lines)
     print(table)
     if args.out:

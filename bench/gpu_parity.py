@@ -2,7 +2,8 @@
 
 For each fixture layout and attention path: fp32 logits on the GPU vs the CPU goldens (TF32 off),
 greedy generations batched with the 2-D padding mask, and bf16 agreement with fp32 (max |Δlogit|
-and greedy-token agreement). Prints a markdown table; exits non-zero if an fp32 check fails.
+and greedy-token agreement). Every logit of the padded forward, padding rows included, must be finite:
+fully masked padding queries go through the GPU's fused sdpa kernels here. Prints a markdown table; exits non-zero if an fp32 check fails.
 Needs the goldens: INSTRUCTGLM_SHARED (default ../shared) holding fixtures/chatglm6b.
 """
 
@@ -32,10 +33,12 @@ def check(fixtures: Path, layout: str, attn: str, device: str) -> tuple[str, boo
     valid = tensors["forward.valid"].to(device)
     rows = []
     logits = {}
+    finite = True
     for dtype in (torch.float32, torch.bfloat16):
         model = AutoModelForCausalLM.from_pretrained(fixtures / layout, attn_implementation=attn, dtype=dtype).to(device).eval()
         with torch.no_grad():
             logits[dtype] = model(input_ids=ids, attention_mask=mask2d).logits.float()
+            finite &= bool(torch.isfinite(logits[dtype]).all())
             generated = model.generate(input_ids=ids, attention_mask=mask2d, max_new_tokens=20, do_sample=False)
         rows.append(generated.cpu())
     golden = tensors["forward.logits"].to(device)
@@ -44,8 +47,9 @@ def check(fixtures: Path, layout: str, attn: str, device: str) -> tuple[str, boo
     want = tensors["generate.sequences"]
     fp32_same = torch.equal(rows[0], want)
     bf16_agree = (rows[1] == want).float().mean().item()
-    ok = fp32_err < 1e-4 and fp32_same
-    line = f"| {layout} | {attn} | {fp32_err:.2e} | {'yes' if fp32_same else 'NO'} | {bf16_err:.3f} | {bf16_agree:.1%} |"
+    ok = fp32_err < 1e-4 and fp32_same and finite
+    line = (f"| {layout} | {attn} | {fp32_err:.2e} | {'yes' if fp32_same else 'NO'} | {bf16_err:.3f} | {bf16_agree:.1%} "
+            f"| {'yes' if finite else 'NO'} |")
     return line, ok
 
 
@@ -57,8 +61,8 @@ def main() -> int:
     torch.backends.cudnn.allow_tf32 = False
     fixtures = Path(os.environ.get("INSTRUCTGLM_SHARED", REPO.parent / "shared")) / "fixtures" / "chatglm6b"
     print(f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}\n")
-    print("| layout | attention | fp32 max abs Δlogit | fp32 greedy = golden | bf16 max abs Δlogit | bf16 greedy tokens = golden |")
-    print("| --- | --- | ---: | :---: | ---: | ---: |")
+    print("| layout | attention | fp32 max abs Δlogit | fp32 greedy = golden | bf16 max abs Δlogit | bf16 greedy tokens = golden | all logits finite |")
+    print("| --- | --- | ---: | :---: | ---: | ---: | :---: |")
     all_ok = True
     for layout in LAYOUTS:
         for attn in ATTENTION:

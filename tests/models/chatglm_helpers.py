@@ -64,6 +64,14 @@ def random_chatglm(seed: int = 0, attn_implementation: str = "eager", **override
     return ChatGLMForConditionalGeneration(config).eval()
 
 
+def cache_of(output):
+    """The KV cache of a model output, under the field this transformers has (`cache` from 5.24, else
+    `past_key_values`); reading the old name on 5.24 would log its deprecation."""
+    from instructglm.models.chatglm.model import CACHE_FIELD
+
+    return getattr(output, CACHE_FIELD)
+
+
 def random_prompt(generator: torch.Generator, length: int, mask_token: int = GMASK) -> list[int]:
     """`length` random context ids then `[mask_token] <sop>`, like the fixtures' prompts."""
     return torch.randint(5, 999, (length,), generator=generator).tolist() + [mask_token, SOP]

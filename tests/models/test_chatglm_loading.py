@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tests.models.chatglm_helpers import LAYOUTS, PAD, goldens
+from tests.models.chatglm_helpers import LAYOUTS, PAD, cache_of, goldens
 
 
 @pytest.fixture(autouse=True)
@@ -286,9 +286,11 @@ def test_bad_inputs_are_explained(chatglm6b_fixtures):
         model(input_ids=ids, attention_mask=g["forward.attention_mask"].float())
     with pytest.raises(ValueError, match="columns"):
         model(input_ids=ids, attention_mask=torch.ones(3, 5))
-    cache = model(input_ids=ids, use_cache=True).past_key_values
+    cache = cache_of(model(input_ids=ids, use_cache=True))
     with pytest.raises(ValueError, match="position_ids .* required"):
-        model(input_ids=ids[:, -1:], past_key_values=cache)
+        model(input_ids=ids[:, -1:], cache=cache)
+    with pytest.raises(ValueError, match="not both"):
+        model(input_ids=ids[:, -1:], cache=cache, past_key_values=cache)
     model.config._attn_implementation = "flash_attention_2"
     try:
         with pytest.raises(ValueError, match="not available for ChatGLM-6B"):

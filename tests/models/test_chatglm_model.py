@@ -2,7 +2,9 @@
 
 Every golden is checked for each checkpoint layout and both attention paths, loaded through
 AutoModelForCausalLM in float32. The random-model tests cover what the goldens cannot: other sizes, longer
-prompts, [MASK] prompts, padding on either side, the KV cache, gradient checkpointing, LoRA, chat().
+prompts, [MASK] prompts, padding on either side, the KV cache, the attention backends' one signature and mask
+form, deprecations on the installed transformers, gradient checkpointing, LoRA, and THUDM's chat() API (which
+lives in instructglm.infer.chat).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tests.models.chatglm_helpers import (
     MASK,
     PAD,
     SOP,
+    cache_of,
     fixture_model,
     goldens,
     left_pad,
@@ -88,12 +91,17 @@ def test_built_mask_and_positions_equal_thudm_tokenizer(chatglm6b_fixtures):
     _, g = goldens(chatglm6b_fixtures)
     ids, valid = g["forward.input_ids"], g["forward.valid"]
     config = fixture_model(chatglm6b_fixtures, "tiny", "eager").config
-    masked, positions = prefix_lm_inputs(ids, valid.long(), None, 0, ids.shape[1], config)
+    # the built mask is transformers' form (True = may attend), THUDM's is True = masked: one is the other's negation
+    allowed, positions = prefix_lm_inputs(ids, valid.long(), None, 0, ids.shape[1], config)
+    assert allowed.dtype == torch.bool
     assert torch.equal(positions, g["forward.position_ids"])
-    assert torch.equal(masked.expand_as(g["forward.attention_mask"]), g["forward.attention_mask"])
-    masked, positions = prefix_lm_inputs(ids, None, None, 0, ids.shape[1], config)
+    assert torch.equal(~allowed.expand_as(g["forward.attention_mask"]), g["forward.attention_mask"])
+    allowed, positions = prefix_lm_inputs(ids, None, None, 0, ids.shape[1], config)
     assert torch.equal(positions, g["forward_default.position_ids"])
-    assert torch.equal(masked.expand_as(g["forward_default.attention_mask"]), g["forward_default.attention_mask"])
+    assert torch.equal(~allowed.expand_as(g["forward_default.attention_mask"]), g["forward_default.attention_mask"])
+    # THUDM's own 4-D mask passes through in the same form
+    allowed, _ = prefix_lm_inputs(ids, g["forward.attention_mask"], g["forward.position_ids"], 0, ids.shape[1], config)
+    assert torch.equal(allowed, ~g["forward.attention_mask"])
 
 
 # -- training ---------------------------------------------------------------------------------------------------------
@@ -222,10 +230,31 @@ def test_incremental_forward_matches_full_forward():
     full = model(input_ids=full_ids).logits
     positions, _ = prefix_lm_positions(full_ids, None, model.config)
     out = model(input_ids=full_ids[:, : len(prompt)], use_cache=True)
-    cache = out.past_key_values
+    cache = cache_of(out)
     for t in range(len(prompt), full_ids.shape[1]):
-        step = model(input_ids=full_ids[:, t : t + 1], position_ids=positions[..., t : t + 1], past_key_values=cache)
+        step = model(input_ids=full_ids[:, t : t + 1], position_ids=positions[..., t : t + 1], cache=cache)
         assert_close(step.logits[0, -1], full[0, t], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+@torch.no_grad()
+def test_several_tokens_after_a_cache_attend_causally(attn):
+    """A multi-token continuation of a cache, without attention_mask, is causal among the new tokens
+    (it used to be bidirectional there), under both the current (`cache`) and the older argument name."""
+    from instructglm.models.chatglm.model import prefix_lm_positions
+
+    model = random_chatglm(6, attn)
+    generator = torch.Generator().manual_seed(6)
+    prompt = random_prompt(generator, 7)
+    full_ids = torch.tensor([prompt + torch.randint(5, 999, (5,), generator=generator).tolist()])
+    full = model(input_ids=full_ids).logits
+    positions, _ = prefix_lm_positions(full_ids, None, model.config)
+    start = len(prompt)
+    for name in ("cache", "past_key_values"):
+        cache = cache_of(model(input_ids=full_ids[:, :start], use_cache=True))
+        rest = model(input_ids=full_ids[:, start:], position_ids=positions[..., start:], **{name: cache}).logits
+        assert_close(rest[0], full[0, start:], atol=1e-4, rtol=0)
+        assert cache.get_seq_length() == full_ids.shape[1]
 
 
 def test_prefix_lm_positions_by_hand():
@@ -260,8 +289,11 @@ def test_padded_training_rows_have_their_alone_loss(attn):
         for i, row in enumerate(rows):
             alone = model(input_ids=torch.tensor([row])).logits[0]
             assert_close(logits[i, : len(row)], alone, atol=1e-4, rtol=0)
+    # fully masked padding query rows (THUDM: uniform under eager; sdpa: zeros) keep loss and gradients finite
     loss = model(input_ids=ids, attention_mask=(ids != PAD).long(), labels=labels).loss
     assert torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 # -- gradient checkpointing, LoRA ---------------------------------------------------------------------------------------
@@ -294,6 +326,8 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients(chatglm6b_fixtures
 
 
 @pytest.mark.parametrize("attn", ATTENTION)
+# peft 0.21 reads `model.is_gradient_checkpointing`, which transformers >= 5.2x deprecates: peft's call, not ours
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_lora_on_query_key_value_trains(chatglm6b_fixtures, attn):
     from peft import LoraConfig, get_peft_model
 
@@ -319,17 +353,179 @@ def test_lora_on_query_key_value_trains(chatglm6b_fixtures, attn):
     assert losses[-1] < losses[0] - 0.5, losses
 
 
-# -- chat API ----------------------------------------------------------------------------------------------------------
+
+# -- attention backends: one signature, one mask form, chosen once ------------------------------------------------------
+
+
+@torch.no_grad()
+def test_every_backend_takes_one_signature_and_mask_form():
+    """eager and transformers' sdpa are called alike, `(module, q, k, v, mask, scaling=, dropout=)` with the bool mask
+    (True = may attend) built once at model level, and agree; a fully masked (padding) query row stays finite."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from instructglm.models.chatglm.model import eager_attention_forward, prefix_lm_inputs
+
+    model = random_chatglm(8, "eager")
+    attention = model.transformer.layers[1].attention
+    _, ids, padding = _mixed_batch(8)
+    mask, _ = prefix_lm_inputs(ids, padding, None, 0, ids.shape[1], model.config)
+    assert mask.dtype == torch.bool and mask.shape == (3, 1, ids.shape[1], ids.shape[1])
+    generator = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(3, 4, ids.shape[1], 16, generator=generator) for _ in range(3))
+    call = dict(scaling=attention.scaling, dropout=0.0)
+    eager, weights = eager_attention_forward(attention, q, k, v, mask, **call)
+    sdpa, no_weights = ALL_ATTENTION_FUNCTIONS["sdpa"](attention, q, k, v, mask, **call)
+    assert eager.shape == sdpa.shape == (3, ids.shape[1], 4, 16) and no_weights is None
+    real = padding.bool()
+    assert_close(sdpa[real], eager[real], atol=1e-5, rtol=0)
+    assert torch.isfinite(sdpa).all() and torch.isfinite(eager).all()
+    # THUDM's -10000 fill: a padding query row is uniform over every key under eager
+    pad_row = weights[0, :, 0]  # row 0 is left-padded
+    assert not real[0, 0] and torch.allclose(pad_row, torch.full_like(pad_row, 1 / ids.shape[1]))
+
+
+def test_eager_attention_is_thudm_math():
+    """Layer 2's eager attention by hand, THUDM's way: q / (sqrt(hs) * 3), masked scores = -10000, then * 3 in fp32."""
+    from instructglm.models.chatglm.model import eager_attention_forward
+
+    attention = random_chatglm(9, "eager", num_layers=3).transformer.layers[2].attention
+    generator = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 4, 6, 16, generator=generator) for _ in range(3))
+    masked = torch.rand(2, 1, 6, 6, generator=generator) < 0.4  # THUDM's polarity
+    scores = torch.matmul(q / (4.0 * 3), k.transpose(-1, -2)).masked_fill(masked, -10000.0)
+    expected = torch.matmul(torch.softmax(scores * 3, dim=-1), v).transpose(1, 2)
+    output, _ = eager_attention_forward(attention, q, k, v, ~masked, scaling=attention.scaling)
+    assert torch.equal(output, expected)
+
+
+@torch.no_grad()
+def test_attention_weights_come_from_eager_only():
+    model = random_chatglm(10, "eager")
+    _, ids, mask = _mixed_batch(10)
+    out = model(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+    assert len(out.attentions) == 2 and out.attentions[0].shape == (3, 4, ids.shape[1], ids.shape[1])
+    assert_close(out.attentions[1].sum(-1), torch.ones(3, 4, ids.shape[1]), atol=1e-5, rtol=0)
+    assert len(out.hidden_states) == 3  # embeddings, after block 0, final (normed) output
+    assert torch.equal(out.hidden_states[0], model.transformer.word_embeddings(ids))
+    sdpa = random_chatglm(10, "sdpa")
+    out = sdpa(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+    assert out.attentions in (None, ()) and len(out.hidden_states) == 3  # transformers' sdpa has no weights
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+def test_generate_feeds_one_new_token_per_step_through_the_cache(attn):
+    """generate() hands the model its cache: after the prompt, every forward sees one new token (on transformers
+    5.24 the cache used to be dropped, so every step re-ran the whole sequence)."""
+    model = random_chatglm(11, attn)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    prompt = torch.tensor([random_prompt(torch.Generator().manual_seed(11), 9)])
+    model.generate(input_ids=prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=PAD)
+    assert seen == [prompt.shape[1], 1, 1, 1, 1]
+
+
+# -- the installed transformers: nothing our code calls is deprecated -----------------------------------------------------
+
+
+def test_no_deprecation_from_model_code(chatglm6b_fixtures):
+    """Loading, forward (with either cache argument name), training and every generation mode, with deprecation
+    warnings as errors and transformers' own deprecation log lines (`logger.warning_once`, which -W cannot turn
+    into errors, e.g. "`past_key_values`/`cache_params` are deprecated") collected: none may come."""
+    import logging
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
+
+    from instructglm.models.chatglm.model import prefix_lm_positions
+
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    library_logger = logging.getLogger("transformers")
+    library_logger.addHandler(handler)
+    transformers_logging.warning_once.cache_clear()  # messages already logged once in this process log again
+    _, g = goldens(chatglm6b_fixtures)
+    ids = g["forward.input_ids"]
+    mask = (ids != PAD).long()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            warnings.simplefilter("error", DeprecationWarning)
+            for attn in ATTENTION:
+                model = AutoModelForCausalLM.from_pretrained(chatglm6b_fixtures / "tiny", attn_implementation=attn, dtype=torch.float32)
+                with torch.no_grad():
+                    out = model(input_ids=ids, attention_mask=mask, use_cache=True, output_hidden_states=True)
+                    positions, _ = prefix_lm_positions(torch.cat([ids, ids[:, -1:]], 1), None, model.config)
+                    for name in ("cache", "past_key_values"):
+                        step_cache = cache_of(model(input_ids=ids, use_cache=True))
+                        model(input_ids=ids[:, -1:], position_ids=positions[..., -1:], **{name: step_cache})
+                    for options in (dict(do_sample=False), dict(do_sample=True, top_p=0.7), dict(num_beams=2, do_sample=False)):
+                        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, **options)
+                    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                   return_dict_in_generate=True, output_scores=True)
+                model.train()
+                model(input_ids=g["train.input_ids"], attention_mask=(g["train.input_ids"] != PAD).long(),
+                      labels=g["train.labels"]).loss.backward()
+                assert cache_of(out).get_seq_length() == ids.shape[1]
+    finally:
+        library_logger.removeHandler(handler)
+    assert not [r for r in records if "deprecat" in r.lower()], records
+
+
+# -- THUDM's chat API: thin delegations to instructglm.infer.chat ------------------------------------------------------------
+
+
+def test_model_file_holds_no_chat_or_data_code():
+    """The model does not import the data package (a model -> data arrow) nor carry prompt, sampling or threads."""
+    import subprocess
+    import sys
+
+    from instructglm.models.chatglm import model as model_module
+
+    probe = "import sys, instructglm.models.chatglm.model; print(sorted(m for m in sys.modules if m.startswith('instructglm.data')))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]", loaded
+    for gone in ("build_prompt", "process_response", "InvalidScoreLogitsProcessor", "_TokenQueue", "_chat_generation"):
+        assert not hasattr(model_module, gone) and not hasattr(model_module.ChatGLMForConditionalGeneration, gone), gone
+
+
+def test_chat_and_stream_chat_delegate_to_infer(monkeypatch):
+    import instructglm.infer.chat as infer_chat
+
+    calls = []
+    monkeypatch.setattr(infer_chat, "chat", lambda *args, **kwargs: calls.append(("chat", args, kwargs)) or "reply", raising=False)
+    monkeypatch.setattr(infer_chat, "stream_chat", lambda *args, **kwargs: calls.append(("stream", args, kwargs)) or iter(()), raising=False)
+    model, tokenizer = random_chatglm(), object()
+    assert model.chat(tokenizer, "q", [("a", "b")], top_p=0.5) == "reply"
+    assert list(model.stream_chat(tokenizer, "q")) == []
+    assert calls == [("chat", (model, tokenizer, "q", [("a", "b")]), {"top_p": 0.5}), ("stream", (model, tokenizer, "q", None), {})]
+
+
+def _infer_chat():
+    """instructglm.infer.chat once it holds THUDM's chat API (written on the infer branch); else these tests skip."""
+    import instructglm.infer.chat as infer_chat
+
+    missing = [name for name in ("chat", "stream_chat", "process_response") if not hasattr(infer_chat, name)]
+    if missing:
+        pytest.skip(f"instructglm.infer.chat has no {', '.join(missing)} yet (THUDM's chat API moves there on the infer branch)")
+    return infer_chat
 
 
 def test_round_prompt_and_response_post_processing():
-    from instructglm.models.chatglm import ChatGLMForConditionalGeneration as Model
+    from instructglm.data.templates import chatglm as round_prompt
 
-    assert Model.build_prompt("你好") == "你好"
-    assert Model.build_prompt("q3", [("q1", "a1"), ("q2", "a2")]) == (
+    # model.chat prompts with the `chatglm` template that fine-tuning data is rendered with
+    assert round_prompt("你好", "", ()) == "你好"
+    assert round_prompt("q3", "", [("q1", "a1"), ("q2", "a2")]) == (
         "[Round 0]\n问：q1\n答：a1\n[Round 1]\n问：q2\n答：a2\n[Round 2]\n问：q3\n答："
     )
-    assert Model.process_response("  我在[[训练时间]]训练,好吗?  ok, fine ") == "我在2023年训练，好吗？  ok, fine"
+    process_response = _infer_chat().process_response
+    assert process_response("  我在[[训练时间]]训练,好吗?  ok, fine ") == "我在2023年训练，好吗？  ok, fine"
 
 
 @pytest.fixture(scope="module")
@@ -343,6 +539,7 @@ def chat_model():
 
 
 def test_chat_and_stream_chat(chat_model, chatglm6b_tokenizer):
+    infer_chat = _infer_chat()
     greedy = dict(do_sample=False, max_length=None, max_new_tokens=8)
     history = [("你好", "你好！")]
     response, new_history = chat_model.chat(chatglm6b_tokenizer, "讲个笑话", history=history, **greedy)
@@ -352,7 +549,7 @@ def test_chat_and_stream_chat(chat_model, chatglm6b_tokenizer):
     inputs = chatglm6b_tokenizer([prompt], return_tensors="pt")
     out = chat_model.generate(**inputs, do_sample=False, max_new_tokens=8)
     tokens = [t for t in out[0, inputs["input_ids"].shape[1] :].tolist() if t not in (130005, 3)]
-    assert response == chat_model.process_response(chatglm6b_tokenizer.decode(tokens))
+    assert response == infer_chat.process_response(chatglm6b_tokenizer.decode(tokens))
 
     streamed = list(chat_model.stream_chat(chatglm6b_tokenizer, "讲个笑话", history=history, **greedy))
     assert 1 <= len(streamed) <= 8
@@ -373,5 +570,6 @@ def test_generate_on_a_tokenizer_batch_equals_each_row_alone(chat_model, chatglm
 
 
 def test_stream_chat_reraises_generation_errors(chat_model, chatglm6b_tokenizer):
+    _infer_chat()
     with pytest.raises(ValueError):
         list(chat_model.stream_chat(chatglm6b_tokenizer, "你好", do_sample=False, max_new_tokens=-3))

@@ -2,9 +2,10 @@
 
 Reference: THUDM's `modeling_chatglm.py` for `THUDM/chatglm-6b` (final 2023 version) and the GLM paper
 (Du et al. 2022, "GLM: General Language Model Pretraining with Autoregressive Blank Infilling").
-Parameter names are THUDM's, so their checkpoints and LoRA adapters load unchanged.
+Parameter names are THUDM's, so their checkpoints and LoRA adapters load unchanged. The file reads top to
+bottom: positions and mask, rotary, attention, MLP, block, pretrained base, model, causal LM.
 
-The architecture, top to bottom: word embeddings; `num_layers` GLM blocks, each
+The architecture: word embeddings; `num_layers` GLM blocks, each
     x = LN1(h);  h = alpha * x + Attention(x);  y = LN2(h);  out = alpha * y + MLP(y),  alpha = sqrt(2 * layers)
 (note: the residual carries the *normalised* input, scaled; alpha is sqrt(56) whatever the depth, see
 `RESIDUAL_SCALE_LAYERS`); a final LayerNorm; `lm_head` without bias.
@@ -14,23 +15,27 @@ scaled like THUDM's fp16-safe recipe (q / (sqrt(d) * (layer + 1)), then * (layer
 prefix-LM mask lets the prompt (everything before `<sop>`) attend bidirectionally and is causal from `<sop>` on.
 
 Deliberate differences from the reference:
-- Tensors are [batch, seq, ...] instead of THUDM's [seq, batch, ...]; the KV cache is a transformers `Cache`.
-- The prefix mask and 2-D positions are built once, in `prefix_lm_inputs`, from `input_ids` and the standard
-  2-D padding mask (left or right padding, positions counted from each row's first real token); THUDM's own
-  4-D bool mask with [b, 2, s] position ids is accepted as well.
+- Tensors are [batch, seq, ...] instead of THUDM's [seq, batch, ...]; the KV cache is a transformers `Cache`,
+  passed as `cache` (transformers >= 5.24's name; `past_key_values`, the older one, is accepted too).
+- The prefix mask and 2-D positions are built once per forward, in `prefix_lm_inputs`, from `input_ids` and the
+  standard 2-D padding mask (left or right padding, positions counted from each row's first real token); THUDM's
+  own 4-D bool mask (True = masked) with [b, 2, s] position ids is accepted as well.
+- Attention backends follow transformers: one signature `(module, query, key, value, attention_mask, scaling,
+  dropout, **kwargs)`, looked up by `config._attn_implementation` — `eager` is THUDM's math
+  (`eager_attention_forward`), `sdpa` is transformers' own `sdpa_attention_forward`. Both take the same mask
+  form, transformers' sdpa one: bool, True = may attend. The eager path fills masked scores with -10000 as THUDM
+  did, so a fully masked (padding) query row is uniform there; sdpa gives such a row zeros. Both are finite and
+  no real token ever reads a padding row. Attention weights come only from `eager`, as in transformers.
 - Rotary cos/sin are computed in float32 from THUDM's fp16-rounded inverse frequencies and then cast to the
   activation dtype; THUDM computed them in fp16 (bf16 positions above 256 were not even exact there).
-- An `sdpa` attention path (torch's fused kernels) beside the `eager` one that mirrors the reference math.
 - `from_pretrained` raises on missing or mis-shaped tensors instead of re-initialising them.
+- THUDM's `chat` / `stream_chat` are thin delegations to `instructglm.infer.chat`, the project's one
+  generation path; the model file holds no prompt, sampling or threading code.
 """
 
 from __future__ import annotations
 
-import math
-import queue
-import re
-import threading
-from collections.abc import Iterator
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -38,20 +43,34 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
-from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import logging
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils.output_capturing import capture_outputs
 
-from instructglm.data.templates import chatglm as chatglm_prompt
 from instructglm.models.chatglm.config import ChatGLMConfig
 
 logger = logging.get_logger(__name__)
 
+# transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache` (the old name warns
+# there); 5.17, the oldest release supported, knows only `past_key_values`. Outputs fill whichever field exists.
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
+
+# Backends whose mask form can express ChatGLM's prefix-LM mask (flash attention takes only a padding mask).
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The cache passed under either name (`cache`, or the older `past_key_values`), silently."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the KV cache once, as `cache` (or the older name `past_key_values`), not both")
+    return past_key_values if cache is None else cache
+
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Prefix-LM mask and 2-D positions
+# Prefix-LM positions and mask
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -96,25 +115,8 @@ def prefix_lm_positions(
     return position_ids, context_length
 
 
-def prefix_lm_inputs(
-    input_ids: torch.LongTensor | None,
-    attention_mask: torch.Tensor | None,
-    position_ids: torch.LongTensor | None,
-    past_length: int,
-    query_length: int,
-    config: ChatGLMConfig,
-) -> tuple[torch.BoolTensor | None, torch.LongTensor]:
-    """The attention mask (True = masked, [b, 1, q, past + q]) and 2-D positions ([b, 2, q]) of one forward.
-
-    The single place where ChatGLM's masks and positions come from. Accepted `attention_mask` forms:
-    - None: every token is real (THUDM's and transformers' convention for bare `input_ids`);
-    - [b, past + q] padding mask (1 = real), left or right padding: the prefix-LM mask is built from it;
-    - [b, 1, q or more, past + q] bool, True = masked: THUDM's own mask, used as given (last q rows).
-    With a cache (`past_length > 0`) the new tokens come after `<sop>`, so they attend causally to every real
-    token; their positions cannot be found from the new tokens alone and must be passed
-    (`prepare_inputs_for_generation` computes them from the whole sequence).
-    """
-    if attention_mask is not None and attention_mask.dim() == 4:
+def _check_attention_mask(attention_mask: torch.Tensor, past_length: int, query_length: int) -> None:
+    if attention_mask.dim() == 4:
         if attention_mask.dtype != torch.bool:
             raise ValueError(
                 f"a 4-D attention_mask must be THUDM's bool mask (True = masked), got dtype {attention_mask.dtype}; "
@@ -125,51 +127,73 @@ def prefix_lm_inputs(
                 f"4-D attention_mask of shape {tuple(attention_mask.shape)} does not fit {query_length} new tokens "
                 f"after {past_length} cached ones (expected [b, 1, >= {query_length}, {past_length + query_length}])"
             )
-        masked = attention_mask[:, :, -query_length:, :]
-        padding_mask = None
-    elif attention_mask is not None and attention_mask.dim() == 2:
+    elif attention_mask.dim() == 2:
         if attention_mask.shape[-1] != past_length + query_length:
             raise ValueError(
                 f"attention_mask has {attention_mask.shape[-1]} columns but there are {past_length} cached and "
                 f"{query_length} new tokens; pass the padding mask of the whole sequence so far"
             )
-        masked, padding_mask = None, attention_mask.bool()
-    elif attention_mask is None:
-        masked, padding_mask = None, None
     else:
         raise ValueError(f"attention_mask must be 2-D [b, s] or THUDM's 4-D bool mask, got shape {tuple(attention_mask.shape)}")
 
+
+def prefix_lm_inputs(
+    input_ids: torch.LongTensor | None,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.LongTensor | None,
+    past_length: int,
+    query_length: int,
+    config: ChatGLMConfig,
+) -> tuple[torch.BoolTensor | None, torch.LongTensor]:
+    """The attention mask and 2-D positions ([b, 2, q]) of one forward: the one place both are made.
+
+    The mask is in the form every supported backend takes (transformers' sdpa form): bool [b|1, 1, q, past + q],
+    True = the query may attend to that key; None when every key is visible (one new token, no padding).
+    Accepted `attention_mask` forms:
+    - None: every token is real (THUDM's and transformers' convention for bare `input_ids`);
+    - [b, past + q] padding mask (1 = real), left or right padding: the prefix-LM mask is built from it;
+      padding keys are never seen and padding queries see nothing, like THUDM's tokenizer mask;
+    - [b, 1, q or more, past + q] bool, True = masked: THUDM's own mask, used as given (last q rows).
+    With a cache (`past_length > 0`) the new tokens come after `<sop>`, so they attend causally to every real
+    token; their positions cannot be found from the new tokens alone and must be passed
+    (`prepare_inputs_for_generation` computes them from the whole sequence).
+    """
+    allowed = padding_mask = None
+    if attention_mask is not None:
+        _check_attention_mask(attention_mask, past_length, query_length)
+        if attention_mask.dim() == 4:
+            allowed = ~attention_mask[:, :, -query_length:, :]
+        else:
+            padding_mask = attention_mask.bool()
+
+    context_length = None
     if past_length == 0:
         if input_ids is None:
-            if position_ids is None or (masked is None and query_length > 1):
+            if position_ids is None or (allowed is None and query_length > 1):
                 raise ValueError(
                     "with inputs_embeds instead of input_ids pass position_ids [b, 2, s] and THUDM's 4-D bool "
                     "attention_mask: the prefix mask is found from the <sop> token id"
                 )
-            context_length = None
         else:
             computed, context_length = prefix_lm_positions(input_ids, padding_mask, config)
             position_ids = computed if position_ids is None else position_ids
     elif position_ids is None:
         raise ValueError(
-            "position_ids [b, 2, s] are required when continuing from past_key_values (the new tokens' positions "
-            "depend on the whole sequence); generate() computes them, see prefix_lm_positions"
+            "position_ids [b, 2, s] are required when continuing from a cache (the new tokens' positions depend on "
+            "the whole sequence); generate() computes them, see prefix_lm_positions"
         )
-    else:
-        context_length = None
 
-    if masked is None and (padding_mask is not None or (past_length == 0 and query_length > 1)):
+    if allowed is None and (padding_mask is not None or query_length > 1):
         device = position_ids.device
         key_index = torch.arange(past_length + query_length, device=device)  # (T,)
         query_index = past_length + torch.arange(query_length, device=device)  # (q,)
         allowed = key_index[None, None, :] <= query_index[None, :, None]  # (1, q, T) causal
-        if context_length is not None:
-            allowed = allowed | (key_index[None, :] < context_length[:, None])[:, None, :]  # (b, q, T)
+        if context_length is not None:  # the prompt sees itself whole
+            allowed = allowed | (key_index[None, :] < context_length[:, None])[:, None, :]  # (B, q, T)
         if padding_mask is not None:
-            # pad keys are never seen; pad queries see nothing (uniform softmax, as THUDM's tokenizer mask)
             allowed = allowed & padding_mask[:, None, :] & padding_mask[:, query_index][:, :, None]
-        masked = ~allowed[:, None, :, :]  # (b|1, 1, q, T)
-    return masked, position_ids
+        allowed = allowed[:, None, :, :]  # (B|1, 1, q, T)
+    return allowed, position_ids
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -193,9 +217,9 @@ class ChatGLMRotaryEmbedding(nn.Module):
     def forward(self, position_ids: torch.LongTensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         device = position_ids.device
         exponent = torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim
-        inv_freq = (1.0 / self.base**exponent).half().float()  # (dim/2,), THUDM's fp16 values
-        freqs = position_ids.float()[..., None] * inv_freq  # (B, 2, T, dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, 2, T, dim)
+        inv_freq = (1.0 / self.base**exponent).half().float()  # (hs/4,), THUDM's fp16 values
+        freqs = position_ids.float()[..., None] * inv_freq  # (B, 2, T, hs/4)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, 2, T, hs/2)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -222,32 +246,38 @@ def apply_2d_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def eager_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, masked: torch.Tensor | None, layer_id: int
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """THUDM's attention math. query (B, nh, q, hs), key/value (B, nh, T, hs), masked (B|1, 1, q, T) True = masked.
+    """THUDM's attention math, in transformers' attention-function signature.
 
-    The query is divided by (layer_id + 1) before the product and the scores multiplied back in fp32, which keeps
-    fp16 scores in range; masked scores are -10000 before that multiplication, as in the reference.
+    Args:
+        module: the `SelfAttention` calling it; its `layer_id` sets the fp16-safe score scaling.
+        query: (B, nh, q, hs); key, value: (B, nh, T, hs), T = cached + q.
+        attention_mask: (B|1, 1, q, T) bool, True = may attend, or None (all keys).
+        scaling: the softmax scale, 1 / sqrt(hs).
+
+    Returns:
+        attn_output (B, q, nh, hs) and attn_weights (B, nh, q, T).
     """
-    coeff = float(layer_id + 1)
-    query = query / (math.sqrt(query.shape[-1]) * coeff)
+    # THUDM divides the query by sqrt(hs) * (layer + 1) and multiplies the scores back by (layer + 1) in fp32,
+    # which keeps fp16 scores in range; masked scores are -10000 before that multiplication
+    layer_scale = float(module.layer_id + 1)
+    query = query / (layer_scale / scaling)
     scores = torch.matmul(query, key.transpose(-1, -2))  # (B, nh, q, T)
-    if masked is not None:
-        scores = scores.masked_fill(masked, -10000.0)
-    probs = torch.softmax(scores.float() * coeff, dim=-1).to(value.dtype)
-    return torch.matmul(probs, value), probs
-
-
-def sdpa_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, additive_mask: torch.Tensor | None, layer_id: int
-) -> tuple[torch.Tensor, None]:
-    """torch's fused attention with the prefix-LM mask as an additive bias (0 or the dtype's minimum)."""
-    output = F.scaled_dot_product_attention(query, key, value, attn_mask=additive_mask, scale=1.0 / math.sqrt(query.shape[-1]))
-    return output, None
-
-
-ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention}
+    if attention_mask is not None:
+        scores = torch.where(attention_mask, scores, -10000.0)
+    weights = torch.softmax(scores.float() * layer_scale, dim=-1).to(value.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value)  # (B, nh, q, hs)
+    return output.transpose(1, 2).contiguous(), weights
 
 
 class SelfAttention(nn.Module):
@@ -257,6 +287,9 @@ class SelfAttention(nn.Module):
         self.layer_id = layer_id
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        # the prefix-LM mask is always passed explicitly: transformers' sdpa must not assume a causal one
+        self.is_causal = False
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
@@ -265,8 +298,8 @@ class SelfAttention(nn.Module):
         hidden_states: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
-        output_attentions: bool = False,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden_states.shape
         mixed = self.query_key_value(hidden_states).view(batch, length, self.num_heads, 3 * self.head_dim)
@@ -275,21 +308,13 @@ class SelfAttention(nn.Module):
         query = apply_2d_rotary(query, cos, sin).transpose(1, 2)  # (B, nh, T, hs)
         key = apply_2d_rotary(key, cos, sin).transpose(1, 2)
         value = value.transpose(1, 2)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_id)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_id)  # (B, nh, past + T, hs)
 
-        implementation = self.config._attn_implementation or "eager"
-        if output_attentions and implementation != "eager":
-            implementation = "eager"  # only the eager path materialises the probabilities
-            attention_mask = None if attention_mask is None else attention_mask < 0
-        if implementation not in ATTENTION_FUNCTIONS:
-            raise ValueError(
-                f"attn_implementation={implementation!r} is not available for ChatGLM-6B (its prefix-LM mask needs "
-                f"an explicit mask); use one of {sorted(ATTENTION_FUNCTIONS)}"
-            )
-        context, probs = ATTENTION_FUNCTIONS[implementation](query, key, value, attention_mask, self.layer_id)
-        context = context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
-        return self.dense(context), probs
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        context, weights = attention(self, query, key, value, attention_mask, scaling=self.scaling, dropout=0.0, **kwargs)
+        context = context.reshape(batch, length, self.num_heads * self.head_dim)  # (B, T, C)
+        return self.dense(context), weights
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -330,21 +355,18 @@ class GLMBlock(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        use_cache: bool = False,
-        output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attention_input = self.input_layernorm(hidden_states)
-        attention_output, probs = self.attention(
-            attention_input, rotary, attention_mask, past_key_values if use_cache else None, output_attentions
-        )
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        attention_input = self.input_layernorm(hidden_states)  # (B, T, C)
+        attention_output, _ = self.attention(attention_input, rotary, attention_mask, cache=cache, **kwargs)
         hidden_states = attention_input * self.alpha + attention_output
         mlp_input = self.post_attention_layernorm(hidden_states)
-        return mlp_input * self.alpha + self.mlp(mlp_input), probs
+        return mlp_input * self.alpha + self.mlp(mlp_input)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Pretrained base and models
+# Pretrained base
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -357,6 +379,9 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _supports_flex_attn = False
     _can_compile_fullgraph = False
+    # `output_hidden_states` / `output_attentions` are recorded by hooks on these modules (transformers'
+    # `capture_outputs`); attention weights exist only under the eager backend
+    _can_record_outputs = {"hidden_states": GLMBlock, "attentions": SelfAttention}
     # THUDM saved a per-layer inv_freq buffer that its own loader ignored; it is recomputed here
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
@@ -396,6 +421,11 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         return (model, info) if want_info else model
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
 class ChatGLMModel(ChatGLMPreTrainedModel):
     """The bare transformer: embeddings, GLM blocks, final LayerNorm."""
 
@@ -414,107 +444,63 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.word_embeddings = value
 
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPast | tuple:
+        *,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast:
+        """Final hidden states (B, T, C); `cache` is created when `use_cache` and none is given, and updated."""
+        cache = _one_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if self.config._attn_implementation not in SUPPORTED_ATTENTION:
+            raise ValueError(
+                f"attn_implementation={self.config._attn_implementation!r} is not available for ChatGLM-6B (its "
+                f"prefix-LM mask needs an explicit mask); use one of {list(SUPPORTED_ATTENTION)}"
+            )
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.gradient_checkpointing and self.training and use_cache:
-            use_cache = False  # recomputation would write the cache twice
-        output_attentions = bool(output_attentions)
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # recomputation in backward would write the cache twice
 
         if inputs_embeds is None:
-            inputs_embeds = self.word_embeddings(input_ids)
-        batch, length, _ = inputs_embeds.shape
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-
-        masked, position_ids = prefix_lm_inputs(input_ids, attention_mask, position_ids, past_length, length, self.config)
-        if position_ids.shape[-2:] != (2, length):
-            raise ValueError(f"position_ids must have shape [b, 2, {length}] (position, block position), got {tuple(position_ids.shape)}")
-        rotary = self.rotary_emb(position_ids.to(inputs_embeds.device), inputs_embeds.dtype)
-        if masked is not None:
-            masked = masked.to(inputs_embeds.device)
-            if (self.config._attn_implementation or "eager") != "eager":
-                # additive bias for SDPA; fully masked (pad) rows stay finite and become uniform, as in eager
-                masked = torch.zeros(masked.shape, dtype=inputs_embeds.dtype, device=masked.device).masked_fill(
-                    masked, torch.finfo(inputs_embeds.dtype).min
-                )
+            inputs_embeds = self.word_embeddings(input_ids)  # (B, T, C)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        mask, position_ids = prefix_lm_inputs(
+            input_ids, attention_mask, position_ids, past_length, inputs_embeds.shape[1], self.config
+        )
+        if position_ids.shape[-2:] != (2, inputs_embeds.shape[1]):
+            raise ValueError(
+                f"position_ids must have shape [b, 2, {inputs_embeds.shape[1]}] (position, block position), "
+                f"got {tuple(position_ids.shape)}"
+            )
+        rotary = self.rotary_emb(position_ids.to(inputs_embeds.device), inputs_embeds.dtype)  # 2 x (B, 2, T, hs/2)
+        if mask is not None:
+            mask = mask.to(inputs_embeds.device)
 
         hidden_states = inputs_embeds
-        all_hidden_states = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
         for layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states, probs = layer(
-                hidden_states,
-                rotary,
-                attention_mask=masked,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                output_attentions=output_attentions,
-            )
-            if output_attentions:
-                all_attentions += (probs,)
+            hidden_states = layer(hidden_states, rotary, attention_mask=mask, cache=cache, **kwargs)
         hidden_states = self.final_layernorm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-
-        cache = past_key_values if use_cache else None
-        if not return_dict:
-            return tuple(v for v in (hidden_states, cache, all_hidden_states, all_attentions) if v is not None)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            past_key_values=cache,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-        )
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache})
 
 
-class InvalidScoreLogitsProcessor(LogitsProcessor):
-    """THUDM's guard for fp16 overflow in chat(): non-finite scores become a forced token 5 instead of a crash."""
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if not torch.isfinite(scores).all():
-            scores = torch.zeros_like(scores)
-            scores[..., 5] = 5e4
-        return scores
-
-
-class _TokenQueue(BaseStreamer):
-    """Hands the tokens `generate` produces (in a worker thread) to `stream_chat`."""
-
-    def __init__(self):
-        self.queue: queue.Queue = queue.Queue()
-        self.skip_prompt = True
-
-    def put(self, value: torch.Tensor) -> None:
-        if self.skip_prompt:  # the first call carries the prompt
-            self.skip_prompt = False
-            return
-        self.queue.put(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        self.queue.put(None)
+# ---------------------------------------------------------------------------------------------------------------------
+# Causal LM
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
-    """ChatGLM-6B with its language-model head: forward with loss, `generate`, `chat` and `stream_chat`."""
+    """ChatGLM-6B with its language-model head: forward with loss, and `generate`."""
 
     _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
 
@@ -550,37 +536,37 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         )
         self.lm_head.weight = embeddings
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int = 0,
-        **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
+        *,
+        past_key_values: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithPast:
         """Logits and, given `labels`, the mean next-token cross-entropy (labels shifted inside, -100 ignored).
 
         `attention_mask`: the tokenizer's 2-D padding mask, THUDM's 4-D bool mask (then also pass its
         [b, 2, s] `position_ids`), or None (every token real). `logits_to_keep=n` computes only the last n logits.
+        `output_attentions=True` gives attention weights under `attn_implementation="eager"` only (as in
+        transformers, sdpa has none).
         """
-        return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.transformer(
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             return_dict=True,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         if logits_to_keep:
@@ -589,15 +575,12 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        if not return_dict:
-            rest = tuple(v for v in (outputs.past_key_values, outputs.hidden_states, outputs.attentions) if v is not None)
-            return ((loss,) if loss is not None else ()) + (logits,) + rest
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
 
     # -- generation ---------------------------------------------------------------------------------------------------
@@ -626,26 +609,30 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool = True,
+        *,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> dict:
         """The not-yet-cached tokens with their 2-D positions, computed from the whole sequence so far.
 
         New tokens after `<sop>` keep the mask token's position and count up the block position, which only the
-        whole sequence tells; the position ids transformers tracks in `kwargs` (1-D counters) are ignored.
+        whole sequence tells; the position ids transformers tracks in `kwargs` (1-D counters) are ignored. The
+        cache comes as `cache` (transformers >= 5.24) or `past_key_values` (older).
         """
         if inputs_embeds is not None:
             raise ValueError("ChatGLM-6B generates from input_ids (its masks and positions come from the token ids)")
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        cache = _one_cache(cache, past_key_values)
+        past_length = cache.get_seq_length() if cache is not None else 0
         position_ids, _ = prefix_lm_positions(input_ids, attention_mask, self.config)
         model_inputs = {
             "input_ids": input_ids[:, past_length:],
             "position_ids": position_ids[..., past_length:],
             "attention_mask": attention_mask,
-            "past_key_values": past_key_values,
+            "cache": cache,
             "use_cache": use_cache,
         }
         for key in ("output_attentions", "output_hidden_states", "logits_to_keep"):
@@ -653,101 +640,19 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
                 model_inputs[key] = kwargs[key]
         return model_inputs
 
-    # -- THUDM's chat API ---------------------------------------------------------------------------------------------
+    # -- THUDM's chat API -----------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def build_prompt(query: str, history: list[tuple[str, str]] | None = None) -> str:
-        """ChatGLM-6B's round prompt: the query alone, or "[Round i]\\n问：q\\n答：a\\n"... then the open round.
+    def chat(self, tokenizer, query, history=None, **kwargs):
+        """THUDM's `model.chat(tokenizer, query, history)` API, implemented in `instructglm.infer.chat`."""
+        from instructglm.infer.chat import chat
 
-        The same text as the `chatglm` template that fine-tuning data is rendered with, so it is built there.
-        """
-        return chatglm_prompt(query, "", history or ())
+        return chat(self, tokenizer, query, history, **kwargs)
 
-    @staticmethod
-    def process_response(response: str) -> str:
-        """THUDM's clean-up: strip, date placeholder, full-width punctuation next to CJK characters."""
-        response = response.strip().replace("[[训练时间]]", "2023年")
-        for ascii_mark, full_width in ((",", "，"), ("!", "！"), (":", "："), (";", "；"), (r"\?", "？")):
-            response = re.sub(rf"([\u4e00-\u9fff]){ascii_mark}", rf"\1{full_width}", response)
-            response = re.sub(rf"{ascii_mark}([\u4e00-\u9fff])", rf"{full_width}\1", response)
-        return response
+    def stream_chat(self, tokenizer, query, history=None, **kwargs):
+        """THUDM's `model.stream_chat(tokenizer, query, history)` API, implemented in `instructglm.infer.chat`."""
+        from instructglm.infer.chat import stream_chat
 
-    def _chat_generation(self, tokenizer, query, history, logits_processor, **gen_kwargs):
-        history = list(history or [])
-        processors = LogitsProcessorList(logits_processor or [])
-        processors.append(InvalidScoreLogitsProcessor())
-        inputs = tokenizer([self.build_prompt(query, history)], return_tensors="pt").to(self.device)
-        gen_kwargs.setdefault("eos_token_id", self.config.eos_token_id)
-        gen_kwargs.setdefault("pad_token_id", self.config.pad_token_id)
-        return history, inputs, dict(logits_processor=processors, **inputs, **gen_kwargs)
-
-    def _decode_response(self, tokenizer, token_ids: list[int]) -> str:
-        stop = {self.config.eos_token_id, self.config.pad_token_id}
-        kept = [t for t in token_ids if t not in stop]
-        return self.process_response(tokenizer.decode(kept))
-
-    @torch.no_grad()
-    def chat(
-        self,
-        tokenizer,
-        query: str,
-        history: list[tuple[str, str]] | None = None,
-        max_length: int = 2048,
-        num_beams: int = 1,
-        do_sample: bool = True,
-        top_p: float = 0.7,
-        temperature: float = 0.95,
-        logits_processor: LogitsProcessorList | None = None,
-        **kwargs,
-    ) -> tuple[str, list[tuple[str, str]]]:
-        """One chat turn as THUDM's API: returns (response, history + [(query, response)])."""
-        history, inputs, gen_kwargs = self._chat_generation(
-            tokenizer, query, history, logits_processor,
-            max_length=max_length, num_beams=num_beams, do_sample=do_sample, top_p=top_p, temperature=temperature, **kwargs,
-        )
-        outputs = self.generate(**gen_kwargs)
-        response = self._decode_response(tokenizer, outputs[0, inputs["input_ids"].shape[1]:].tolist())
-        return response, history + [(query, response)]
-
-    @torch.no_grad()
-    def stream_chat(
-        self,
-        tokenizer,
-        query: str,
-        history: list[tuple[str, str]] | None = None,
-        max_length: int = 2048,
-        do_sample: bool = True,
-        top_p: float = 0.7,
-        temperature: float = 0.95,
-        logits_processor: LogitsProcessorList | None = None,
-        **kwargs,
-    ) -> Iterator[tuple[str, list[tuple[str, str]]]]:
-        """Like `chat`, yielding (response so far, history with it) after every generated token."""
-        history, inputs, gen_kwargs = self._chat_generation(
-            tokenizer, query, history, logits_processor,
-            max_length=max_length, do_sample=do_sample, top_p=top_p, temperature=temperature, **kwargs,
-        )
-        streamer = _TokenQueue()
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                with torch.no_grad():
-                    self.generate(**gen_kwargs, streamer=streamer)
-            except BaseException as error:  # re-raised in the caller's thread below
-                failure.append(error)
-                streamer.end()
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        generated: list[int] = []
-        while (tokens := streamer.queue.get()) is not None:
-            generated.extend(tokens)
-            response = self._decode_response(tokenizer, generated)
-            yield response, history + [(query, response)]
-        worker.join()
-        if failure:
-            raise failure[0]
+        return stream_chat(self, tokenizer, query, history, **kwargs)
 
 
 __all__ = [
@@ -755,6 +660,7 @@ __all__ = [
     "ChatGLMModel",
     "ChatGLMPreTrainedModel",
     "GLMBlock",
+    "eager_attention_forward",
     "prefix_lm_inputs",
     "prefix_lm_positions",
 ]
