@@ -94,10 +94,5 @@ def test_no_deprecated_api_from_the_inference_and_serving_code(deprecations):
     assert not ours, sorted(ours)
 
 
-@pytest.mark.xfail(
-    reason="models/chatglm/model.py passes and reads `past_key_values` on its model outputs (lines ~481, ~595, "
-    "~598 at the time of writing), which transformers 5.24 deprecates for `cache`; that file's owner fixes it",
-    strict=False,
-)
 def test_no_deprecated_api_from_any_instructglm_code(deprecations):
     assert not deprecations, sorted(deprecations)

@@ -139,7 +139,7 @@ def test_a_v3_checkpoint_is_never_taken_for_v1(real_dirs, tiny_dirs):
     assert type(ChatGLMConfig.from_pretrained(tiny_dirs[3])) is ChatGLM3Config
     assert type(ChatGLMTokenizer.from_pretrained(real_dirs[3])) is ChatGLM3Tokenizer
     # the v1 class's own loader, handed a ChatGLM3 checkpoint, fails rather than building a ChatGLM-6B from it
-    with pytest.raises(Exception):  # noqa: B017  (the v1 model names no config type yet)
+    with pytest.raises(BadValue, match="ChatGLM-6B .v1.; this checkpoint's config is ChatGLM3Config"):
         ChatGLMForConditionalGeneration.from_pretrained(tiny_dirs[3])
     with pytest.raises(BadValue, match="ChatGLM2/3 config"):
         ChatGLM3ForConditionalGeneration(ChatGLMConfig(hidden_size=64, num_layers=1, num_attention_heads=4))

@@ -134,9 +134,11 @@ def _broken_checkpoint(path: str, flag: str, error: BaseException) -> str:
     lines = [line for line in lines if line] or [type(error).__name__]
     if isinstance(error, pickle.UnpicklingError):
         # torch's message opens with advice to pass weights_only=False; the line naming the refused global is the fact
-        refused = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[0])
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        refused = f"the global {found.group(1)}" if found else "a non-tensor object"
         return (
-            f"{flag} {path}: a weight file holds pickled objects other than tensors, which are never loaded "
-            f"({refused[:200]}); use a safetensors or plain state-dict checkpoint"
+            f"{flag} {path}: a weight file holds pickled objects other than tensors ({refused}), which "
+            "torch.load(weights_only=True) refuses and InstructGLM never loads otherwise; use a safetensors or plain "
+            "state-dict checkpoint"
         )
     return f"{flag} {path}: a weight file is truncated or corrupt ({lines[0][:200]}); re-download or re-save the checkpoint"

@@ -50,6 +50,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.output_capturing import capture_outputs
 
+from instructglm.errors import BadValue
 from instructglm.models.chatglm.config import ChatGLMConfig
 
 logger = logging.get_logger(__name__)
@@ -386,8 +387,13 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
     def __init__(self, config: ChatGLMConfig, *args, **kwargs):
+        if not isinstance(config, ChatGLMConfig):
+            raise BadValue(
+                f"{type(self).__name__} is ChatGLM-6B (v1); this checkpoint's config is {type(config).__name__}: load it "
+                "with AutoModelForCausalLM (after `import instructglm`), which picks the native class for its version"
+            )
         if problems := config.unsupported_options():
-            raise ValueError("This ChatGLM-6B config uses options InstructGLM does not support: " + "; ".join(problems))
+            raise BadValue("This ChatGLM-6B config uses options InstructGLM does not support: " + "; ".join(problems))
         super().__init__(config, *args, **kwargs)
 
     @classmethod
