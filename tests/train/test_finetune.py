@@ -233,3 +233,33 @@ def test_report_to_tensorboard_writes_event_files(tiny_llama_dir, llama_dataset,
                          report_to="tensorboard")
     assert train_in_process(*flags) == 0
     assert list(tmp_path.rglob("events.out.tfevents.*")), "no TensorBoard event file written"
+
+
+def test_phases_one_by_one_give_what_finetune_gives(tiny_llama_dir, llama_dataset, tmp_path):
+    """Each phase is callable alone (no CLI dataclass parsing, no record needed): chained by hand they make the
+    adapter `finetune()` makes."""
+    from transformers import set_seed
+
+    from instructglm.train import finetune as recipe
+    from instructglm.train.args import FinetuneArguments, TrainingArguments
+
+    def arguments(out):
+        return (FinetuneArguments(dataset_path=str(llama_dataset), model_name_or_path=str(tiny_llama_dir), lora_dropout=0.0),
+                TrainingArguments(output_dir=str(out), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                                  save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=7))
+
+    whole = recipe.finetune(*arguments(tmp_path / "whole"))
+    assert whole.output_dir == tmp_path / "whole" and whole.metrics["train_loss"] > 0
+    assert whole.record["template"] == "plain" and whole.record["lora"]["rank"] == 8
+
+    args, training_args = arguments(tmp_path / "phases")
+    set_seed(training_args.seed)
+    model, tokenizer = recipe.load_base(args, training_args)
+    data = recipe.load_data(args, tokenizer, model.config.model_type)
+    assert len(data.train) == 64 and data.eval is None and (data.template, data.template_source) == ("plain", "convert")
+    model = recipe.attach_adapter(model, args)
+    trainer = recipe.build_trainer(model, tokenizer, data, training_args)
+    result = recipe.fit(trainer)
+    assert recipe.save_run(trainer, {"note": "by hand"}, result.metrics) == tmp_path / "phases"
+    torch.testing.assert_close(adapter_tensors(tmp_path / "phases"), adapter_tensors(tmp_path / "whole"), rtol=0, atol=0)
+    assert json.loads((tmp_path / "phases" / "instructglm_train.json").read_text())["note"] == "by hand"

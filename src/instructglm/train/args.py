@@ -129,6 +129,12 @@ class TrainingArguments(transformers.TrainingArguments):
         # the CPU; otherwise every process would silently train its own copy and race on the output files.
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
             self.use_cpu = True
+        # The seed's and our README's --gradient_checkpointing is transformers' deprecated alias of
+        # --activation_checkpointing: take it as the new name, so it keeps working without a FutureWarning.
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if getattr(self, new) is None and getattr(self, old) is not None:
+                setattr(self, new, getattr(self, old))
         if self.fsdp and str(self.fsdp).lower() not in ("false", "[]") and not torch.cuda.is_available():
             # accelerate builds its FSDP plugin only for accelerator back ends; on the CPU the Trainer
             # silently wraps the model in DDP instead. Same results, no sharding: say so.

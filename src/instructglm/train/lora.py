@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -77,7 +78,7 @@ def attach_lora(
     """Wrap `model` with a fresh, trainable LoRA adapter (adapter weights in fp32 whatever the base dtype)."""
     config = lora_config(getattr(model.config, "model_type", None), rank, alpha, dropout, target)
     try:
-        return get_peft_model(model, config)
+        return _get_peft_model(model, config)
     except ValueError as error:
         raise BadValue(
             f"LoRA targets {config.target_modules!r} do not match the modules of {type(model).__name__}: {error} "
@@ -136,7 +137,7 @@ def load_adapter(
     config.inference_mode = not is_trainable
 
     try:
-        peft_model = get_peft_model(model, config)
+        peft_model = _get_peft_model(model, config)
     except ValueError as error:
         raise BadValue(f"adapter {path} targets {config.target_modules!r}, which {type(model).__name__} lacks: {error}") from error
     state_dict = {_canonical_key(key): tensor for key, tensor in state_dict.items()}
@@ -196,6 +197,15 @@ def _read_seed_pt(path: str) -> dict[str, torch.Tensor]:
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise BadValue(f"{path} is not a state dict of tensors (expected the seed's chatglm-lora.pt)")
     return state_dict
+
+
+def _get_peft_model(model, config: LoraConfig) -> PeftModel:
+    """`peft.get_peft_model`, without the FutureWarning it raises by reading transformers' deprecated
+    `is_gradient_checkpointing` alias (peft's code, nothing a caller can change; an error under
+    `-W error::FutureWarning`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def seed_state_dict(peft_model: PeftModel) -> dict[str, torch.Tensor]:
