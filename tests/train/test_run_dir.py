@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from instructglm.train.run_dir import checkpoint_problem, data_fingerprint, publish_staged_run
-from tests.train.conftest import adapter_tensors, common_flags, train_in_process, write_jsonl, reverse_rows
+from tests.train.conftest import adapter_tensors, common_flags, reverse_rows, train_in_process, write_jsonl
 
 
 def run_ok(*flags) -> None:

@@ -117,8 +117,10 @@ def build_tiny_chatglm(path: str | Path, seed: int = 0, tokenizer_dir: str | Pat
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a jsonl the demo's convert step wrote (through the project's one jsonl reader)."""
+    from instructglm.data.io import iter_json_rows
+
+    return [row for _, row in iter_json_rows(path)]
 
 
 def exact_match(model_dir: Path, adapter: Path | None, rows: list[dict], batch_size: int) -> tuple[float, list[str]]:

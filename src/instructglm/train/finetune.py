@@ -31,6 +31,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -106,6 +107,7 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> Finet
     model, tokenizer = load_base(args, training_args)
     model_type = getattr(model.config, "model_type", None)
     data = load_data(args, tokenizer, model_type, warn=training_args.process_index == 0)
+    _settle_training_args(training_args, data)  # before the record, which shows the arguments the run uses
     model = attach_adapter(model, args)
     if training_args.should_log:
         model.print_trainable_parameters()
@@ -190,13 +192,8 @@ def attach_adapter(model, args: FinetuneArguments):
 def build_trainer(model, tokenizer, data: TrainData, training_args: TrainingArguments, record: dict | None = None):
     """The HF `Trainer` over `data`, with the loss plot, the non-finite guard and (given `record`) the run record."""
     from transformers import Trainer
-    from transformers.trainer_utils import IntervalStrategy
 
-    _settle_training_args(training_args)
-    if data.eval is not None and training_args.eval_strategy == IntervalStrategy.NO:
-        # An eval set was given, so evaluate it (every --eval_steps, default --logging_steps).
-        training_args.eval_strategy = IntervalStrategy.STEPS
-        training_args.eval_steps = training_args.eval_steps or training_args.logging_steps
+    _settle_training_args(training_args, data)
     callbacks = [NonFiniteGuard(check_grads=not training_args.fp16), LossPlotCallback()]
     if record is not None:
         callbacks.append(RunRecordCallback(record))
@@ -229,8 +226,6 @@ def save_run(trainer, record: dict[str, Any], metrics: dict[str, Any] | None = N
     output_dir = Path(trainer.args.output_dir)
     staging = output_dir / STAGING_DIR
     if trainer.args.should_save:
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))
@@ -278,8 +273,14 @@ def run_record(args: FinetuneArguments, training_args: TrainingArguments, model,
 # ---- helpers ----
 
 
-def _settle_training_args(training_args: TrainingArguments) -> None:
-    """The TrainingArguments values this recipe needs whatever was passed."""
+def _settle_training_args(training_args: TrainingArguments, data: TrainData | None = None) -> None:
+    """The TrainingArguments values this recipe needs whatever was passed (and, given `data`, its eval schedule)."""
+    from transformers.trainer_utils import IntervalStrategy
+
+    if data is not None and data.eval is not None and training_args.eval_strategy == IntervalStrategy.NO:
+        # An eval set was given, so evaluate it (every --eval_steps, default --logging_steps).
+        training_args.eval_strategy = IntervalStrategy.STEPS
+        training_args.eval_steps = training_args.eval_steps or training_args.logging_steps
     training_args.remove_unused_columns = False  # the collator reads seq_len
     if training_args.label_names is None:
         training_args.label_names = ["labels"]
