@@ -52,6 +52,10 @@ def test_seed_finetune_then_continue(tiny_chatglm_dir, chatglm_dataset, tmp_path
         assert "--fp16 needs a CUDA GPU and none is available: training in fp32" in first.stderr
     assert (alpaca / "chatglm-lora.pt").is_file() and (alpaca / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in alpaca.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    # the same line again would train over that run: refused in one line, naming the ways on
+    again = run_seed_finetune(argv)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert f"--output_dir {alpaca} already holds a run" in again.stderr and "--resume_from_checkpoint last" in again.stderr
 
     belle = tmp_path / "output" / "belle"
     argv = seed_argv(SEED_LINE, dataset_path=chatglm_dataset, max_steps=2, save_steps=2, output_dir=belle)

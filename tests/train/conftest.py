@@ -146,3 +146,27 @@ def tiny_chatglm_dir(tmp_path_factory) -> Path:
 def chatglm_dataset(tiny_chatglm_dir, reverse_jsonl, tmp_path_factory) -> Path:
     """`instructglm tokenize` output for the tiny ChatGLM-6B."""
     return tokenized(tiny_chatglm_dir, reverse_jsonl, tmp_path_factory.mktemp("chatglm-data") / "reverse")
+
+
+def poisoned_rows(n: int, poisoned_row: int) -> list[dict]:
+    """`n` reversal rows; row `poisoned_row` holds a '!' (a NaN loss in the poisoned model)."""
+    rows = [{"context": f"reverse: {w}", "target": w[::-1]} for w in ["abc", "de", "fgh", "ij"] * (n // 4)]
+    rows[poisoned_row] = {"context": "reverse: no!", "target": "!on"}
+    return rows
+
+
+@pytest.fixture
+def poisoned_llama(tiny_llama_dir, tmp_path):
+    """The tiny Llama with a NaN embedding for '!': any batch holding a '!' has a NaN loss."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "poisoned"
+    shutil.copytree(tiny_llama_dir, path)
+    weights = load_file(str(path / "model.safetensors"))
+    bang = AutoTokenizer.from_pretrained(str(path)).convert_tokens_to_ids("!")
+    weights["model.embed_tokens.weight"][bang] = float("nan")
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path

@@ -8,15 +8,15 @@ import re
 import pytest
 import torch
 
-from tests.train.conftest import REPO, adapter_tensors, common_flags, train_in_process
+from tests.train.conftest import REPO, adapter_tensors, common_flags, reverse_rows, tokenized, train_in_process, write_jsonl
 
 RUN_FILES = {
     "README.md", "adapter_config.json", "adapter_model.safetensors", "chatglm-lora.pt",
     "instructglm_train.json", "loss.png",
 }
 CHECKPOINT_FILES = {
-    "README.md", "adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "rng_state.pth",
-    "scheduler.pt", "trainer_state.json", "training_args.bin",
+    "README.md", "adapter_config.json", "adapter_model.safetensors", "instructglm_train.json", "optimizer.pt",
+    "rng_state.pth", "scheduler.pt", "trainer_state.json", "training_args.bin",
 }
 
 
@@ -54,6 +54,12 @@ def test_run_dir_exact_files(model, request, tmp_path):
 
     run = json.loads((out / "instructglm_train.json").read_text())
     assert run["template"] == "plain"  # from the dataset's instructglm_data.json (convert's sidecar)
+    assert run["template_source"] == "convert"
+    # each checkpoint carries the run's record (template, LoRA, fingerprint), as the run dir does
+    at_checkpoint = json.loads((out / "checkpoint-6" / "instructglm_train.json").read_text())
+    assert at_checkpoint["global_step"] == 6 and at_checkpoint["fingerprint"] == run["fingerprint"]
+    assert at_checkpoint["template"] == "plain" and at_checkpoint["lora"] == run["lora"]
+    assert run["fingerprint"]["data"]["dataset_path"]["bytes"] > 0
     assert run["model_type"] == ("chatglm" if model == "chatglm" else "llama")
     assert run["lora"] == {"rank": 8, "alpha": 32, "dropout": 0.1,
                            "target_modules": ["query_key_value"] if model == "chatglm" else ["q_proj", "v_proj"]}
@@ -73,6 +79,51 @@ def test_jsonl_tokenized_on_the_fly_and_template_flag(tiny_llama_dir, reverse_js
     run = json.loads((out / "instructglm_train.json").read_text())
     assert run["template"] == "alpaca" and run["dataset"]["meta"]["template"] == "plain"
     assert 0 < run["dataset"]["rows"] <= 64
+
+
+def alpaca_rows(n: int) -> list[dict]:
+    """Rows as the 2023 `cover_alpaca2jsonl.py` wrote them (Alpaca template), with no sidecar."""
+    return [{"context": f"Instruction: reverse\nInput: {r['target'][::-1]}\nAnswer: ", "target": r["target"]}
+            for r in reverse_rows(n)]
+
+
+def test_template_detected_for_a_jsonl_without_sidecar(tiny_llama_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "seed_made.jsonl", alpaca_rows(16))
+    out = tmp_path / "run"
+    assert train_in_process(*common_flags(tiny_llama_dir, data, out, max_steps=1, save_steps=1, max_seq_length=48)) == 0
+    run = json.loads((out / "instructglm_train.json").read_text())
+    assert (run["template"], run["template_source"]) == ("alpaca", "detected")
+    assert "template of" not in capsys.readouterr().err  # no warning: the template is known
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "dataset dir"])
+def test_unknown_template_is_recorded_as_unknown_with_one_warning(layout, tiny_llama_dir, tmp_path, capsys):
+    """Neither a sidecar nor a recognisable prompt: the record says unknown (never the family's chat template)."""
+    data = write_jsonl(tmp_path / "free_text.jsonl", reverse_rows(16))
+    if layout == "dataset dir":
+        data = tokenized(tiny_llama_dir, data, tmp_path / "dataset")
+        (data / "instructglm_data.json").unlink(missing_ok=True)
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert train_in_process(*common_flags(tiny_llama_dir, data, out, max_steps=1, save_steps=1, max_seq_length=48)) == 0
+    run = json.loads((out / "instructglm_train.json").read_text())
+    assert (run["template"], run["template_source"]) == (None, "unknown")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "template" in line and line.startswith("warning:")]
+    assert len(warnings) == 1 and "pass --template" in warnings[0], warnings
+
+
+def test_template_source_recorded_by_tokenize_is_kept(tiny_llama_dir, tmp_path):
+    data = tokenized(tiny_llama_dir, write_jsonl(tmp_path / "d.jsonl", alpaca_rows(16)), tmp_path / "dataset")
+    (data / "instructglm_data.json").write_text(json.dumps({"template": "alpaca", "template_source": "detected"}))
+    out = tmp_path / "run"
+    assert train_in_process(*common_flags(tiny_llama_dir, data, out, max_steps=1, save_steps=1)) == 0
+    run = json.loads((out / "instructglm_train.json").read_text())
+    assert (run["template"], run["template_source"]) == ("alpaca", "detected")
+
+
+def test_bad_template_flag_is_one_line(tiny_llama_dir, llama_dataset, tmp_path, capsys):
+    err = train_user_error(capsys, *common_flags(tiny_llama_dir, llama_dataset, tmp_path / "o", template="no_such"))
+    assert re.search(r"--template 'no_such'", err) and not (tmp_path / "o" / "adapter_config.json").exists()
 
 
 def test_loss_goes_down(tiny_llama_dir, llama_dataset, tmp_path):
@@ -153,7 +204,7 @@ def test_quantization_on_cpu_is_a_clear_error(tiny_llama_dir, llama_dataset, tmp
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_configs_and_missing_deepspeed(tiny_llama_dir, llama_dataset, tmp_path, stage):
+def test_deepspeed_configs_and_missing_deepspeed(tiny_llama_dir, llama_dataset, tmp_path, stage, capsys):
     import importlib.util
 
     path = REPO / "configs" / f"ds_zero{stage}.json"
@@ -163,8 +214,8 @@ def test_deepspeed_configs_and_missing_deepspeed(tiny_llama_dir, llama_dataset, 
         assert config[key] == "auto", key  # filled in from the TrainingArguments by the HF integration
     assert config["fp16"]["enabled"] == "auto" and config["bf16"]["enabled"] == "auto"
     if importlib.util.find_spec("deepspeed") is None:
-        with pytest.raises(ImportError, match=f"--deepspeed {path} needs DeepSpeed.*pip install deepspeed"):
-            train_in_process(*common_flags(tiny_llama_dir, llama_dataset, tmp_path / "ds", deepspeed=path))
+        assert train_in_process(*common_flags(tiny_llama_dir, llama_dataset, tmp_path / "ds", deepspeed=path)) == 2
+        assert re.search(f"--deepspeed {path} needs DeepSpeed.*pip install deepspeed", capsys.readouterr().err)
 
 
 def test_bad_inputs_are_named(tiny_llama_dir, tmp_path, capsys):
@@ -182,3 +233,33 @@ def test_report_to_tensorboard_writes_event_files(tiny_llama_dir, llama_dataset,
                          report_to="tensorboard")
     assert train_in_process(*flags) == 0
     assert list(tmp_path.rglob("events.out.tfevents.*")), "no TensorBoard event file written"
+
+
+def test_phases_one_by_one_give_what_finetune_gives(tiny_llama_dir, llama_dataset, tmp_path):
+    """Each phase is callable alone (no CLI dataclass parsing, no record needed): chained by hand they make the
+    adapter `finetune()` makes."""
+    from transformers import set_seed
+
+    from instructglm.train import finetune as recipe
+    from instructglm.train.args import FinetuneArguments, TrainingArguments
+
+    def arguments(out):
+        return (FinetuneArguments(dataset_path=str(llama_dataset), model_name_or_path=str(tiny_llama_dir), lora_dropout=0.0),
+                TrainingArguments(output_dir=str(out), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                                  save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=7))
+
+    whole = recipe.finetune(*arguments(tmp_path / "whole"))
+    assert whole.output_dir == tmp_path / "whole" and whole.metrics["train_loss"] > 0
+    assert whole.record["template"] == "plain" and whole.record["lora"]["rank"] == 8
+
+    args, training_args = arguments(tmp_path / "phases")
+    set_seed(training_args.seed)
+    model, tokenizer = recipe.load_base(args, training_args)
+    data = recipe.load_data(args, tokenizer, model.config.model_type)
+    assert len(data.train) == 64 and data.eval is None and (data.template, data.template_source) == ("plain", "convert")
+    model = recipe.attach_adapter(model, args)
+    trainer = recipe.build_trainer(model, tokenizer, data, training_args)
+    result = recipe.fit(trainer)
+    assert recipe.save_run(trainer, {"note": "by hand"}, result.metrics) == tmp_path / "phases"
+    torch.testing.assert_close(adapter_tensors(tmp_path / "phases"), adapter_tensors(tmp_path / "whole"), rtol=0, atol=0)
+    assert json.loads((tmp_path / "phases" / "instructglm_train.json").read_text())["note"] == "by hand"

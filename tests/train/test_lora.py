@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from instructglm.errors import BadValue, MissingFile
 from instructglm.train.lora import attach_lora, load_adapter, lora_config, seed_state_dict
 
 
@@ -102,7 +103,7 @@ def test_lora_is_fp32_under_a_half_precision_chatglm(tiny_chatglm_dir, tmp_path,
 
 
 def test_unknown_target_is_named(tiny_llama_dir):
-    with pytest.raises(ValueError, match="no_such_proj.*--lora_target"):
+    with pytest.raises(BadValue, match="no_such_proj.*--lora_target"):
         attach_lora(base(tiny_llama_dir), target=["no_such_proj"])
 
 
@@ -148,9 +149,9 @@ def test_peft_dir_round_trip_trainable(tiny_llama_dir, tmp_path):
 
 def test_rank_and_target_mismatch_named(tiny_llama_dir, tmp_path):
     torch.save(seed_state_dict(trained_adapter(tiny_llama_dir, rank=8)), tmp_path / "a.pt")
-    with pytest.raises(ValueError, match=r"rank 8.*--lora_rank 4 \(pass --lora_rank 8\)"):
+    with pytest.raises(BadValue, match=r"rank 8.*--lora_rank 4 \(pass --lora_rank 8\)"):
         load_adapter(base(tiny_llama_dir), str(tmp_path / "a.pt"), lora_rank=4)
-    with pytest.raises(ValueError, match=r"targets \['q_proj', 'v_proj'\].*--lora_target \['o_proj'\]"):
+    with pytest.raises(BadValue, match=r"targets \['q_proj', 'v_proj'\].*--lora_target \['o_proj'\]"):
         load_adapter(base(tiny_llama_dir), str(tmp_path / "a.pt"), lora_target=["o_proj"])
 
 
@@ -160,7 +161,7 @@ def test_missing_and_unexpected_tensors_named(tiny_llama_dir, tmp_path):
     del state[dropped]
     state["base_model.model.model.layers.1.self_attn.q_proj.lora_C.default.weight"] = torch.zeros(2, 2)
     torch.save(state, tmp_path / "a.pt")
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(BadValue) as error:
         load_adapter(base(tiny_llama_dir), str(tmp_path / "a.pt"))
     message = str(error.value)
     assert "missing: base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight" in message
@@ -170,7 +171,7 @@ def test_missing_and_unexpected_tensors_named(tiny_llama_dir, tmp_path):
 def test_wrong_base_model_named(tiny_llama_dir, tiny_chatglm_dir, tmp_path):
     """An adapter for one model never loads into another: all its tensors are named."""
     torch.save(seed_state_dict(trained_adapter(tiny_chatglm_dir)), tmp_path / "chatglm-lora.pt")
-    with pytest.raises(ValueError, match="query_key_value"):
+    with pytest.raises(BadValue, match="query_key_value"):
         load_adapter(base(tiny_llama_dir), str(tmp_path / "chatglm-lora.pt"))
 
 
@@ -180,16 +181,140 @@ def test_mis_shaped_tensor_in_peft_dir_named(tiny_llama_dir, tmp_path):
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     weights[key] = torch.zeros(8, 5)
     save_file(weights, str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    with pytest.raises(ValueError, match=rf"shape: {key}: file \(8, 5\) vs model \(8, 32\)"):
+    with pytest.raises(BadValue, match=rf"shape: {key}: file \(8, 5\) vs model \(8, 32\)"):
         load_adapter(base(tiny_llama_dir), str(tmp_path / "adapter"))
 
 
 def test_missing_path_and_not_a_state_dict(tiny_llama_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(MissingFile, match="does not exist"):
         load_adapter(base(tiny_llama_dir), str(tmp_path / "nope.pt"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+    with pytest.raises(MissingFile, match="no adapter_config.json"):
         load_adapter(base(tiny_llama_dir), str(tmp_path / "empty"))
     torch.save({"step": 3}, tmp_path / "x.pt")
-    with pytest.raises(ValueError, match="not a state dict"):
+    with pytest.raises(BadValue, match="not a state dict"):
         load_adapter(base(tiny_llama_dir), str(tmp_path / "x.pt"))
+
+
+# ---- adapters on the embeddings and the output head (the demo's targets) ----
+
+EMBEDDING_TARGETS = "query_key_value,dense,word_embeddings,lm_head"
+PROMPTS = ["reverse: abc", "reverse: hello"]
+
+
+@pytest.fixture(scope="module")
+def untied_chatglm_dir(tmp_path_factory):
+    """A tiny ChatGLM-6B with its own output head, as the demo's model and THUDM's checkpoint have."""
+    from tests import tiny_models
+    from tests.train.conftest import TRAIN_CHATGLM
+
+    return tiny_models.tiny_chatglm_dir(tmp_path_factory.mktemp("untied-chatglm"), seed=0, vocab_multiple=1,
+                                        **{**TRAIN_CHATGLM, "tie_word_embeddings": False})
+
+
+@pytest.fixture(scope="module")
+def untied_dataset(untied_chatglm_dir, reverse_jsonl, tmp_path_factory):
+    from tests.train.conftest import tokenized
+
+    return tokenized(untied_chatglm_dir, reverse_jsonl, tmp_path_factory.mktemp("untied-data") / "reverse")
+
+
+@pytest.fixture(scope="module")
+def embedding_run(tmp_path_factory, untied_chatglm_dir, untied_dataset):
+    """A trained run whose LoRA sits on word_embeddings and lm_head too (3 steps, a checkpoint at 3)."""
+    from tests.train.conftest import common_flags, train_in_process
+
+    out = tmp_path_factory.mktemp("embedding-run") / "run"
+    flags = common_flags(untied_chatglm_dir, untied_dataset, out, max_steps=3, save_steps=3, lora_rank=4,
+                         lora_alpha=16, lora_target=EMBEDDING_TARGETS, learning_rate=0.05, lora_dropout=0.0)
+    assert train_in_process(*flags) == 0
+    return out
+
+
+def greedy(model_dir, adapter=None) -> tuple[list[str], torch.Tensor]:
+    """Greedy answers to PROMPTS and the logits of the first, as `chat`/`predict`/`serve` load the adapter."""
+    from instructglm.infer.generate import GenerationArguments, generate_batch
+    from instructglm.infer.load import load_model
+
+    model, tokenizer, _ = load_model(str(model_dir), None if adapter is None else str(adapter), dtype="float32", device="cpu")
+    texts = [c.text for c in generate_batch(model, tokenizer, PROMPTS, GenerationArguments(max_new_tokens=6, do_sample=False))]
+    with torch.no_grad():
+        logits = model(**tokenizer(PROMPTS[:1], return_tensors="pt")).logits
+    return texts, logits
+
+
+def test_embedding_and_head_adapter_loads_back_in_both_layouts(embedding_run, untied_chatglm_dir):
+    """The run dir, its chatglm-lora.pt and its checkpoint all load through `load_model` and answer alike."""
+    pt = torch.load(embedding_run / "chatglm-lora.pt", weights_only=True)
+    assert "base_model.model.transformer.word_embeddings.lora_embedding_A.default" in pt
+    assert "base_model.model.lm_head.lora_B.default.weight" in pt
+    assert not any("base_layer" in key for key in pt), "the .pt holds the LoRA tensors only"
+    assert json.loads((embedding_run / "adapter_config.json").read_text())["lora_alpha"] == 16
+
+    texts, logits = greedy(untied_chatglm_dir, embedding_run)
+    _, base_logits = greedy(untied_chatglm_dir)
+    assert not torch.allclose(logits, base_logits), "the adapter changes the model"
+    for adapter in (embedding_run / "chatglm-lora.pt", embedding_run / "checkpoint-3"):
+        other_texts, other_logits = greedy(untied_chatglm_dir, adapter)
+        assert other_texts == texts, adapter
+        torch.testing.assert_close(other_logits, logits, rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_and_head_adapter_merges(embedding_run, untied_chatglm_dir, tmp_path):
+    from instructglm.infer.merge import merge
+
+    texts, logits = greedy(untied_chatglm_dir, embedding_run)
+    for adapter in (embedding_run, embedding_run / "chatglm-lora.pt"):
+        merged = merge(str(untied_chatglm_dir), str(adapter), tmp_path / adapter.name)
+        merged_texts, merged_logits = greedy(merged)
+        assert merged_texts == texts, adapter
+        torch.testing.assert_close(merged_logits, logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("resume_from", ["chatglm-lora.pt", "."])
+def test_embedding_and_head_adapter_continues_training(embedding_run, untied_chatglm_dir, untied_dataset, tmp_path, resume_from):
+    """--is_resume from either layout; at learning rate 0 the continued adapter is the one it started from."""
+    from tests.train.conftest import adapter_tensors, common_flags, train_in_process
+
+    out = tmp_path / "continued"
+    flags = common_flags(untied_chatglm_dir, untied_dataset, out, max_steps=1, save_steps=1, lora_rank=4,
+                         learning_rate=0.0, lora_dropout=0.0, is_resume="true", resume_path=embedding_run / resume_from)
+    assert train_in_process(*flags) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["lora_alpha"] == 16  # from the run's record
+    lora = lambda tensors: {k: v for k, v in tensors.items() if ".lora_" in k}  # noqa: E731
+    torch.testing.assert_close(lora(adapter_tensors(out)), lora(adapter_tensors(embedding_run)), rtol=0, atol=0)
+
+
+def test_corrupt_adapter_config_is_named(tiny_llama_dir, tmp_path):
+    trained_adapter(tiny_llama_dir).save_pretrained(str(tmp_path / "adapter"))
+    (tmp_path / "adapter" / "adapter_config.json").write_text("")
+    with pytest.raises(BadValue, match=r"adapter_config.json: not valid JSON .*0 bytes"):
+        load_adapter(base(tiny_llama_dir), str(tmp_path / "adapter"))
+    (tmp_path / "adapter" / "adapter_config.json").unlink()
+    with pytest.raises(MissingFile, match="no adapter_config.json"):
+        load_adapter(base(tiny_llama_dir), str(tmp_path / "adapter"))
+
+
+def test_truncated_adapter_weights_are_named(tiny_llama_dir, tmp_path):
+    trained_adapter(tiny_llama_dir).save_pretrained(str(tmp_path / "adapter"))
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(BadValue, match="adapter_model.safetensors: truncated or corrupt"):
+        load_adapter(base(tiny_llama_dir), str(tmp_path / "adapter"))
+    torch.save(seed_state_dict(trained_adapter(tiny_llama_dir)), tmp_path / "a.pt")
+    (tmp_path / "b.pt").write_bytes((tmp_path / "a.pt").read_bytes()[:200])
+    with pytest.raises(BadValue, match="b.pt: not a readable tensor file"):
+        load_adapter(base(tiny_llama_dir), str(tmp_path / "b.pt"))
+
+
+def test_seed_pt_from_the_saved_file_equals_the_one_from_the_model(tiny_chatglm_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from instructglm.train.lora import seed_state_dict_from_saved
+
+    model = trained_adapter(tiny_chatglm_dir, target=EMBEDDING_TARGETS.split(","))
+    model.save_pretrained(str(tmp_path / "adapter"))
+    from_file = seed_state_dict_from_saved(load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+    from_model = seed_state_dict(model)
+    assert from_file.keys() == from_model.keys()
+    torch.testing.assert_close(from_file, from_model, rtol=0, atol=0)

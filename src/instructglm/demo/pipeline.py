@@ -5,7 +5,7 @@
       -> tokenize  (instructglm.data.tokenize, the demo's ChatGLM-6B-layout tokenizer)
       -> a tiny ChatGLM-6B-architecture model, random init, seeded            -> <out>/base/
       -> exact match on the held-out prompts (demo/assets/sample_eval.json), before training
-      -> LoRA training (instructglm.train.finetune, the `train` command's recipe) -> <out>/
+      -> LoRA training (instructglm.train.finetune.finetune, the `train` command's recipe) -> <out>/
       -> exact match again, with the adapter; a few sample answers
 
 The last line is `exact match: before=B after=A` (fractions of the held-out prompts answered
@@ -117,8 +117,10 @@ def build_tiny_chatglm(path: str | Path, seed: int = 0, tokenizer_dir: str | Pat
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a jsonl the demo's convert step wrote (through the project's one jsonl reader)."""
+    from instructglm.data.io import iter_json_rows
+
+    return [row for _, row in iter_json_rows(path)]
 
 
 def exact_match(model_dir: Path, adapter: Path | None, rows: list[dict], batch_size: int) -> tuple[float, list[str]]:
@@ -146,8 +148,8 @@ def main(args: DemoArguments) -> int:
     from instructglm.data import stats as stats_lib
     from instructglm.data.convert import convert
     from instructglm.data.tokenize import tokenize_jsonl
-    from instructglm.train import finetune
     from instructglm.train.args import FinetuneArguments, TrainingArguments
+    from instructglm.train.finetune import finetune
 
     import torch
 
@@ -185,6 +187,8 @@ def main(args: DemoArguments) -> int:
         lora_alpha=args.lora_alpha,
         lora_dropout=0.0,
         lora_target=LORA_TARGETS,
+        # a rerun of the demo replaces its earlier run (data/ and base/ are rebuilt above anyway)
+        overwrite_output_dir=True,
     )
     training_args = TrainingArguments(
         output_dir=str(out),
@@ -202,7 +206,7 @@ def main(args: DemoArguments) -> int:
         use_cpu=True,
         dataloader_num_workers=0,
     )
-    finetune.main(finetune_args, training_args)
+    finetune(finetune_args, training_args)
     clock = _stage("training", clock)
 
     # 6. after training: the saved adapter on the saved base, loaded as `chat`/`predict` load it.

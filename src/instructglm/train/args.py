@@ -3,9 +3,10 @@
 `FinetuneArguments` holds what is ours: data, base model, LoRA and resume options. Everything
 else is transformers' `TrainingArguments`, parsed beside it, so every HF flag (`--bf16`,
 `--gradient_checkpointing`, `--deepspeed`, `--report_to`, `--resume_from_checkpoint`, ...) passes
-through unchanged. `TrainingArguments` here is the HF class with three checks run before its own:
+through unchanged. `TrainingArguments` here is the HF class with four checks run before its own:
 `--deepspeed` without DeepSpeed installed (an error naming the fix), `--fp16` on a machine without
-CUDA (fp32 with a warning), and torchrun on a machine without CUDA (DDP over gloo on the CPU).
+CUDA (fp32 with a warning), torchrun on a machine without CUDA (DDP over gloo on the CPU), and
+`--fsdp` there (accelerate shards only on accelerators: a warning that the run is DDP).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 import transformers
+
+from instructglm.errors import BadValue, MissingDependency
 
 
 @dataclass
@@ -34,7 +37,13 @@ class FinetuneArguments:
         metadata={"help": "Optional held-out set (same formats as --dataset_path); its loss is logged and plotted."},
     )
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank r (higher: more capacity and memory)."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha; the update is scaled by alpha / rank."})
+    lora_alpha: int | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA alpha; the update is scaled by alpha / rank. Default: 32 for a new adapter; with --is_resume, "
+            "the adapter's own (a peft dir's config, or the instructglm_train.json beside a .pt, else the seed's 32)."
+        },
+    )
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA input during training."})
     lora_target: str | None = field(
         default=None,
@@ -63,6 +72,13 @@ class FinetuneArguments:
     quantization_bit: int | None = field(
         default=None, metadata={"help": "Load the base model in 4 or 8 bits (QLoRA through bitsandbytes; CUDA only)."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start a new run in an --output_dir that holds another run: its checkpoints and adapter files are "
+            "removed first (other files stay). Without it such a dir is refused; --resume_from_checkpoint continues it."
+        },
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -70,6 +86,8 @@ class FinetuneArguments:
             problems.append("--is_resume True needs --resume_path (a peft adapter dir or a chatglm-lora.pt file)")
         if self.quantization_bit not in (None, 4, 8):
             problems.append(f"--quantization_bit must be 4 or 8, got {self.quantization_bit}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            problems.append(f"--lora_alpha must be > 0, got {self.lora_alpha}")
         if self.lora_rank < 1:
             problems.append(f"--lora_rank must be >= 1, got {self.lora_rank}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -77,7 +95,7 @@ class FinetuneArguments:
         if self.max_seq_length < 2:
             problems.append(f"--max_seq_length must be >= 2, got {self.max_seq_length}")
         if problems:
-            raise ValueError("invalid train flags:\n  " + "\n  ".join(problems))
+            raise BadValue("invalid train flags: " + "; ".join(problems))
 
     @property
     def lora_target_modules(self) -> list[str] | str | None:
@@ -89,11 +107,11 @@ class FinetuneArguments:
 
 
 class TrainingArguments(transformers.TrainingArguments):
-    """transformers' `TrainingArguments`, with two early checks that name the flag to change."""
+    """transformers' `TrainingArguments`, with early checks that name the flag to change."""
 
     def __post_init__(self) -> None:
         if self.deepspeed and importlib.util.find_spec("deepspeed") is None:
-            raise ImportError(
+            raise MissingDependency(
                 f"--deepspeed {self.deepspeed} needs DeepSpeed, which is not installed: `pip install deepspeed` on a "
                 "CUDA machine, or drop --deepspeed (plain DDP through torchrun needs nothing extra)"
             )
@@ -111,4 +129,19 @@ class TrainingArguments(transformers.TrainingArguments):
         # the CPU; otherwise every process would silently train its own copy and race on the output files.
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
             self.use_cpu = True
+        # The seed's and our README's --gradient_checkpointing is transformers' deprecated alias of
+        # --activation_checkpointing: take it as the new name, so it keeps working without a FutureWarning.
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if getattr(self, new) is None and getattr(self, old) is not None:
+                setattr(self, new, getattr(self, old))
+        if self.fsdp and str(self.fsdp).lower() not in ("false", "[]") and not torch.cuda.is_available():
+            # accelerate builds its FSDP plugin only for accelerator back ends; on the CPU the Trainer
+            # silently wraps the model in DDP instead. Same results, no sharding: say so.
+            print(
+                f"warning: --fsdp {self.fsdp} shards only on GPUs and none is available: the processes train with "
+                "plain DDP on the CPU instead (same results, every process holds the whole model)",
+                file=sys.stderr,
+                flush=True,
+            )
         super().__post_init__()

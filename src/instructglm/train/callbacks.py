@@ -1,15 +1,18 @@
-"""Trainer callbacks: the loss plot and the non-finite loss guard."""
+"""Trainer callbacks: the loss plot, the non-finite guard, and the run record in every checkpoint."""
 
 from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
-from instructglm.layout import LOSS_PLOT_FILE
+from instructglm.data.io import write_json
+from instructglm.errors import UserError
+from instructglm.layout import LOSS_PLOT_FILE, RUN_CONFIG
 
 
 class LossPlotCallback(TrainerCallback):
@@ -49,43 +52,127 @@ def plot_loss(log_history: list[dict], path: str) -> None:
     axes.grid(alpha=0.3)
     figure.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    figure.savefig(path)
+    # Drawn beside and renamed: a kill while drawing never leaves a cut-off picture.
+    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        figure.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
-class NonFiniteLossGuard(TrainerCallback):
-    """Stop training at the first NaN/inf training loss, before it reaches the weights.
+class TrainingDiverged(UserError, FloatingPointError):
+    """The loss or the gradients turned NaN/inf: the run stops before the optimizer applies them."""
 
-    The Trainer averages logged losses (and by default filters NaN out of them), so a diverged run
-    can log plausible numbers while its weights turn to NaN and get checkpointed. This guard checks
-    the loss of every forward pass in training mode and raises `FloatingPointError` at once: the
-    optimizer never steps on it, nothing is saved after it, and the last checkpoint stays good.
+
+class NonFiniteGuard(TrainerCallback):
+    """Stop training at the first NaN/inf training loss or gradient, before it reaches the weights.
+
+    The Trainer averages logged losses (and by default filters NaN out of them) and steps the
+    optimizer on whatever gradient it has, so a diverged run can log plausible numbers while its
+    weights turn to NaN or grow without bound (lr 1e9: an inf gradient norm at every step) and get
+    checkpointed. This guard records a non-finite loss at every training forward pass, and before
+    each optimizer step checks the gradients of the trainable (LoRA) tensors. Under DDP, FSDP or
+    DeepSpeed the two findings are summed over all processes, so every process stops at the same
+    step (none is left waiting in a collective for one that stopped). It raises `TrainingDiverged`
+    (a user error: one line, naming the step and the last checkpoint whose weights are finite).
+
+    `check_grads=False` leaves gradients to a loss scaler (fp16), which skips the steps whose scaled
+    gradients overflow and lowers the scale: inf gradients are routine there.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, check_grads: bool = True) -> None:
+        self.check_grads = check_grads
         self._handle = None
-        self._state = None
-        self._output_dir = None
+        self._bad_loss: float | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._state, self._output_dir = state, args.output_dir
+        self._bad_loss = None
         if model is not None and self._handle is None:
-            self._handle = model.register_forward_hook(self._check)
+            self._handle = model.register_forward_hook(self._record_loss)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
 
-    def _check(self, module, inputs, output) -> None:
+    def _record_loss(self, module, inputs, output) -> None:
         loss = getattr(output, "loss", None)
-        if not module.training or loss is None or bool(torch.isfinite(loss.detach()).all()):
-            return
-        step = self._state.global_step + 1 if self._state is not None else "?"
-        last = get_last_checkpoint(self._output_dir) if self._output_dir and os.path.isdir(self._output_dir) else None
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
-        value = loss.detach().float().item() if loss.numel() == 1 else float("nan")
-        raise FloatingPointError(
-            f"training loss is {'nan' if math.isnan(value) else value} at step {step}: stopping before the optimizer "
-            f"applies it; {kept} (resume with --resume_from_checkpoint). Likely causes: --learning_rate too high, "
+        if module.training and loss is not None and not bool(torch.isfinite(loss.detach()).all()):
+            self._bad_loss = loss.detach().float().item() if loss.numel() == 1 else float("nan")
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        bad_grads = self.check_grads and model is not None and not _grads_finite(model)
+        found = torch.tensor([self._bad_loss is not None, bad_grads], dtype=torch.float32, device=args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and args.world_size > 1:
+            torch.distributed.all_reduce(found)  # sum: on how many processes each was seen
+        losses, grads = (int(n) for n in found.tolist())
+        if losses or grads:
+            raise TrainingDiverged(self._message(args, state, losses, grads))
+        self._bad_loss = None
+
+    def _message(self, args, state, losses: int, grads: int) -> str:
+        from instructglm.train.run_dir import last_good_checkpoint
+
+        step = state.global_step + 1
+        if self._bad_loss is not None:
+            value = "nan" if math.isnan(self._bad_loss) else self._bad_loss
+            what = f"training loss is {value} at step {step}"
+        elif losses:
+            what = f"training loss is not finite at step {step} (on {losses} of {args.world_size} processes)"
+        else:
+            what = f"the gradients are not finite (gradient norm inf/nan) at step {step}, with a finite loss"
+        good, broken = last_good_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else (None, [])
+        skipped = f" (newer {', '.join(p.name for p in broken)} hold non-finite weights)" if broken else ""
+        if good is not None:
+            kept = f"the last good checkpoint is {good}{skipped} (resume with --resume_from_checkpoint {good} and a lower --learning_rate)"
+        else:
+            kept = f"no checkpoint with finite weights was saved before it{skipped}"
+        return (
+            f"{what}: stopping before the optimizer applies it; {kept}. Likely causes: --learning_rate too high, "
             "fp16 overflow (try --bf16 or a lower --learning_rate), or a broken batch."
         )
+
+
+def _grads_finite(model) -> bool:
+    """Whether every gradient this process holds for a trainable tensor is finite (one sync for all of them)."""
+    checks = []
+    for param in model.parameters():
+        grad = param.grad
+        if not param.requires_grad or grad is None:
+            continue
+        local = grad.to_local() if hasattr(grad, "to_local") else grad  # an FSDP2 DTensor: this process's shard
+        if local.numel():
+            checks.append(torch.isfinite(local).all())
+    return bool(torch.stack(checks).all()) if checks else True
+
+
+class RunRecordCallback(TrainerCallback):
+    """Put the run's record (`instructglm_train.json`: template, LoRA, data, fingerprint) in every checkpoint.
+
+    It is written as soon as the Trainer decides to save, before the Trainer writes the checkpoint's
+    own files (trainer_state.json last): a checkpoint that looks whole always says whose run it is,
+    and inference on a checkpoint finds its template. Saves decided later (the best-metric strategy)
+    get it right after the Trainer's files.
+    """
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        self.record = record
+
+    def _write(self, args, state) -> None:
+        if not state.is_world_process_zero:
+            return
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / RUN_CONFIG
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(path, {**self.record, "global_step": state.global_step}, default=str)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self._write(args, state)
+
+    on_epoch_end = on_step_end
+
+    def on_save(self, args, state, control, **kwargs):
+        self._write(args, state)

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from instructglm.errors import BadValue
+
 IGNORE_INDEX = -100  # the label id torch's cross entropy skips
 
 
@@ -39,7 +41,7 @@ class CausalLMCollator:
             ids = torch.as_tensor(feature["input_ids"], dtype=torch.long)
             seq_len = int(feature["seq_len"])
             if not 0 < seq_len < length:
-                raise ValueError(
+                raise BadValue(
                     f"row {row} of the batch has seq_len={seq_len} for {length} input ids: the prompt must be "
                     "non-empty and followed by at least one target id; re-run `instructglm tokenize`"
                 )

@@ -7,16 +7,23 @@ One GPU (or the CPU, for tiny models):
 Continue from an adapter (a peft dir or the seed's chatglm-lora.pt):
     ... --output_dir output/belle --is_resume True --resume_path output/alpaca/chatglm-lora.pt
 Continue an interrupted run exactly (optimizer, scheduler, RNG, data position):
-    ... --resume_from_checkpoint output/checkpoint-1000     (or `last`: the newest in --output_dir)
+    ... --resume_from_checkpoint output/checkpoint-1000     (or `last`: the newest complete one in --output_dir)
 Many GPUs: `torchrun --nproc_per_node N finetune.py ...` (DDP; per-device batch N times over), or
 add `--deepspeed configs/ds_zero2.json` (ZeRO-2) / `configs/ds_zero3.json` (ZeRO-3).
 
 The run dir gets the adapter in peft's layout (adapter_config.json, adapter_model.safetensors,
 README.md), `chatglm-lora.pt` (the seed's plain state dict of the LoRA tensors), the tokenizer
-files, `instructglm_train.json` (hyperparameters, template, data counts, final metrics), `loss.png`
-and `checkpoint-<step>` dirs (adapter + tokenizer + optimizer/scheduler/RNG/trainer state).
-The dataset's `seq_len` column is read by the collator, so `--remove_unused_columns` is always
-false here, whatever is passed.
+files, `instructglm_train.json` (hyperparameters, template, data counts and fingerprint, final
+metrics), `loss.png` and `checkpoint-<step>` dirs (adapter + tokenizer + optimizer/scheduler/RNG/
+trainer state + the run's instructglm_train.json). An --output_dir holding another run is refused
+unless --overwrite_output_dir true; `--resume_from_checkpoint` continues only a checkpoint of a run
+with the same data and flags. A NaN/inf loss or gradient stops the run naming the last checkpoint
+with finite weights. The dataset's `seq_len` column is read by the collator, so
+`--remove_unused_columns` is always false here, whatever is passed.
+
+The recipe is a chain of phases, each a function that can be called alone (the tests do):
+`load_base` -> `load_data` -> `attach_adapter` -> `build_trainer` -> `fit` -> `save_run`;
+`finetune` runs them in order, and the CLI (`main`), the demo and the tests call `finetune`.
 """
 
 from __future__ import annotations
@@ -24,128 +31,262 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from instructglm.data.io import write_json
+from instructglm.errors import BadValue, MissingDependency, MissingFile, UserError
 from instructglm.layout import DATA_META, LOSS_PLOT_FILE, RUN_CONFIG, SEED_ADAPTER_FILE, jsonl_meta_path
 from instructglm.train.args import FinetuneArguments, TrainingArguments
-from instructglm.train.callbacks import LossPlotCallback, NonFiniteLossGuard
+from instructglm.train.callbacks import LossPlotCallback, NonFiniteGuard, RunRecordCallback
 from instructglm.train.collator import collator_for
-from instructglm.train.lora import attach_lora, load_adapter, seed_state_dict
+from instructglm.train.lora import (
+    ADAPTER_WEIGHT_FILES,
+    SEED_LORA_ALPHA,
+    attach_lora,
+    load_adapter,
+    read_adapter_config,
+    seed_state_dict_from_saved,
+)
+from instructglm.train.run_dir import STAGING_DIR, prepare_output_dir, publish_staged_run, run_fingerprint
 
 ARGUMENTS = (FinetuneArguments, TrainingArguments)
 
+# Where a run's template came from (`template_source` in instructglm_train.json).
+TEMPLATE_SOURCES = ("flag", "convert", "detected", "unknown")
+
+
+@dataclass
+class TrainData:
+    """The datasets of a run and what is known about how their prompts were written."""
+
+    train: Any  # a `datasets.Dataset` with input_ids and seq_len
+    eval: Any | None
+    meta: dict | None  # what tokenize (instructglm_data.json) or convert (<jsonl>.meta.json) recorded
+    template: str | None  # the template the prompts were rendered with; None when unknown
+    template_source: str  # one of TEMPLATE_SOURCES
+
+
+@dataclass
+class FinetuneResult:
+    output_dir: Path
+    metrics: dict[str, Any]
+    record: dict[str, Any]  # what instructglm_train.json holds
+
+
+def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> FinetuneResult:
+    """Train a LoRA adapter as `instructglm train` does, and save the run dir; see the module doc.
+
+    Raises:
+        UserError subclasses for what the user can fix: missing paths, a refused --output_dir or
+        checkpoint, data without the tokenized columns, LoRA mismatches, a diverged run.
+    """
+    import transformers
+
+    _settle_training_args(training_args)
+    _check_paths(args)
+    fingerprint = run_fingerprint(args, training_args)
+    # The main process checks (and, with --overwrite_output_dir, clears) the dir first; the others then see its result.
+    with training_args.main_process_first(local=False, desc="checking --output_dir"):
+        resume_from = prepare_output_dir(
+            training_args.output_dir,
+            fingerprint,
+            training_args.resume_from_checkpoint,
+            overwrite=args.overwrite_output_dir,
+            need_optimizer=not training_args.save_only_model,
+            is_main_process=training_args.process_index == 0,
+        )
+    # Seed before the adapter is created: LoRA A is randomly initialised, and the Trainer seeds only later.
+    transformers.set_seed(training_args.seed)
+
+    model, tokenizer = load_base(args, training_args)
+    model_type = getattr(model.config, "model_type", None)
+    data = load_data(args, tokenizer, model_type, warn=training_args.process_index == 0)
+    _settle_training_args(training_args, data)  # before the record, which shows the arguments the run uses
+    model = attach_adapter(model, args)
+    if training_args.should_log:
+        model.print_trainable_parameters()
+    record = run_record(args, training_args, model, data, fingerprint)
+    trainer = build_trainer(model, tokenizer, data, training_args, record)
+    result = fit(trainer, resume_from)
+    output_dir = save_run(trainer, record, result.metrics)
+    return FinetuneResult(output_dir=output_dir, metrics=result.metrics, record={**record, "metrics": result.metrics})
+
 
 def main(args: FinetuneArguments, training_args: TrainingArguments) -> int:
-    import transformers
-    from transformers import Trainer
-    from transformers.trainer_utils import IntervalStrategy
+    result = finetune(args, training_args)
+    if training_args.should_save:
+        print(
+            f"adapter, {SEED_ADAPTER_FILE}, tokenizer, {RUN_CONFIG} and {LOSS_PLOT_FILE} saved in {result.output_dir}",
+            flush=True,
+        )
+    return 0
 
+
+# ---- phases ----
+
+
+def load_base(args: FinetuneArguments, training_args: TrainingArguments):
+    """The base model (ready for LoRA training: no KV cache, k-bit or checkpointing set up) and its tokenizer."""
     from instructglm.models.loading import load_causal_lm, load_tokenizer
+
+    tokenizer, _ = load_tokenizer(args.model_name_or_path)
+    model = load_causal_lm(args.model_name_or_path, **_load_kwargs(args, training_args))
+    model.config.use_cache = False  # the KV cache is for generation; with activation checkpointing it only warns
+    if args.quantization_bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.activation_checkpointing)
+    elif training_args.activation_checkpointing:
+        # The frozen embeddings give no grad to the checkpointed blocks' inputs; this gives them one.
+        model.enable_input_require_grads()
+    return model, tokenizer
+
+
+def load_data(args: FinetuneArguments, tokenizer, model_type: str | None, warn: bool = True) -> TrainData:
+    """The train (and eval) datasets of `--dataset_path` / `--eval_dataset_path`, and the template they were written in.
+
+    The template is `--template` if given, else what convert/tokenize recorded beside the data,
+    else for a jsonl the registered template every context matches (`detect_template`); when none
+    of these tells, it is unknown and one warning line says to pass --template.
+    """
+    train, eval_dataset = _load_dataset(args.dataset_path, tokenizer, args.max_seq_length, model_type)
+    if args.eval_dataset_path:
+        eval_dataset, _ = _load_dataset(args.eval_dataset_path, tokenizer, args.max_seq_length, model_type)
+    meta = _data_meta(args.dataset_path)
+    template, source = _training_template(args, meta)
+    if source == "unknown" and warn:
+        print(
+            f"warning: the prompt template of {args.dataset_path} is unknown (nothing recorded beside it by convert or "
+            "tokenize, and its prompts match no registered template): pass --template NAME (the one the data was "
+            "converted with) so chat, predict and serve build prompts the way this adapter is trained",
+            file=sys.stderr,
+            flush=True,
+        )
+    return TrainData(train=train, eval=eval_dataset, meta=meta, template=template, template_source=source)
+
+
+def attach_adapter(model, args: FinetuneArguments):
+    """`model` wrapped with a fresh LoRA adapter, or with the one at --resume_path (--is_resume), trainable."""
+    if not args.is_resume:
+        alpha = args.lora_alpha if args.lora_alpha is not None else SEED_LORA_ALPHA
+        return attach_lora(model, args.lora_rank, alpha, args.lora_dropout, args.lora_target_modules)
+    model = load_adapter(
+        model,
+        args.resume_path,
+        is_trainable=True,
+        lora_alpha=args.lora_alpha,
+        lora_rank=args.lora_rank,
+        lora_target=args.lora_target_modules,
+        lora_dropout=args.lora_dropout,
+    )
+    print(f"continuing from adapter {args.resume_path}", flush=True)
+    return model
+
+
+def build_trainer(model, tokenizer, data: TrainData, training_args: TrainingArguments, record: dict | None = None):
+    """The HF `Trainer` over `data`, with the loss plot, the non-finite guard and (given `record`) the run record."""
+    from transformers import Trainer
+
+    _settle_training_args(training_args, data)
+    callbacks = [NonFiniteGuard(check_grads=not training_args.fp16), LossPlotCallback()]
+    if record is not None:
+        callbacks.append(RunRecordCallback(record))
+    return Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=collator_for(tokenizer, getattr(model.config, "model_type", None)),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+def fit(trainer, resume_from: str | None = None):
+    """`trainer.train()`, from the checkpoint `resume_from` if given (its LoRA must be the model's)."""
+    if resume_from is not None:
+        _check_checkpoint_lora(resume_from, trainer.model)
+    return trainer.train(resume_from_checkpoint=resume_from)
+
+
+def save_run(trainer, record: dict[str, Any], metrics: dict[str, Any] | None = None) -> Path:
+    """Save the final adapter, the seed's .pt, the tokenizer and the run record in --output_dir, atomically.
+
+    The adapter is saved by `trainer.save_model`, which gathers the parameters under ZeRO-3 and
+    FSDP (every process must call this); the `.pt` is made from the saved file, not from this
+    process's (possibly sharded) parameters. Everything is written into a staging dir inside the
+    run dir and renamed into place (`run_dir.publish_staged_run`).
+    """
+    output_dir = Path(trainer.args.output_dir)
+    staging = output_dir / STAGING_DIR
+    if trainer.args.should_save:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    if trainer.args.should_save:
+        torch.save(seed_state_dict_from_saved(_saved_adapter_tensors(staging)), staging / SEED_ADAPTER_FILE)
+        write_json(staging / RUN_CONFIG, {**record, "metrics": metrics}, default=str)
+        publish_staged_run(staging, output_dir)
+    trainer.accelerator.wait_for_everyone()
+    return output_dir
+
+
+def run_record(args: FinetuneArguments, training_args: TrainingArguments, model, data: TrainData, fingerprint: dict) -> dict:
+    """What `instructglm_train.json` says about a run (its `metrics` are added at the end)."""
     from instructglm.models.registry import family_for
 
-    _check_paths(args)
-    training_args.remove_unused_columns = False
+    model_type = getattr(model.config, "model_type", None)
+    config = model.peft_config["default"]
+    return {
+        "template": data.template,
+        "template_source": data.template_source,
+        "base_model": args.model_name_or_path,
+        "model_type": model_type,
+        "family": family_for(model_type).name,
+        "lora": {
+            "rank": config.r,
+            "alpha": config.lora_alpha,
+            "dropout": config.lora_dropout,
+            "target_modules": _jsonable(config.target_modules),
+        },
+        "dataset": {
+            "path": args.dataset_path,
+            "rows": len(data.train),
+            "eval_path": args.eval_dataset_path,
+            "eval_rows": None if data.eval is None else len(data.eval),
+            "meta": data.meta,
+        },
+        "fingerprint": fingerprint,
+        "resumed_from_adapter": args.resume_path if args.is_resume else None,
+        "world_size": training_args.world_size,
+        "finetune_args": asdict(args),
+        "training_args": training_args.to_dict(),
+    }
+
+
+# ---- helpers ----
+
+
+def _settle_training_args(training_args: TrainingArguments, data: TrainData | None = None) -> None:
+    """The TrainingArguments values this recipe needs whatever was passed (and, given `data`, its eval schedule)."""
+    from transformers.trainer_utils import IntervalStrategy
+
+    if data is not None and data.eval is not None and training_args.eval_strategy == IntervalStrategy.NO:
+        # An eval set was given, so evaluate it (every --eval_steps, default --logging_steps).
+        training_args.eval_strategy = IntervalStrategy.STEPS
+        training_args.eval_steps = training_args.eval_steps or training_args.logging_steps
+    training_args.remove_unused_columns = False  # the collator reads seq_len
     if training_args.label_names is None:
         training_args.label_names = ["labels"]
     if training_args.ddp_find_unused_parameters is None:
         # Only LoRA tensors train and every one of them is used at each step.
         training_args.ddp_find_unused_parameters = False
-    # Seed before the adapter is created: LoRA A is randomly initialised, and the Trainer seeds only later.
-    transformers.set_seed(training_args.seed)
-
-    # Model and tokenizer.
-    tokenizer, _ = load_tokenizer(args.model_name_or_path)
-    model = load_causal_lm(args.model_name_or_path, **_load_kwargs(args, training_args))
-    model.config.use_cache = False  # the KV cache is for generation; with gradient checkpointing it only warns
-    model_type = getattr(model.config, "model_type", None)
-    family = family_for(model_type)
-    if args.quantization_bit:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing)
-    elif training_args.gradient_checkpointing:
-        # The frozen embeddings give no grad to the checkpointed blocks' inputs; this gives them one.
-        model.enable_input_require_grads()
-
-    # Data.
-    train_dataset, eval_dataset = _load_data(args.dataset_path, tokenizer, args.max_seq_length, model_type)
-    if args.eval_dataset_path:
-        eval_dataset, _ = _load_data(args.eval_dataset_path, tokenizer, args.max_seq_length, model_type)
-
-    # Adapter: fresh, or continued from an earlier run's.
-    if args.is_resume:
-        model = load_adapter(
-            model,
-            args.resume_path,
-            is_trainable=True,
-            lora_alpha=args.lora_alpha if not os.path.isdir(args.resume_path) else None,
-            lora_rank=args.lora_rank,
-            lora_target=args.lora_target_modules,
-            lora_dropout=args.lora_dropout,
-        )
-        print(f"continuing from adapter {args.resume_path}", flush=True)
-    else:
-        model = attach_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
-    if training_args.should_log:
-        model.print_trainable_parameters()
-
-    # Train.
-    if eval_dataset is not None and training_args.eval_strategy == IntervalStrategy.NO:
-        # An eval set was given, so evaluate it (every --eval_steps, default --logging_steps).
-        training_args.eval_strategy = IntervalStrategy.STEPS
-        training_args.eval_steps = training_args.eval_steps or training_args.logging_steps
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=collator_for(tokenizer, model_type),
-        processing_class=tokenizer,
-        callbacks=[NonFiniteLossGuard(), LossPlotCallback()],
-    )
-    resume = training_args.resume_from_checkpoint
-    if resume is not None and resume.lower() in ("last", "true"):
-        resume = True  # the Trainer takes the newest checkpoint-* in --output_dir
-    result = trainer.train(resume_from_checkpoint=resume)
-
-    # Save the final adapter, the seed's .pt, the tokenizer and what the run was.
-    if training_args.should_save:
-        output_dir = training_args.output_dir
-        model.save_pretrained(output_dir)
-        torch.save(seed_state_dict(model), os.path.join(output_dir, SEED_ADAPTER_FILE))
-        tokenizer.save_pretrained(output_dir)
-        data_meta = _data_meta(args.dataset_path)
-        run = {
-            "template": args.template or (data_meta or {}).get("template") or family.chat_template,
-            "base_model": args.model_name_or_path,
-            "model_type": model_type,
-            "family": family.name,
-            "lora": {
-                "rank": model.peft_config["default"].r,
-                "alpha": model.peft_config["default"].lora_alpha,
-                "dropout": model.peft_config["default"].lora_dropout,
-                "target_modules": _jsonable(model.peft_config["default"].target_modules),
-            },
-            "dataset": {
-                "path": args.dataset_path,
-                "rows": len(train_dataset),
-                "eval_path": args.eval_dataset_path,
-                "eval_rows": None if eval_dataset is None else len(eval_dataset),
-                "meta": data_meta,
-            },
-            "resumed_from_adapter": args.resume_path if args.is_resume else None,
-            "world_size": training_args.world_size,
-            "metrics": result.metrics,
-            "finetune_args": asdict(args),
-            "training_args": training_args.to_dict(),
-        }
-        write_json(os.path.join(output_dir, RUN_CONFIG), run, default=str)
-        print(f"adapter, {SEED_ADAPTER_FILE}, tokenizer, {RUN_CONFIG} and {LOSS_PLOT_FILE} saved in {output_dir}", flush=True)
-    return 0
 
 
 def _check_paths(args: FinetuneArguments) -> None:
@@ -156,7 +297,7 @@ def _check_paths(args: FinetuneArguments) -> None:
     if args.is_resume and args.resume_path and not os.path.exists(args.resume_path):
         problems.append(f"--resume_path {args.resume_path} does not exist (a peft adapter dir or chatglm-lora.pt)")
     if problems:
-        raise FileNotFoundError("\n".join(problems))
+        raise MissingFile("; ".join(problems))
 
 
 def _load_kwargs(args: FinetuneArguments, training_args: TrainingArguments) -> dict:
@@ -165,12 +306,12 @@ def _load_kwargs(args: FinetuneArguments, training_args: TrainingArguments) -> d
     kwargs: dict = {"dtype": dtype}
     if args.quantization_bit:
         if not torch.cuda.is_available():
-            raise ValueError(
+            raise BadValue(
                 f"--quantization_bit {args.quantization_bit} needs a CUDA GPU (bitsandbytes quantizes on the GPU); "
                 "on the CPU drop --quantization_bit"
             )
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise ImportError(
+            raise MissingDependency(
                 f"--quantization_bit {args.quantization_bit} needs bitsandbytes: `pip install bitsandbytes`, "
                 "or drop --quantization_bit"
             )
@@ -190,7 +331,7 @@ def _load_kwargs(args: FinetuneArguments, training_args: TrainingArguments) -> d
     return kwargs
 
 
-def _load_data(path: str, tokenizer, max_seq_length: int, model_type: str | None):
+def _load_dataset(path: str, tokenizer, max_seq_length: int, model_type: str | None):
     """(train, eval-or-None) from a tokenized dataset dir, or a converted .jsonl tokenized now."""
     import datasets
 
@@ -200,21 +341,27 @@ def _load_data(path: str, tokenizer, max_seq_length: int, model_type: str | None
         dataset, counts = tokenize_dataset(path, tokenizer, max_seq_length, model_type=model_type)
         print(f"{path} tokenized on the fly: {counts.summary()}", flush=True)
         return dataset, None
-    loaded = datasets.load_from_disk(path)
+    try:
+        loaded = datasets.load_from_disk(path)
+    except FileNotFoundError as error:
+        raise MissingFile(
+            f"--dataset_path {path} holds no saved dataset ({error}); make it with `instructglm tokenize`, or pass the "
+            "converted .jsonl"
+        ) from error
     eval_dataset = None
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
-            raise ValueError(f"{path} holds splits {list(loaded)}, none named 'train'")
+            raise BadValue(f"{path} holds splits {list(loaded)}, none named 'train'")
         eval_dataset = next((loaded[s] for s in ("validation", "eval", "test") if s in loaded), None)
         loaded = loaded["train"]
     missing = {"input_ids", "seq_len"} - set(loaded.column_names)
     if missing:
-        raise ValueError(
+        raise BadValue(
             f"{path} has columns {loaded.column_names}, missing {sorted(missing)}: "
             "make it with `instructglm tokenize` (or pass the converted .jsonl)"
         )
     if len(loaded) == 0:
-        raise ValueError(f"{path} has no rows")
+        raise BadValue(f"{path} has no rows; re-run `instructglm tokenize` on a non-empty jsonl")
     return loaded, eval_dataset
 
 
@@ -224,11 +371,68 @@ def _data_meta(dataset_path: str) -> dict | None:
     if os.path.isfile(candidate):
         with open(candidate, encoding="utf-8") as f:
             try:
-                return json.load(f)
-            except json.JSONDecodeError as error:
+                meta = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
                 print(f"warning: {candidate} is not valid JSON ({error}); ignoring it", file=sys.stderr)
+                return None
+        return meta if isinstance(meta, dict) else None
     return None
 
 
+def _training_template(args: FinetuneArguments, meta: dict | None) -> tuple[str | None, str]:
+    """(template, where it came from): --template, the data's record, detection on a jsonl's contexts, or unknown."""
+    from instructglm.data.templates import detect_template, get_template
+
+    if args.template:
+        try:
+            get_template(args.template)  # a bad name fails now, not at the first chat
+        except UserError:
+            raise
+        except ValueError as error:
+            raise BadValue(str(error)) from error
+        return args.template, "flag"
+    name = (meta or {}).get("template")
+    if name and name != "unknown":
+        # tokenize records where its template came from; convert's sidecar is itself the convert record
+        return name, meta.get("template_source") or "convert"
+    if os.path.isfile(args.dataset_path):
+        from instructglm.data.tokenize import read_jsonl
+
+        contexts, _ = read_jsonl(args.dataset_path)
+        detected = detect_template(contexts)
+        if detected is not None:
+            return detected, "detected"
+    return None, "unknown"
+
+
+def _check_checkpoint_lora(checkpoint: str, model) -> None:
+    """The checkpoint's adapter must be the one the run built (rank, alpha, targets), else a one-line error."""
+    saved = read_adapter_config(checkpoint)
+    config = model.peft_config["default"]
+    pairs = (
+        ("--lora_rank", saved.r, config.r),
+        ("--lora_alpha", saved.lora_alpha, config.lora_alpha),
+        ("--lora_target", _jsonable(saved.target_modules), _jsonable(config.target_modules)),
+    )
+    differences = [f"{flag} {was} there, {now} here" for flag, was, now in pairs if was != now]
+    if differences:
+        raise BadValue(
+            f"--resume_from_checkpoint {checkpoint}: its adapter differs from this run's ({'; '.join(differences)}); "
+            "pass the checkpoint's values, or start a new run with --overwrite_output_dir true or another --output_dir"
+        )
+
+
+def _saved_adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    safetensors_file, bin_file = (path / name for name in ADAPTER_WEIGHT_FILES)
+    if safetensors_file.is_file():
+        return load_file(str(safetensors_file))
+    if bin_file.is_file():
+        return torch.load(bin_file, map_location="cpu", weights_only=True)
+    raise MissingFile(f"the Trainer saved no adapter weights in {path} (no {' or '.join(ADAPTER_WEIGHT_FILES)})")
+
+
 def _jsonable(value):
-    return sorted(value) if isinstance(value, (set, frozenset)) else value
+    return sorted(value) if isinstance(value, (set, frozenset, list, tuple)) else value
+

@@ -6,9 +6,15 @@ tensors as the peft model names them (`base_model.model.<module>.lora_A.weight`;
 an adapter segment: `lora_A.default.weight`); it stores neither rank, alpha nor targets, so rank
 and targets are read off its shapes and names and alpha comes from the caller (the seed's 32).
 
-Unlike the seed's `load_state_dict(..., strict=False)`, a load here compares the file's tensors
-with the adapter the model expects and raises a `ValueError` naming every missing, unexpected or
-mis-shaped tensor: a wrong rank or target never loads nothing silently.
+LoRA on an embedding (`word_embeddings`) names its tensors `lora_embedding_A`/`lora_embedding_B`
+(no `.weight`; `.default` last in the `.pt`). When the targets include an embedding-like layer
+(`lm_head`, `embed_tokens`), peft also saves that layer's frozen base weight
+(`<module>.base_layer.weight`, its `save_embedding_layers="auto"`): a peft dir may hold it, a `.pt`
+never does, and neither is required, since it is the base model's own weight.
+
+Unlike the seed's `load_state_dict(..., strict=False)`, a load here compares the file's LoRA
+tensors with the adapter the model expects and raises a `BadValue` naming every missing,
+unexpected or mis-shaped tensor: a wrong rank or target never loads nothing silently.
 """
 
 from __future__ import annotations
@@ -16,20 +22,28 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Sequence
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
+from instructglm.errors import BadValue, MissingFile
 from instructglm.layout import RUN_CONFIG
 from instructglm.models.registry import lora_targets_for
 
 SEED_LORA_ALPHA = 32  # the seed hard-coded lora_alpha=32 and did not save it
 _PEFT_PREFIX = "base_model.model."
-# `.lora_A.default.weight` -> `.lora_A.weight`: the adapter segment newer peft versions insert.
-_ADAPTER_SEGMENT = re.compile(r"\.(lora_[A-Za-z_]+)\.default(?=\.)")
-_LORA_A = re.compile(r"^(?P<module>.+)\.lora_A(?:\.default)?\.weight$")
+ADAPTER_CONFIG = "adapter_config.json"  # peft's CONFIG_NAME
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # peft's, the first preferred
+# `.lora_A.default.weight` -> `.lora_A.weight`, `.lora_embedding_A.default` -> `.lora_embedding_A`: the
+# adapter segment newer peft versions insert in parameter names (and leave out of saved files).
+_ADAPTER_SEGMENT = re.compile(r"\.(lora_[A-Za-z_]+)\.default(?=\.|$)")
+# The saved form of a LoRA tensor name, split around its adapter segment's place.
+_SAVED_LORA = re.compile(r"^(?P<head>.+\.lora_[A-Za-z_]+?)(?P<tail>\.weight)?$")
+# A LoRA "A" matrix (linear or embedding), whose first dimension is the rank.
+_LORA_A = re.compile(r"^(?P<module>.+)\.lora_(?:embedding_)?A(?:\.default)?(?:\.weight)?$")
 
 
 def lora_config(
@@ -64,9 +78,9 @@ def attach_lora(
     """Wrap `model` with a fresh, trainable LoRA adapter (adapter weights in fp32 whatever the base dtype)."""
     config = lora_config(getattr(model.config, "model_type", None), rank, alpha, dropout, target)
     try:
-        return get_peft_model(model, config)
+        return _get_peft_model(model, config)
     except ValueError as error:
-        raise ValueError(
+        raise BadValue(
             f"LoRA targets {config.target_modules!r} do not match the modules of {type(model).__name__}: {error} "
             "(set --lora_target to names from model.named_modules())"
         ) from error
@@ -95,22 +109,22 @@ def load_adapter(
         lora_dropout: dropout for a `.pt` adapter being trained further.
 
     Raises:
-        FileNotFoundError: `path` does not exist or holds no adapter.
-        ValueError: rank/target/alpha mismatch, or missing/unexpected/mis-shaped LoRA tensors (all named).
+        MissingFile: `path` does not exist or holds no adapter.
+        BadValue: an unreadable file (named); rank/target/alpha mismatch; missing, unexpected or
+            mis-shaped LoRA tensors (all named).
     """
     if not os.path.exists(path):
-        raise FileNotFoundError(f"adapter {path} does not exist: pass a peft adapter dir or a chatglm-lora.pt file")
+        raise MissingFile(f"adapter {path} does not exist: pass a peft adapter dir or a chatglm-lora.pt file")
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
-            raise FileNotFoundError(f"{path} has no adapter_config.json: it is not a peft adapter dir")
-        config = LoraConfig.from_pretrained(path)
-        state_dict = load_peft_weights(path, device="cpu")
+        config = read_adapter_config(path)
+        state_dict = _read_peft_weights(path)
         if lora_alpha is not None and lora_alpha != config.lora_alpha:
-            raise ValueError(f"adapter {path} was trained with lora_alpha={config.lora_alpha}, not {lora_alpha}")
+            raise BadValue(
+                f"adapter {path} was trained with lora_alpha={config.lora_alpha}, not {lora_alpha} "
+                f"(drop --lora_alpha or pass {config.lora_alpha})"
+            )
     else:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-            raise ValueError(f"{path} is not a state dict of tensors (expected the seed's chatglm-lora.pt)")
+        state_dict = _read_seed_pt(path)
         rank, targets = _infer_rank_and_targets(path, state_dict)
         config = lora_config(
             getattr(model.config, "model_type", None),
@@ -123,17 +137,75 @@ def load_adapter(
     config.inference_mode = not is_trainable
 
     try:
-        peft_model = get_peft_model(model, config)
+        peft_model = _get_peft_model(model, config)
     except ValueError as error:
-        raise ValueError(f"adapter {path} targets {config.target_modules!r}, which {type(model).__name__} lacks: {error}") from error
+        raise BadValue(f"adapter {path} targets {config.target_modules!r}, which {type(model).__name__} lacks: {error}") from error
     state_dict = {_canonical_key(key): tensor for key, tensor in state_dict.items()}
     _check_keys(path, state_dict, get_peft_model_state_dict(peft_model))
     result = set_peft_model_state_dict(peft_model, state_dict)
     if result.unexpected_keys:
-        raise ValueError(f"adapter {path}: tensors the model did not take: {sorted(result.unexpected_keys)}")
+        raise BadValue(f"adapter {path}: tensors the model did not take: {sorted(result.unexpected_keys)}")
     if not is_trainable:
         peft_model.eval()
     return peft_model
+
+
+def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
+    """The `LoraConfig` of a peft adapter dir; a missing or unreadable adapter_config.json is named."""
+    config_path = os.path.join(path, ADAPTER_CONFIG)
+    if not os.path.isfile(config_path):
+        raise MissingFile(f"{path} has no {ADAPTER_CONFIG}: it is not a peft adapter dir")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadValue(
+            f"{config_path}: not valid JSON ({error}; {os.path.getsize(config_path)} bytes), so the adapter there "
+            "cannot be used: it was cut off while being written; use another checkpoint or retrain"
+        ) from error
+    return LoraConfig.from_pretrained(str(path))
+
+
+def _read_peft_weights(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a peft dir; a missing, empty or truncated weight file is named."""
+    from safetensors import SafetensorError
+
+    present = [name for name in ADAPTER_WEIGHT_FILES if os.path.isfile(os.path.join(path, name))]
+    if not present:
+        raise MissingFile(f"adapter {path} has {ADAPTER_CONFIG} but no weights ({' or '.join(ADAPTER_WEIGHT_FILES)})")
+    try:
+        return load_peft_weights(path, device="cpu")
+    except (SafetensorError, EOFError) as error:
+        raise BadValue(
+            f"{os.path.join(path, present[0])}: truncated or corrupt ({error}); use another checkpoint or retrain"
+        ) from error
+
+
+def _read_seed_pt(path: str) -> dict[str, torch.Tensor]:
+    import pickle
+
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as error:
+        if isinstance(error, RuntimeError) and "zip archive" not in str(error) and "PytorchStreamReader" not in str(error):
+            raise
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise BadValue(
+            f"adapter {path}: not a readable tensor file ({first}); only plain state dicts of tensors are loaded "
+            "(torch.load weights_only=True)"
+        ) from error
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise BadValue(f"{path} is not a state dict of tensors (expected the seed's chatglm-lora.pt)")
+    return state_dict
+
+
+def _get_peft_model(model, config: LoraConfig) -> PeftModel:
+    """`peft.get_peft_model`, without the FutureWarning it raises by reading transformers' deprecated
+    `is_gradient_checkpointing` alias (peft's code, nothing a caller can change; an error under
+    `-W error::FutureWarning`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def seed_state_dict(peft_model: PeftModel) -> dict[str, torch.Tensor]:
@@ -143,6 +215,24 @@ def seed_state_dict(peft_model: PeftModel) -> dict[str, torch.Tensor]:
         for name, param in peft_model.named_parameters()
         if ".lora_" in name
     }
+
+
+def seed_state_dict_from_saved(saved: dict[str, torch.Tensor], adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """`seed_state_dict` rebuilt from a saved adapter (`adapter_model.safetensors`'s tensors).
+
+    Under ZeRO-3 or FSDP each process holds only a shard of the parameters; the saved file is the
+    gathered whole, so the `.pt` is made from it. Names get the adapter segment back
+    (`.lora_A.weight` -> `.lora_A.default.weight`); base-layer weights peft saves beside the LoRA
+    tensors of embedding-like targets are left out, as `seed_state_dict` leaves them out.
+    """
+    state = {}
+    for key, tensor in saved.items():
+        if ".lora_" not in key:
+            continue
+        match = _SAVED_LORA.match(key)
+        name = f"{match['head']}.{adapter_name}{match['tail'] or ''}"
+        state[name] = tensor.detach().to("cpu", torch.float32).contiguous()
+    return state
 
 
 def _canonical_key(key: str) -> str:
@@ -170,9 +260,9 @@ def _infer_rank_and_targets(path: str, state_dict: dict[str, torch.Tensor]) -> t
         if match:
             ranks[match["module"]] = tensor.shape[0]
     if not ranks:
-        raise ValueError(f"{path} holds no LoRA tensors (no '*.lora_A.weight' keys); keys: {sorted(state_dict)[:5]}")
+        raise BadValue(f"{path} holds no LoRA tensors (no '*.lora_A.weight' keys); keys: {sorted(state_dict)[:5]}")
     if len(set(ranks.values())) > 1:
-        raise ValueError(f"{path} mixes LoRA ranks {sorted(set(ranks.values()))}; one rank per adapter is supported")
+        raise BadValue(f"{path} mixes LoRA ranks {sorted(set(ranks.values()))}; one rank per adapter is supported")
     targets = sorted({module.rsplit(".", 1)[-1] for module in ranks})
     return next(iter(ranks.values())), targets
 
@@ -187,21 +277,31 @@ def _check_expected(path: str, config: LoraConfig, rank: int | None, target: Seq
         if have != want:
             problems.append(f"it targets {have}, the run asks for --lora_target {want}")
     if problems:
-        raise ValueError(f"adapter {path} does not match the requested LoRA: " + "; ".join(problems))
+        raise BadValue(f"adapter {path} does not match the requested LoRA: " + "; ".join(problems))
 
 
 def _check_keys(path: str, loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    missing = sorted(set(expected) - set(loaded))
+    """Every LoRA tensor the model expects is in the file, and nothing else is, at the model's shapes.
+
+    The model's non-LoRA entries (base-layer weights of embedding-like targets, which peft saves
+    alongside) may be in the file or not.
+    """
+    required = {key for key in expected if ".lora_" in key}
+    missing = sorted(required - set(loaded))
     unexpected = sorted(set(loaded) - set(expected))
     mis_shaped = [
         f"{key}: file {tuple(loaded[key].shape)} vs model {tuple(expected[key].shape)}"
         for key in sorted(set(loaded) & set(expected))
         if loaded[key].shape != expected[key].shape
     ]
-    if missing or unexpected or mis_shaped:
-        lines = [f"adapter {path} does not fit the model:"]
-        lines += [f"  missing: {key}" for key in missing]
-        lines += [f"  unexpected: {key}" for key in unexpected]
-        lines += [f"  shape: {entry}" for entry in mis_shaped]
-        lines.append("  (is it for another base model, rank or --lora_target?)")
-        raise ValueError("\n".join(lines))
+    problems = [f"{kind}: {_some(keys)}" for kind, keys in (("missing", missing), ("unexpected", unexpected), ("shape", mis_shaped)) if keys]
+    if problems:
+        raise BadValue(
+            f"adapter {path} does not fit the model: " + "; ".join(problems) + " (is it for another base model, rank or --lora_target?)"
+        )
+
+
+def _some(names: list[str], limit: int = 8) -> str:
+    """The first `limit` names, comma-separated, and how many more there are."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
