@@ -99,11 +99,13 @@ def test_unknown_training_template_warns_in_one_line(llama_dir, llama_adapter, t
 
     run = tmp_path / "run"
     shutil.copytree(llama_adapter, run)
-    (run / "instructglm_train.json").write_text(json.dumps({"template": "unknown"}))
-    _, _, template = load_model(str(llama_dir), adapter=str(run), device="cpu")
-    assert template.name == "plain"  # the family's chat template
-    warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
-    assert len(warning) == 1 and "unknown" in warning[0] and "`plain`" in warning[0] and "--template" in warning[0]
+    # as train records it (template null, source unknown), and the bare "unknown" form
+    for record in ({"template": None, "template_source": "unknown"}, {"template": "unknown"}):
+        (run / "instructglm_train.json").write_text(json.dumps(record))
+        _, _, template = load_model(str(llama_dir), adapter=str(run), device="cpu")
+        assert template.name == "plain"  # the family's chat template
+        warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+        assert len(warning) == 1 and "template is unknown" in warning[0] and "`plain`" in warning[0] and "--template" in warning[0]
     # the same for an adapter without any run config
     (run / "instructglm_train.json").unlink()
     load_model(str(llama_dir), adapter=str(run), device="cpu")

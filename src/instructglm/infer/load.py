@@ -108,7 +108,8 @@ def template_name_for(model_config: Any, adapter: str | None, model_name_or_path
         if not isinstance(run, dict):
             raise BadValue(f"{saved}: not a JSON object; fix or delete it, or pass --template")
         name = run.get("template")
-        if name == UNKNOWN_TEMPLATE:
+        # train records an unknown template as `template: null, template_source: "unknown"`
+        if name == UNKNOWN_TEMPLATE or (not name and run.get("template_source") == UNKNOWN_TEMPLATE):
             _warn(
                 f"{saved} says the adapter's training template is unknown (its data had no convert sidecar); "
                 f"prompting with the model family's `{fallback}` template instead: pass --template NAME "
