@@ -113,11 +113,8 @@ def load_causal_lm(model_name_or_path: str, flag: str = "--model_name_or_path", 
         raise BadValue("weights_only=False is refused: checkpoints are read with torch.load(weights_only=True)")
     try:
         return AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
-    except (SafetensorError, pickle.UnpicklingError, EOFError) as error:
-        raise BadValue(_broken_checkpoint(model_name_or_path, flag, error)) from error
-    except RuntimeError as error:
-        # torch.load of a truncated or foreign zip archive ("PytorchStreamReader failed ...")
-        if "PytorchStreamReader" not in str(error) and "zip archive" not in str(error):
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as error:
+        if not is_unreadable_weights(error):
             raise
         raise BadValue(_broken_checkpoint(model_name_or_path, flag, error)) from error
     except OSError as error:
@@ -130,15 +127,28 @@ def load_causal_lm(model_name_or_path: str, flag: str = "--model_name_or_path", 
 
 
 def _broken_checkpoint(path: str, flag: str, error: BaseException) -> str:
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
-    lines = [line for line in lines if line] or [type(error).__name__]
+    return f"{flag} {path}: {unreadable_weights(error)}; use a safetensors checkpoint or re-download / re-save it"
+
+
+def unreadable_weights(error: BaseException) -> str:
+    """Why a weight file could not be read, in a few words (torch's and safetensors' messages are long)."""
     if isinstance(error, pickle.UnpicklingError):
-        # torch's message opens with advice to pass weights_only=False; the line naming the refused global is the fact
+        # torch opens with advice to pass weights_only=False; the global it refused is the fact worth naming
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
         refused = f"the global {found.group(1)}" if found else "a non-tensor object"
         return (
-            f"{flag} {path}: a weight file holds pickled objects other than tensors ({refused}), which "
-            "torch.load(weights_only=True) refuses and InstructGLM never loads otherwise; use a safetensors or plain "
-            "state-dict checkpoint"
+            f"a weight file holds pickled objects other than tensors ({refused}), which are never loaded "
+            "(torch.load(weights_only=True) refuses them)"
         )
-    return f"{flag} {path}: a weight file is truncated or corrupt ({lines[0][:200]}); re-download or re-save the checkpoint"
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    first = next((line for line in lines if line), type(error).__name__)
+    return f"a weight file is truncated or corrupt ({first[:200]})"
+
+
+def is_unreadable_weights(error: BaseException) -> bool:
+    """Whether `error` from torch.load / safetensors means a broken or refused file, rather than a bug."""
+    from safetensors import SafetensorError
+
+    if isinstance(error, (SafetensorError, pickle.UnpicklingError, EOFError)):
+        return True
+    return isinstance(error, RuntimeError) and ("PytorchStreamReader" in str(error) or "zip archive" in str(error))

@@ -31,6 +31,7 @@ from peft.utils import get_peft_model_state_dict, load_peft_weights, set_peft_mo
 
 from instructglm.errors import BadValue, MissingFile
 from instructglm.layout import RUN_CONFIG
+from instructglm.models.loading import is_unreadable_weights, unreadable_weights
 from instructglm.models.registry import lora_targets_for
 
 SEED_LORA_ALPHA = 32  # the seed hard-coded lora_alpha=32 and did not save it
@@ -187,13 +188,9 @@ def _read_seed_pt(path: str) -> dict[str, torch.Tensor]:
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, EOFError, RuntimeError) as error:
-        if isinstance(error, RuntimeError) and "zip archive" not in str(error) and "PytorchStreamReader" not in str(error):
+        if not is_unreadable_weights(error):
             raise
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise BadValue(
-            f"adapter {path}: not a readable tensor file ({first}); only plain state dicts of tensors are loaded "
-            "(torch.load weights_only=True)"
-        ) from error
+        raise BadValue(f"adapter {path}: {unreadable_weights(error)}; pass a chatglm-lora.pt of tensors or a peft adapter dir") from error
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise BadValue(f"{path} is not a state dict of tensors (expected the seed's chatglm-lora.pt)")
     return state_dict
