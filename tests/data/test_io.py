@@ -170,3 +170,10 @@ def test_no_space_names_the_path(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert info.value.errno == errno.ENOSPC
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_null_line_is_a_row_not_a_blank_line(tmp_path):
+    # found by the fuzz suite: the blank-line marker was None, so a `null` line vanished uncounted
+    path = tmp_path / "a.jsonl"
+    path.write_text('null\n\n{"a": 1}\n', encoding="utf-8")
+    assert list(iter_json_rows(path)) == [(f"{path}:1", None), (f"{path}:3", {"a": 1})]

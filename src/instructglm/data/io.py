@@ -89,18 +89,21 @@ def _line_rows(path: Path) -> Iterator[Row]:
                 number += 1
                 location = f"{path}:{number}"
                 row = _parse_line(raw.removeprefix(BOM))
-                if row is not None:
+                if row is not _BLANK:
                     yield location, row
 
 
+_BLANK = object()  # a blank line (None is the JSON value null)
+
+
 def _parse_line(raw: bytes) -> Any:
-    """The line's JSON value, a BadRow saying why not, or None for a blank line."""
+    """The line's JSON value, a BadRow saying why not, or `_BLANK`."""
     try:
         line = raw.decode("utf-8").strip()
     except UnicodeDecodeError as e:
         return BadRow("not_utf8", f"byte {e.start + 1} of the line (0x{raw[e.start]:02x}) is not UTF-8 ({e.reason}); re-save the file as UTF-8")
     if not line:
-        return None
+        return _BLANK
     try:
         return json.loads(line)
     except json.JSONDecodeError as e:

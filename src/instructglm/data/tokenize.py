@@ -548,8 +548,11 @@ def tokenize_jsonl(
         dataset.save_to_disk(str(tmp))
         write_json(tmp / DATA_META, meta)
         _swap_in(tmp, save_path)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) and str(save_path) not in str(error):
+            # datasets / pyarrow name no file; the user needs to know which disk filled up
+            raise OSError(error.errno, f"{error.strerror} (saving the dataset; nothing was changed)", str(save_path)) from error
         raise
     finally:
         release(tmp)
