@@ -36,8 +36,7 @@ from instructglm.data.templates import TEMPLATES, get_template
 from instructglm.data.tokenize import read_convert_meta
 from instructglm.layout import DATA_META, jsonl_meta_path
 
-KILL_SEED = 8  # the instants are fractions of a reference run's wall time, drawn from this seed
-KILLS = 3
+KILL_SEED = 8  # seeds the kill instants: delays after the start, or after the phase under test began
 WORDS = "hello world the quick brown fox jumps over lazy dog instruction answer add two numbers 你好 世界 a b c d e f".split()
 
 
@@ -126,11 +125,6 @@ def _o_tmpfile_works(directory: Path) -> bool:
     return True
 
 
-def _kill_instants(reference_seconds: float) -> list[float]:
-    rng = random.Random(KILL_SEED)
-    return [reference_seconds * rng.uniform(0.15, 1.0) for _ in range(KILLS)]
-
-
 # ---- inputs ------------------------------------------------------------------------------------
 
 
@@ -181,17 +175,26 @@ def _outputs(save_path: Path) -> tuple[bytes, bytes]:
 
 @pytest.mark.slow
 def test_kill_convert_leaves_the_old_or_the_new_output(tmp_path):
-    inputs = [_alpaca_file(tmp_path / f"in{i}.jsonl", 30_000, seed=i) for i in (0, 1)]
+    inputs = [_alpaca_file(tmp_path / f"in{i}.jsonl", 50_000, seed=i) for i in (0, 1)]
     save = tmp_path / "out" / "data.jsonl"
     results = []
     for i, source in enumerate(inputs):  # each input's complete result, written where the kills will write
         done, seconds = _run("convert", "--data_path", str(source), "--save_path", str(save))
         assert done.returncode == 0, done.stderr
         results.append(_outputs(save))
+    rng = random.Random(KILL_SEED)
+
+    def writing(pid: int) -> bool:  # the run holds a file open in the output dir: its (unnamed) temp file
+        try:
+            return any(os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"{save.parent}/") for fd in os.listdir(f"/proc/{pid}/fd"))
+        except OSError:
+            return False
+
+    kills = [(None, rng.uniform(0.3, 1.0) * seconds), (writing, rng.uniform(0.0, 0.05)), (writing, rng.uniform(0.0, 0.3))]
     current = 1
-    for delay in _kill_instants(seconds):
+    for once, delay in kills:
         other = 1 - current
-        pids = _kill_parent_at(delay, "convert", "--data_path", str(inputs[other]), "--save_path", str(save))
+        pids = _kill_parent_at(delay, "convert", "--data_path", str(inputs[other]), "--save_path", str(save), once=once)
         _assert_no_survivors(pids)
         jsonl, sidecar = _outputs(save)
         assert jsonl in (results[0][0], results[1][0]), f"killed at {delay:.2f}s: the jsonl is neither result"
@@ -201,6 +204,7 @@ def test_kill_convert_leaves_the_old_or_the_new_output(tmp_path):
         if _o_tmpfile_works(save.parent):
             assert _hidden(save.parent) == [], f"killed at {delay:.2f}s: temp files left"
         current = next(i for i, result in enumerate(results) if result[0] == jsonl)
+        print(f"kill after {'writing' if once else 'start'} + {delay:.2f}s: jsonl {current}, sidecar matches: {(jsonl, sidecar) in results}")
     done, _ = _run("convert", "--data_path", str(inputs[1]), "--save_path", str(save))
     assert done.returncode == 0 and _outputs(save) == results[1] and _hidden(save.parent) == []
 

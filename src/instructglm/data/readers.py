@@ -209,15 +209,13 @@ def _chosen_turns(chosen: Any) -> list[tuple[str, str]]:
     return turns
 
 
-def _prompt_turns(row: Mapping) -> tuple[list[tuple[str, str]], str] | None:
-    """The turns before the answer and the system prompt, or None when the record has no prompt field."""
+def _prompt_turns(row: Mapping) -> tuple[list[tuple[str, str]], str]:
+    """The turns before the answer and the system prompt, from the record's first prompt field."""
     system = _text(row, "system", required=False)
     for key in ("conversations", "messages"):
         if row.get(key) is not None:
             return _turns(_conversation(row, key), system)
     prompt = row.get("prompt")
-    if prompt is None:
-        return None
     if isinstance(prompt, str):
         return [("user", _text(row, "prompt"))], system
     if isinstance(prompt, list):
@@ -225,31 +223,51 @@ def _prompt_turns(row: Mapping) -> tuple[list[tuple[str, str]], str] | None:
     raise BadRow("non_string_field", f"'prompt' is {type(prompt).__name__}, not a string or a list of turns")
 
 
-def read_preference(row: Mapping) -> Example:
-    """A preference pair as one example whose answer is `chosen` (layouts: see the module docstring)."""
-    if row.get("chosen") is None:
-        raise BadRow("missing_field", f"no 'chosen' field (fields: {sorted(row)})")
-    chosen = row["chosen"]
-    if row.get("instruction") is not None and not any(row.get(k) is not None for k in ("conversations", "messages", "prompt")):
-        (side, answer), *more = _chosen_turns(chosen) or [("user", "")]
-        if side != "assistant" or more:
-            raise BadRow("bad_conversation", "with 'instruction', 'chosen' must be the answer alone (a string or one assistant turn)")
-        return read_alpaca({**row, "output": answer})
-    prompt = _prompt_turns(row)
-    if prompt is None:
-        turns, system = (_transcript_turns(chosen) if isinstance(chosen, str) else _chosen_turns(chosen)), ""
-    else:
-        turns, system = prompt
-        answer = _chosen_turns(chosen)
-        if any(side == "user" for side, _ in answer):
-            turns = answer  # the whole conversation, repeating the prompt (UltraFeedback's layout)
-        elif turns and turns[-1][0] != "user":
-            raise BadRow("bad_conversation", "the prompt ends with an assistant turn, so 'chosen' answers nothing")
-        else:
-            turns = turns + answer
+def _answer_of(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
     if not turns or turns[-1][0] != "assistant":
         raise BadRow("bad_conversation", "'chosen' holds no assistant reply at its end")
-    return _dialogue(turns, system)
+    return turns
+
+
+def read_preference_alpaca(row: Mapping) -> Example:
+    """LLaMA-Factory's Alpaca-style pairs: `instruction`, `input`, `chosen` (the answer), optional `history`/`system`."""
+    answer = _answer_of(_chosen_turns(row["chosen"]))
+    if len(answer) != 1:
+        raise BadRow("bad_conversation", "with 'instruction', 'chosen' must be the answer alone (a string or one assistant turn)")
+    return read_alpaca({**row, "output": answer[0][1]})
+
+
+def read_preference_with_prompt(row: Mapping) -> Example:
+    """`conversations` / `messages` / `prompt` before the answer, and `chosen`: the completion, or the
+    whole conversation repeating the prompt (UltraFeedback's layout)."""
+    turns, system = _prompt_turns(row)
+    answer = _answer_of(_chosen_turns(row["chosen"]))
+    if any(side == "user" for side, _ in answer):
+        return _dialogue(answer, system)
+    if turns and turns[-1][0] != "user":
+        raise BadRow("bad_conversation", "the prompt ends with an assistant turn, so 'chosen' answers nothing")
+    return _dialogue(turns + answer, system)
+
+
+def read_preference_conversation(row: Mapping) -> Example:
+    """No prompt field: `chosen` is the whole conversation (turns, or an HH `\\n\\nHuman: ...` transcript)."""
+    chosen = row["chosen"]
+    turns = _transcript_turns(chosen) if isinstance(chosen, str) else _chosen_turns(chosen)
+    return _dialogue(_answer_of(turns), _text(row, "system", required=False))
+
+
+PROMPT_FIELDS = ("conversations", "messages", "prompt")
+
+
+def read_preference(row: Mapping) -> Example:
+    """A preference pair as one example whose answer is `chosen`, by the layout its fields show."""
+    if row.get("chosen") is None:
+        raise BadRow("missing_field", f"no 'chosen' field (fields: {sorted(row)})")
+    if any(row.get(key) is not None for key in PROMPT_FIELDS):
+        return read_preference_with_prompt(row)
+    if row.get("instruction") is not None:
+        return read_preference_alpaca(row)
+    return read_preference_conversation(row)
 
 
 @dataclass(frozen=True)
