@@ -467,6 +467,9 @@ def test_sidecar_fingerprints_the_jsonl(tmp_path):
 
 
 def test_convert_imports_neither_torch_nor_transformers(tmp_path, repo_dir):
+    """`instructglm --help` and convert's own code import neither; the CLI's `instructglm convert`
+    imports no torch (its argument parser, `transformers.HfArgumentParser` in cli.py, loads
+    transformers' top level, which stays torch-free)."""
     import subprocess
     import sys
 

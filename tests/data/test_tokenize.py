@@ -239,6 +239,7 @@ def test_convert_sidecar_becomes_dataset_meta(tmp_path, llama_tokenizer, llama_d
         == counts.__dict__
     )
     assert (meta["template_source"], meta["jsonl_path"]) == ("convert", str(path))
+    assert meta["dropped_at"] == {"dropped_empty_target": [f"{path}:2"]}  # every row left out is located
 
 
 def test_cli_writes_a_loadable_dataset_and_prints_head_and_counts(tmp_path, llama_dir, capsys):
@@ -253,6 +254,10 @@ def test_cli_writes_a_loadable_dataset_and_prints_head_and_counts(tmp_path, llam
     printed = capsys.readouterr().out
     assert "input_ids" in printed and "seq_len" in printed
     assert "rows 6: kept 6 (truncated 6), dropped 0 prompt too long, 0 empty target" in printed
+    path.write_text(path.read_text(encoding="utf-8") + '{"context": "a a a a a a a a", "target": "b"}\n' * 7, encoding="utf-8")
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"dropped_prompt_too_long: 7 (at {path}:7, {path}:8, {path}:9, {path}:10, {path}:11, ...)" in printed
     dataset = datasets.load_from_disk(str(tmp_path / "ds"))
     assert dataset.column_names == ["input_ids", "seq_len"] and len(dataset) == 6
     assert all(len(ids) == 8 and seq_len == 6 for ids, seq_len in _rows(dataset))

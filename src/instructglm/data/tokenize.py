@@ -66,6 +66,7 @@ import signal
 import sys
 import threading
 import uuid
+from array import array
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -187,17 +188,22 @@ class RowEncoder:
         return prompt + target_ids + [self.eos_token_id], len(prompt), KEPT
 
     def encode_batch(self, contexts: list[str], targets: list[str]):
-        """(`pyarrow.Table` of the kept rows' input_ids and seq_len, `TokenizeCounts`) of a batch."""
+        """(`pyarrow.Table` of the kept rows' input_ids and seq_len, `TokenizeCounts`, dropped) of a batch.
+
+        `dropped` lists (position in the batch, outcome) of every row left out, so they can be located.
+        """
         import pyarrow as pa
 
         # one tokenizer call for prompts and targets: the batched (Rust / sentencepiece) path
         ids = self.tokenizer(contexts + targets, add_special_tokens=False)["input_ids"]
         counts = TokenizeCounts(rows=len(contexts))
-        input_ids, seq_lens = [], []
-        for context_ids, target_ids in zip(ids[: len(contexts)], ids[len(contexts) :], strict=True):
+        input_ids, seq_lens, dropped = [], [], []
+        for position, (context_ids, target_ids) in enumerate(zip(ids[: len(contexts)], ids[len(contexts) :], strict=True)):
             row, seq_len, outcome = self.encode(context_ids, target_ids)
             setattr(counts, outcome, getattr(counts, outcome) + 1)
-            if row is not None:
+            if row is None:
+                dropped.append((position, outcome))
+            else:
                 input_ids.append(row)
                 seq_lens.append(seq_len)
         counts.kept += counts.truncated
@@ -212,7 +218,7 @@ class RowEncoder:
                 "seq_len": pa.array(seq_lens, type=pa.int64()),
             }
         )
-        return table, counts
+        return table, counts, dropped
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled only where workers are spawned, not forked, or when a caller hands this to
@@ -224,11 +230,36 @@ class RowEncoder:
         self.__dict__.update(state, tokenizer=pickle.loads(state["tokenizer"]))
 
 
+@dataclass
+class JsonlRows:
+    """The rows of a converted jsonl, and where each one is (without a string per row)."""
+
+    path: str
+    contexts: list[str]
+    targets: list[str]
+    positions: array  # each row's line number (JSON Lines) or index (a JSON array)
+    in_array: bool = False
+
+    def location(self, row: int) -> str:
+        """`path:LINE` or `path[INDEX]` of row `row`, as `iter_json_rows` names it."""
+        position = self.positions[row]
+        return f"{self.path}[{position}]" if self.in_array else f"{self.path}:{position}"
+
+
 def read_jsonl(jsonl_path: str | os.PathLike) -> tuple[list[str], list[str]]:
     """The contexts and targets of a converted jsonl; every bad line is collected and raised at once."""
+    rows = read_jsonl_rows(jsonl_path)
+    return rows.contexts, rows.targets
+
+
+def read_jsonl_rows(jsonl_path: str | os.PathLike) -> JsonlRows:
+    """`read_jsonl` with each row's location (see `JsonlRows`)."""
     contexts: list[str] = []
     targets: list[str] = []
     bad: list[str] = []
+    positions = array("q")
+    prefix = len(str(Path(jsonl_path)))
+    in_array = False
     for location, row in iter_json_rows(jsonl_path):
         if isinstance(row, BadRow):
             bad.append(f"{location}: {row}")
@@ -240,6 +271,8 @@ def read_jsonl(jsonl_path: str | os.PathLike) -> tuple[list[str], list[str]]:
         else:
             contexts.append(row["context"])
             targets.append(row["target"])
+            in_array = location[prefix] == "["
+            positions.append(int(location[prefix + 1 :].rstrip("]")))
     if bad:
         shown = "\n  ".join(bad[:5]) + (f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise DataError(
@@ -248,7 +281,7 @@ def read_jsonl(jsonl_path: str | os.PathLike) -> tuple[list[str], list[str]]:
         )
     if not contexts:
         raise DataError(f"{jsonl_path}: no rows to tokenize")
-    return contexts, targets
+    return JsonlRows(str(Path(jsonl_path)), contexts, targets, positions, in_array)
 
 
 # The encoder of a worker process, set once by the pool initializer. With the fork start method
@@ -321,8 +354,8 @@ def tokenize_dataset(
     fits no row, and when every row is dropped.
     """
     encoder = _encoder(tokenizer, max_seq_length, model_type, num_proc, batch_size)
-    contexts, targets = read_jsonl(jsonl_path)
-    return _tokenize_rows(encoder, contexts, targets, num_proc, batch_size, progress, jsonl_path)
+    dataset, counts, _ = _tokenize_rows(encoder, read_jsonl_rows(jsonl_path), num_proc, batch_size, progress)
+    return dataset, counts
 
 
 def _encoder(tokenizer, max_seq_length: int, model_type: str | None, num_proc: int, batch_size: int) -> RowEncoder:
@@ -331,28 +364,39 @@ def _encoder(tokenizer, max_seq_length: int, model_type: str | None, num_proc: i
     return RowEncoder(tokenizer, max_seq_length, model_type)
 
 
-def _tokenize_rows(encoder: RowEncoder, contexts, targets, num_proc: int, batch_size: int, progress: bool, jsonl_path):
+SHOWN_LOCATIONS = 5  # dropped rows located per outcome in instructglm_data.json and the summary
+
+
+def _tokenize_rows(encoder: RowEncoder, rows: JsonlRows, num_proc: int, batch_size: int, progress: bool):
+    """(dataset, counts, {outcome: first locations of the rows it dropped}) of all `rows`."""
     import datasets
     import pyarrow as pa
     from tqdm.auto import tqdm
 
     counts = TokenizeCounts()
     tables = []
+    dropped_at: dict[str, list[str]] = {}
+    contexts, targets = rows.contexts, rows.targets
     starts = range(0, len(contexts), batch_size)
     batches = ((contexts[i : i + batch_size], targets[i : i + batch_size]) for i in starts)
     with _batch_encoder(encoder, min(num_proc, len(starts))) as encode_batches:
         # workers start before the bar: forking after tqdm starts its monitor thread could copy a held lock
         results = encode_batches(batches)
         with tqdm(total=len(contexts), unit=" rows", desc="Tokenizing", disable=not progress) as bar:
-            for table, batch_counts in results:
+            for start, (table, batch_counts, dropped) in zip(starts, results, strict=True):
                 tables.append(table)
                 counts.add(batch_counts)
+                for position, outcome in dropped:
+                    shown = dropped_at.setdefault(outcome, [])
+                    if len(shown) < SHOWN_LOCATIONS:
+                        shown.append(rows.location(start + position))
                 bar.update(batch_counts.rows)
+    jsonl_path = rows.path
     if counts.kept == 0:
         raise DataError(f"{jsonl_path}: every row was dropped ({counts.summary()}); raise --max_seq_length")
     table = datasets.table.InMemoryTable(pa.concat_tables(tables).combine_chunks())
     # an in-memory dataset is never cached; a given fingerprint spares hashing every token
-    return datasets.Dataset(table, fingerprint=uuid.uuid4().hex), counts
+    return datasets.Dataset(table, fingerprint=uuid.uuid4().hex), counts, dropped_at
 
 
 # Files `datasets.save_to_disk` writes for a Dataset (a DatasetDict: dataset_dict.json and one
@@ -539,9 +583,10 @@ def tokenize_jsonl(
     recover_interrupted_swap(save_path)
     _check_save_path(save_path)
     encoder = _encoder(tokenizer, max_seq_length, model_type, num_proc, batch_size)
-    contexts, targets = read_jsonl(jsonl_path)
-    dataset, counts = _tokenize_rows(encoder, contexts, targets, num_proc, batch_size, progress, jsonl_path)
-    meta = _dataset_meta(jsonl_path, contexts, tokenizer, model_type, max_seq_length, counts, model_name_or_path)
+    rows = read_jsonl_rows(jsonl_path)
+    dataset, counts, dropped_at = _tokenize_rows(encoder, rows, num_proc, batch_size, progress)
+    meta = _dataset_meta(jsonl_path, rows.contexts, tokenizer, model_type, max_seq_length, counts, model_name_or_path)
+    meta["dropped_at"] = dropped_at
     save_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(save_path, "tmp")
     try:
@@ -603,6 +648,9 @@ def main(args: TokenizeArguments) -> int:
     print(dataset.select(range(min(5, len(dataset)))).to_pandas())
     print(f"{args.jsonl_path} -> {args.save_path}: {counts.summary()}")
     meta = json.loads((Path(args.save_path) / DATA_META).read_text(encoding="utf-8"))
+    for outcome, locations in meta["dropped_at"].items():
+        more = ", ..." if getattr(counts, outcome) > len(locations) else ""
+        print(f"  {outcome}: {getattr(counts, outcome)} (at {', '.join(locations)}{more})")
     print(template_line(meta, args.jsonl_path))
     return 0
 
