@@ -219,7 +219,7 @@ def _table(dataset_dir: Path):
 @pytest.mark.parametrize("num_proc", [1, 2])
 def test_kill_tokenize_leaves_the_old_or_the_new_dataset_and_no_worker(tmp_path, word_model_dir, num_proc):
     # long rows, so that saving the dataset takes long enough (~0.1 s) for kills to land inside it
-    inputs = [_context_file(tmp_path / f"rows{i}.jsonl", 8_000, seed=i, longest_target=600) for i in (0, 1)]
+    inputs = [_context_file(tmp_path / f"rows{i}.jsonl", 5_000, seed=i, longest_target=600) for i in (0, 1)]
     save = tmp_path / "data" / "ds"
 
     def argv(source: Path) -> list[str]:
