@@ -42,7 +42,9 @@ def test_alpaca_json_array(tmp_path, shared_data):
     # UTF-8 with non-ASCII kept as is, one object per line
     raw = out.read_bytes().decode("utf-8")
     assert "识别并解释" in raw and "\\u" not in raw
-    assert read_meta(out) == {
+    meta = read_meta(out)
+    assert meta.pop("jsonl_bytes") == out.stat().st_size and len(meta.pop("jsonl_sha256")) == 64
+    assert meta == {
         "template": "alpaca",
         "format": "alpaca",
         "source": str(shared_data / "llamafactory__alpaca_zh_demo.json"),
@@ -233,7 +235,9 @@ def test_no_usable_row_is_an_error_and_writes_nothing(tmp_path):
     ],
 )
 def test_bad_arguments(tmp_path, kwargs, message):
-    with pytest.raises(DataError, match=message):
+    from instructglm.errors import BadValue
+
+    with pytest.raises(BadValue, match=message):
         convert(str(tmp_path / "o.jsonl"), **kwargs)
 
 
@@ -314,3 +318,176 @@ def test_format_flag_choices_are_the_readers():
 
     assert next(f for f in fields(ConvertArguments) if f.name == "format")
     assert get_args(get_type_hints(ConvertArguments)["format"]) == ("auto", *FORMATS)
+
+
+# ---- issue 8 ----------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, value) -> Path:
+    path.write_text(json.dumps(value, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def test_empty_string_history_keeps_every_row(tmp_path):
+    # hikariming's Chinese Alpaca code questions write `"history": ""` on rows without earlier rounds
+    rows = [
+        {"instruction": "写一个加法函数", "input": "", "output": "def add(a, b): return a + b", "history": ""},
+        {"instruction": "再写减法", "input": "", "output": "def sub(a, b): return a - b", "history": [["加法?", "def add"]]},
+        {"instruction": "乘法", "input": "", "output": "def mul(a, b): return a * b", "history": None},
+        {"instruction": "除法", "input": "", "output": "def div(a, b): return a / b", "history": []},
+    ]
+    meta = convert(str(tmp_path / "o.jsonl"), data_path=str(_write_json(tmp_path / "code.json", rows)))
+    assert meta["counts"] == {"rows": 4, "written": 4, "skipped": {}}
+    assert read_jsonl(tmp_path / "o.jsonl")[0] == {"context": "写一个加法函数", "target": rows[0]["output"]}
+
+
+DPO_DEMO = [  # the shape of LLaMA-Factory's data/dpo_en_demo.json
+    {
+        "conversations": [{"from": "human", "value": "Name a color."}],
+        "chosen": {"from": "gpt", "value": "Blue."},
+        "rejected": {"from": "gpt", "value": "Seven."},
+    },
+    {
+        "conversations": [
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello!"},
+            {"from": "human", "value": "Name a fruit."},
+        ],
+        "chosen": {"from": "gpt", "value": "An apple."},
+        "rejected": {"from": "gpt", "value": "A chair."},
+    },
+    {
+        "conversations": [{"from": "human", "value": "Bad row"}],
+        "chosen": {"from": "human", "value": "a user turn is no answer"},
+        "rejected": {"from": "gpt", "value": "x"},
+    },
+]
+
+
+def test_preference_data_is_refused_by_auto_naming_the_fields(tmp_path, capsys):
+    path = _write_json(tmp_path / "dpo_en_demo.json", DPO_DEMO)
+    out = tmp_path / "o.jsonl"
+    assert cli_main(["convert", "--data_path", str(path), "--save_path", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "chosen, conversations, rejected" in err and "--format preference" in err and "chosen" in err
+    assert not out.exists()
+
+
+def test_format_preference_takes_chosen_as_the_answer(tmp_path):
+    path = _write_json(tmp_path / "dpo_en_demo.json", DPO_DEMO)
+    meta = convert(str(tmp_path / "o.jsonl"), data_path=str(path), format="preference")
+    assert meta["format"] == "preference" and meta["template"] == "chatglm"
+    assert meta["counts"] == {"rows": 3, "written": 2, "skipped": {"bad_conversation": 1}}
+    assert meta["skipped_at"] == {"bad_conversation": [f"{path}[2]"]}
+    assert read_jsonl(tmp_path / "o.jsonl") == [
+        {"context": "Name a color.", "target": "Blue."},
+        {"context": "[Round 0]\n问：Hi\n答：Hello!\n[Round 1]\n问：Name a fruit.\n答：", "target": "An apple."},
+    ]
+
+
+def test_format_preference_prompt_chosen_rejected_jsonl(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    lines = [
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+        {"prompt": [{"role": "user", "content": "3+3?"}], "chosen": [{"role": "assistant", "content": "6"}], "rejected": []},
+        {"prompt": "x", "rejected": "y"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
+    meta = convert(str(tmp_path / "o.jsonl"), data_path=str(path), format="preference", template="plain")
+    assert meta["counts"] == {"rows": 3, "written": 2, "skipped": {"missing_field": 1}}
+    assert meta["skipped_at"] == {"missing_field": [f"{path}:3"]}
+    assert [r["target"] for r in read_jsonl(tmp_path / "o.jsonl")] == ["4", "6"]
+
+
+@pytest.mark.parametrize("how", ["same", "relative", "symlink", "hardlink"])
+def test_save_path_equal_to_data_path_is_refused(tmp_path, monkeypatch, how):
+    data = tmp_path / "alpaca_data.json"
+    data.write_text(json.dumps([{"instruction": "a", "output": "b"}]), encoding="utf-8")
+    before = data.read_bytes()
+    save = {
+        "same": data,
+        "relative": Path("sub/../alpaca_data.json"),
+        "symlink": tmp_path / "link.json",
+        "hardlink": tmp_path / "hard.json",
+    }[how]
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    if how == "symlink":
+        save.symlink_to(data)
+    if how == "hardlink":
+        os.link(data, save)
+    with pytest.raises(DataError, match="is the input"):
+        convert(str(save), data_path=str(data))
+    assert data.read_bytes() == before and not Path(jsonl_meta_path(str(save))).exists()
+
+
+def test_save_path_that_is_a_directory_is_refused(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(DataError, match="is a directory"):
+        convert(str(tmp_path / "out"), data_path=str(ASSETS / "firefly.jsonl"))
+
+
+def test_deeply_nested_rows_cost_one_counted_row_each(tmp_path):
+    deep = 200_000
+    path = tmp_path / "in.jsonl"
+    good = json.dumps({"instruction": "a", "output": "b"})
+    path.write_text("\n".join([good, "[" * deep + "]" * deep, '{"a":' * deep + "1" + "}" * deep, good]) + "\n")
+    meta = convert(str(tmp_path / "o.jsonl"), data_path=str(path))
+    assert meta["counts"] == {"rows": 4, "written": 2, "skipped": {"too_deep": 2}}
+    assert meta["skipped_at"] == {"too_deep": [f"{path}:2", f"{path}:3"]}
+
+
+def test_not_utf8_row_is_one_counted_row(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "\xc3(", "output": "b"}\n')
+    meta = convert(str(tmp_path / "o.jsonl"), data_path=str(path))
+    assert meta["counts"] == {"rows": 2, "written": 1, "skipped": {"not_utf8": 1}}
+    assert meta["skipped_at"] == {"not_utf8": [f"{path}:2"]}
+
+
+def test_outputs_get_the_umask_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        convert(str(tmp_path / "o.jsonl"), data_path=str(ASSETS / "firefly.jsonl"))
+    finally:
+        os.umask(old)
+    for name in ("o.jsonl", "o.jsonl.meta.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_sidecar_fingerprints_the_jsonl(tmp_path):
+    import hashlib
+
+    out = tmp_path / "o.jsonl"
+    convert(str(out), data_path=str(ASSETS / "firefly.jsonl"))
+    meta = read_meta(out)
+    assert meta["jsonl_bytes"] == out.stat().st_size
+    assert meta["jsonl_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+def test_convert_imports_neither_torch_nor_transformers(tmp_path, repo_dir):
+    """`instructglm --help` and convert's own code import neither; the CLI's `instructglm convert`
+    imports no torch (its argument parser, `transformers.HfArgumentParser` in cli.py, loads
+    transformers' top level, which stays torch-free)."""
+    import subprocess
+    import sys
+
+    script = f"""
+import json, sys
+from instructglm.cli import main
+code = main(["--help"])
+assert code == 0
+heavy = lambda: sorted({{m.split(".")[0] for m in sys.modules}} & {{"torch", "transformers", "datasets", "peft"}})
+after_help = heavy()
+from instructglm.data.convert import ConvertArguments, main as convert_main
+convert_main(ConvertArguments(save_path={str(tmp_path / "o.jsonl")!r}, data_path={str(ASSETS / "firefly.jsonl")!r}))
+after_library = heavy()
+code = main(["convert", "--data_path", {str(ASSETS / "firefly.jsonl")!r}, "--save_path", {str(tmp_path / "p.jsonl")!r}])
+assert code == 0
+print(json.dumps([after_help, after_library, "torch" in sys.modules]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env={**os.environ})
+    assert done.returncode == 0, done.stderr
+    after_help, after_library, torch_after_cli = json.loads(done.stdout.strip().splitlines()[-1])
+    assert after_help == [] and after_library == [] and torch_after_cli is False

@@ -203,11 +203,12 @@ def test_broken_json_array_names_line_and_column(tmp_path):
         list(iter_json_rows(path))
 
 
-def test_not_utf8_names_the_line(tmp_path):
+def test_not_utf8_costs_the_line_not_the_file(tmp_path):
     path = tmp_path / "a.jsonl"
     path.write_bytes(b'{"a": "ok"}\n{"a": "\xff"}\n')
-    with pytest.raises(DataError, match=r"a.jsonl:2: not UTF-8.*re-save"):
-        list(iter_json_rows(path))
+    (_, first), (location, bad) = iter_json_rows(path)
+    assert first == {"a": "ok"} and location == f"{path}:2"
+    assert bad.reason == "not_utf8" and "re-save the file as UTF-8" in bad.detail
 
 
 def test_missing_file_and_directory(tmp_path):
@@ -273,3 +274,130 @@ def test_shared_datasets_read_whole(shared_data, name, fmt, n):
     assert not bad, bad[:3]
     if fmt in ("history", "sharegpt"):
         assert any(r.history for r in results)
+
+
+# ---- history shapes of real releases (issue 8, item 2) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        "",  # hikariming's Chinese Alpaca code questions: 973 of 9,057 rows
+        "  ",
+        None,  # JSON null, and what `datasets` fills a column missing from some rows with
+        [],  # ChatGLM-Efficient-Tuning / LLaMA-Factory rows without earlier rounds
+        (),
+    ],
+    ids=["empty-string", "blank-string", "null", "empty-list", "empty-tuple"],
+)
+def test_empty_or_null_history_is_no_history(history):
+    assert read_alpaca({"instruction": "q", "output": "a", "history": history}) == Example("q", "a")
+
+
+def test_history_pairs_as_lists_or_tuples():
+    row = {"instruction": "q2", "output": "a2", "history": [["q0", "a0"], ("q1", "")]}
+    assert read_alpaca(row).history == (("q0", "a0"), ("q1", ""))
+
+
+@pytest.mark.parametrize(
+    "history, detail",
+    [
+        ("[['q', 'a']]", "a string"),
+        ({"q": "a"}, "dict"),
+        ([["q", "a", "extra"]], "history[0]"),
+        ([["q", None]], "history[0]"),
+        ([["q", "half an emoji \ud83d"]], "history[0]"),
+    ],
+)
+def test_bad_history_is_a_counted_row_not_a_crash(history, detail):
+    bad = _bad(read_alpaca, {"instruction": "q", "output": "a", "history": history})
+    assert bad.reason in ("bad_history", "invalid_unicode") and detail in bad.detail
+
+
+# ---- preference data (issue 8, item 3) -------------------------------------------------------
+
+from instructglm.data.readers import read_preference  # noqa: E402
+
+
+def test_preference_sharegpt_layout_takes_chosen_as_the_answer():
+    # LLaMA-Factory's dpo_en_demo.json: the conversation before the answer, then one chosen and one rejected turn
+    row = {
+        "conversations": [
+            {"from": "human", "value": "2+2?"},
+            {"from": "gpt", "value": "4"},
+            {"from": "human", "value": "and 3+3?"},
+        ],
+        "chosen": {"from": "gpt", "value": "6"},
+        "rejected": {"from": "gpt", "value": "7"},
+    }
+    assert read_preference(row) == Example("and 3+3?", "6", history=(("2+2?", "4"),))
+    row["system"] = "be terse"
+    assert read_preference(row).system == "be terse"
+
+
+def test_preference_alpaca_layout():
+    row = {"instruction": "Add.", "input": "2 3", "chosen": "5", "rejected": "6", "history": ""}
+    assert read_preference(row) == Example("Add.", "5", input="2 3")
+
+
+@pytest.mark.parametrize(
+    "prompt, chosen, expected",
+    [
+        ("2+2?", "4", Example("2+2?", "4")),
+        ("2+2?", [{"role": "assistant", "content": "4"}], Example("2+2?", "4")),
+        (
+            [{"role": "system", "content": "s"}, {"role": "user", "content": "2+2?"}],
+            [{"role": "assistant", "content": "4"}],
+            Example("2+2?", "4", system="s"),
+        ),
+        (
+            [{"role": "user", "content": "2+2?"}],
+            [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],  # UltraFeedback: chosen repeats the prompt
+            Example("2+2?", "4"),
+        ),
+    ],
+    ids=["strings", "string-prompt-message-answer", "messages", "chosen-repeats-prompt"],
+)
+def test_preference_prompt_chosen_rejected_layout(prompt, chosen, expected):
+    assert read_preference({"prompt": prompt, "chosen": chosen, "rejected": chosen}) == expected
+
+
+def test_preference_without_prompt_field():
+    # the implicit-prompt layout: chosen is the whole conversation (messages, or Anthropic HH's transcript)
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert read_preference({"chosen": messages, "rejected": messages}) == Example("hi", "hello")
+    transcript = "\n\nHuman: 2+2?\n\nAssistant: 4\n\nHuman: and 3+3?\n\nAssistant: 6"
+    assert read_preference({"chosen": transcript, "rejected": "x"}) == Example("and 3+3?", "6", history=(("2+2?", "4"),))
+
+
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        ({"prompt": "q", "rejected": "r"}, "missing_field"),
+        ({"prompt": "q", "chosen": 3, "rejected": "r"}, "non_string_field"),
+        ({"prompt": "q", "chosen": "", "rejected": "r"}, "empty_output"),
+        ({"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "human", "value": "a"}}, "bad_conversation"),
+        ({"conversations": [{"from": "human", "value": "q"}], "chosen": ["a"]}, "bad_conversation"),
+        ({"chosen": "no transcript markers", "rejected": "r"}, "bad_conversation"),
+        ({"prompt": "q", "chosen": [{"role": "user", "content": "q"}]}, "bad_conversation"),
+    ],
+)
+def test_preference_bad_rows_have_a_reason(row, reason):
+    bad = _bad(read_preference, row)
+    assert bad.reason == reason and bad.detail
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"conversations", "chosen", "rejected"},
+        {"prompt", "chosen", "rejected"},
+        {"instruction", "input", "chosen", "rejected"},
+        {"chosen", "rejected"},
+    ],
+)
+def test_preference_fields_are_not_guessed_as_another_format(fields):
+    from instructglm.data.readers import is_preference
+
+    assert is_preference(fields)
+    assert detect_format(fields) is None

@@ -8,6 +8,7 @@ tiny Llama; the ChatGLM-6B tests use the real tokenizer from the shared folder.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -208,7 +209,7 @@ def test_save_is_atomic_and_replaces_an_old_dataset(tmp_path, llama_tokenizer, m
 
 def test_save_path_that_is_not_a_dataset_is_never_replaced(tmp_path, llama_tokenizer):
     path = _jsonl(tmp_path / "rows.jsonl", [{"context": "a", "target": "b"}])
-    with pytest.raises(DataError, match="holds no saved dataset"):
+    with pytest.raises(DataError, match="rows.jsonl, not part of a saved dataset"):
         tokenize_jsonl(path, tmp_path, llama_tokenizer, 16)  # the folder holding the jsonl itself
     (tmp_path / "file").write_text("x")
     with pytest.raises(DataError, match="is a file"):
@@ -237,11 +238,8 @@ def test_convert_sidecar_becomes_dataset_meta(tmp_path, llama_tokenizer, llama_d
         }
         == counts.__dict__
     )
-    # no sidecar, no meta file
-    tokenize_jsonl(
-        _jsonl(tmp_path / "plain.jsonl", [{"context": "a", "target": "b"}]), tmp_path / "ds2", llama_tokenizer, 5
-    )
-    assert not (tmp_path / "ds2" / DATA_META).exists()
+    assert (meta["template_source"], meta["jsonl_path"]) == ("convert", str(path))
+    assert meta["dropped_at"] == {"dropped_empty_target": [f"{path}:2"]}  # every row left out is located
 
 
 def test_cli_writes_a_loadable_dataset_and_prints_head_and_counts(tmp_path, llama_dir, capsys):
@@ -256,6 +254,10 @@ def test_cli_writes_a_loadable_dataset_and_prints_head_and_counts(tmp_path, llam
     printed = capsys.readouterr().out
     assert "input_ids" in printed and "seq_len" in printed
     assert "rows 6: kept 6 (truncated 6), dropped 0 prompt too long, 0 empty target" in printed
+    path.write_text(path.read_text(encoding="utf-8") + '{"context": "a a a a a a a a", "target": "b"}\n' * 7, encoding="utf-8")
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"dropped_prompt_too_long: 7 (at {path}:7, {path}:8, {path}:9, {path}:10, {path}:11, ...)" in printed
     dataset = datasets.load_from_disk(str(tmp_path / "ds"))
     assert dataset.column_names == ["input_ids", "seq_len"] and len(dataset) == 6
     assert all(len(ids) == 8 and seq_len == 6 for ids, seq_len in _rows(dataset))
@@ -348,3 +350,251 @@ def test_chatglm_through_the_cli_from_a_model_dir(tmp_path, chatglm6b_tokenizer_
         "你好，我是 ChatGLM。\n有什么可以帮你？", add_special_tokens=False
     )
     assert datasets.load_from_disk(str(tmp_path / "ds"))["input_ids"] == [expected + [tokenizer.eos_token_id]] * 3
+
+
+# ---- issue 8 ----------------------------------------------------------------------------------
+
+
+def _meta(save_path: Path) -> dict:
+    return json.loads((save_path / DATA_META).read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize(
+    "contexts, template, source",
+    [
+        (["Instruction: a\\nAnswer: ", "Instruction: b\\nInput: c\\nAnswer: "], "alpaca", "detected"),
+        (["指令: a\\n答案: "], "belle", "detected"),
+        (["a b", "Instruction: a\\nAnswer: "], "unknown", "unknown"),
+    ],
+)
+def test_data_without_a_sidecar_gets_a_detected_or_unknown_template(tmp_path, llama_tokenizer, contexts, template, source):
+    # a jsonl made by the 2023 scripts: no <jsonl>.meta.json beside it
+    rows = [{"context": c.replace("\\n", "\n"), "target": "a b"} for c in contexts]
+    path = _jsonl(tmp_path / "seed.jsonl", rows)
+    tokenize_jsonl(path, tmp_path / "ds", llama_tokenizer, 32)
+    meta = _meta(tmp_path / "ds")
+    assert (meta["template"], meta["template_source"]) == (template, source)
+    assert meta["counts"]["rows"] == len(rows) and "convert_counts" not in meta
+
+
+def test_a_stale_sidecar_is_not_trusted(tmp_path, llama_tokenizer, capsys):
+    # a kill between convert's two renames could leave the new jsonl beside the old sidecar
+    path = _jsonl(tmp_path / "rows.jsonl", [{"context": "Instruction: a\nAnswer: ", "target": "b"}])
+    sidecar = {"template": "belle", "format": "belle", "jsonl_bytes": 3, "jsonl_sha256": "0" * 64}
+    Path(f"{path}.meta.json").write_text(json.dumps(sidecar), encoding="utf-8")
+    tokenize_jsonl(path, tmp_path / "ds", llama_tokenizer, 16)
+    assert (_meta(tmp_path / "ds")["template"], _meta(tmp_path / "ds")["template_source"]) == ("alpaca", "detected")
+    assert "does not describe" in capsys.readouterr().err
+
+
+def test_cli_says_where_the_template_came_from(tmp_path, llama_dir, capsys):
+    from instructglm.cli import main
+
+    path = _jsonl(tmp_path / "rows.jsonl", [{"context": "a b", "target": "c"}])
+    argv = ["tokenize", "--jsonl_path", str(path), "--save_path", str(tmp_path / "ds"), "--max_seq_length", "8"]
+    assert main(argv + ["--model_name_or_path", str(llama_dir)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("template: "))
+    assert "unknown" in line and "rows.jsonl.meta.json" in line
+
+
+def test_a_dataset_dir_holding_other_files_is_never_replaced(tmp_path, llama_tokenizer):
+    import datasets
+
+    out = tmp_path / "ds"
+    path = _jsonl(tmp_path / "rows.jsonl", [{"context": "a", "target": "b"}])
+    tokenize_jsonl(path, out, llama_tokenizer, 16)
+    before = _rows(datasets.load_from_disk(str(out)))
+    inside = _jsonl(out / "rows.jsonl", [{"context": "a b", "target": "c d"}] * 2)  # the input kept beside its dataset
+    with pytest.raises(DataError, match=r"rows\.jsonl.*not part of a saved dataset"):
+        tokenize_jsonl(inside, out, llama_tokenizer, 16)
+    assert inside.is_file() and _rows(datasets.load_from_disk(str(out))) == before
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    inside.unlink()
+    with pytest.raises(DataError, match="notes.txt"):
+        tokenize_jsonl(path, out, llama_tokenizer, 16)
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
+
+
+def test_a_dataset_dict_dir_is_a_dataset(tmp_path, llama_tokenizer):
+    import datasets
+
+    out = tmp_path / "dd"
+    split = datasets.Dataset.from_dict({"input_ids": [[1, 2]], "seq_len": [1]})
+    datasets.DatasetDict({"train": split, "validation": split}).save_to_disk(str(out))
+    tokenize_jsonl(_jsonl(tmp_path / "rows.jsonl", [{"context": "a", "target": "b"}] * 3), out, llama_tokenizer, 16)
+    assert len(datasets.load_from_disk(str(out))) == 3
+
+
+def test_dataset_files_get_the_umask_mode(tmp_path, llama_tokenizer):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        tokenize_jsonl(_jsonl(tmp_path / "rows.jsonl", [{"context": "a", "target": "b"}]), tmp_path / "ds", llama_tokenizer, 16)
+    finally:
+        os.umask(old)
+    entries = [tmp_path / "ds", *(tmp_path / "ds").iterdir()]
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in entries}
+    assert modes.pop("ds") == 0o755 and DATA_META in modes
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_a_kill_after_the_swap_leaves_the_new_dataset_and_the_next_run_cleans_up(tmp_path, llama_tokenizer, monkeypatch):
+    import shutil
+
+    import datasets
+
+    from instructglm.data import tokenize as tokenize_module
+
+    out = tmp_path / "ds"
+    tokenize_jsonl(_jsonl(tmp_path / "a.jsonl", [{"context": "a", "target": "b"}]), out, llama_tokenizer, 16)
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt  # the old dataset is aside, about to be deleted
+
+    monkeypatch.setattr(tokenize_module.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_jsonl(_jsonl(tmp_path / "b.jsonl", [{"context": "a", "target": "b c"}] * 2), out, llama_tokenizer, 16)
+    monkeypatch.setattr(tokenize_module.shutil, "rmtree", real_rmtree)
+    assert len(datasets.load_from_disk(str(out))) == 2
+    tokenize_jsonl(tmp_path / "a.jsonl", out, llama_tokenizer, 16)
+    assert len(datasets.load_from_disk(str(out))) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl", "ds"]
+
+
+def test_an_old_dataset_put_aside_by_an_interrupted_swap_is_put_back(tmp_path, llama_tokenizer):
+    """Where renameat2 cannot exchange (another OS, some file systems) the swap renames the old one aside first."""
+    import subprocess
+    import sys
+
+    import datasets
+
+    from instructglm.data.io import temp_sibling
+    from instructglm.data.tokenize import recover_interrupted_swap
+
+    out = tmp_path / "ds"
+    tokenize_jsonl(_jsonl(tmp_path / "a.jsonl", [{"context": "a", "target": "b"}]), out, llama_tokenizer, 16)
+    dead_pid = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    os.rename(out, temp_sibling(out, "old", pid=dead_pid))  # killed before the new one was renamed in
+    assert not out.exists()
+    assert recover_interrupted_swap(out)
+    assert len(datasets.load_from_disk(str(out))) == 1 and sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "ds"]
+
+
+def test_a_deeply_nested_line_is_named_not_a_recursion_error(tmp_path, llama_tokenizer):
+    from instructglm.data.stats import jsonl_stats
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"context": "a", "target": "b"}\n' + "[" * 200_000 + "]" * 200_000 + "\n", encoding="utf-8")
+    for run in (lambda: tokenize_jsonl(path, tmp_path / "ds", llama_tokenizer, 16), lambda: jsonl_stats(str(path))):
+        with pytest.raises(DataError, match=rf"{path}:2: too_deep"):
+            run()
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_workers_die_with_their_parent(tmp_path, llama_dir):
+    """kill -9 of `tokenize --num_proc 2` takes its workers with it (they were reparented and kept running)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = _jsonl(tmp_path / "rows.jsonl", [{"context": "a", "target": "b"}] * 8)
+    script = f"""
+import time
+from instructglm.cli import main
+from instructglm.data.tokenize import RowEncoder
+RowEncoder.encode_batch = lambda self, contexts, targets: time.sleep(600)  # workers that would outlive the test
+main(["tokenize", "--jsonl_path", {str(path)!r}, "--save_path", {str(tmp_path / "ds")!r},
+      "--model_name_or_path", {str(llama_dir)!r}, "--num_proc", "2", "--batch_size", "2"])
+"""
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers := _children(parent.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(workers) >= 2, "the workers never started"
+        time.sleep(0.5)  # let them reach their initializer and the sleeping batch
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(map(_alive, workers)), f"workers {workers} outlived their parent"
+    finally:
+        for pid in [parent.pid, *(w for w in locals().get("workers", []) if _alive(w))]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_tokenize_command_imports_only_what_it_uses(tmp_path, llama_dir):
+    import subprocess
+    import sys
+
+    path = _jsonl(tmp_path / "rows.jsonl", [{"context": "a b", "target": "c"}])
+    script = f"""
+import json, sys
+from instructglm.cli import main
+code = main(["tokenize", "--jsonl_path", {str(path)!r}, "--save_path", {str(tmp_path / "ds")!r},
+             "--model_name_or_path", {str(llama_dir)!r}, "--max_seq_length", "8"])
+print(json.dumps([code, sorted(sys.modules)]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    code, modules = json.loads(done.stdout.strip().splitlines()[-1])
+    assert code == 0
+    unwanted = [
+        m
+        for m in modules
+        if m.split(".")[0] in ("peft", "sklearn", "scipy")
+        or m.startswith(("instructglm.train", "instructglm.infer", "instructglm.serve", "instructglm.models.chatglm.model"))
+        or (m.startswith("transformers.models.") and ".modeling_" in m and not m.startswith("transformers.models.auto."))
+    ]
+    assert unwanted == []
+
+
+def test_the_rename_aside_swap_replaces_a_dataset_too(tmp_path, llama_tokenizer, monkeypatch):
+    import errno
+
+    import datasets
+
+    from instructglm.data import tokenize as tokenize_module
+
+    def unsupported(a, b):
+        raise OSError(errno.ENOSYS, "no renameat2 here")
+
+    monkeypatch.setattr(tokenize_module, "_exchange", unsupported)
+    out = tmp_path / "ds"
+    tokenize_jsonl(_jsonl(tmp_path / "a.jsonl", [{"context": "a", "target": "b"}]), out, llama_tokenizer, 16)
+    tokenize_jsonl(_jsonl(tmp_path / "b.jsonl", [{"context": "a", "target": "b"}] * 2), out, llama_tokenizer, 16)
+    assert len(datasets.load_from_disk(str(out))) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl", "ds"]
+
+
+def test_a_symlinked_save_path_keeps_its_link(tmp_path, llama_tokenizer):
+    import datasets
+
+    real = tmp_path / "disk" / "ds"
+    real.parent.mkdir()
+    path = _jsonl(tmp_path / "a.jsonl", [{"context": "a", "target": "b"}])
+    tokenize_jsonl(path, real, llama_tokenizer, 16)
+    (tmp_path / "ds").symlink_to(real)
+    tokenize_jsonl(_jsonl(tmp_path / "b.jsonl", [{"context": "a", "target": "b"}] * 3), tmp_path / "ds", llama_tokenizer, 16)
+    assert (tmp_path / "ds").is_symlink() and len(datasets.load_from_disk(str(real))) == 3

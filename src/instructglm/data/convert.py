@@ -6,12 +6,17 @@ Writes one `{"context": prompt, "target": answer}` per line (UTF-8, non-ASCII ke
     instructglm convert --data_path data/alpaca_data.json --save_path data/alpaca_data.jsonl
     instructglm convert --dataset_name BelleGroup/generated_train_0.5M_CN --save_path data/belle_data.jsonl
 
-The format is detected from the first record's fields (`--format` to choose), the template
+The format is detected from the first record's fields (`--format` to choose; preference pairs,
+records with `chosen`/`rejected`, are refused until `--format preference` says to train on
+`chosen` as the answer), the template
 defaults to the format's (alpaca -> alpaca, belle -> belle, records with history and dialogues
 -> chatglm; `--template` to choose). Rows that cannot be used — malformed JSON lines, missing or
 non-string fields, text that is not valid Unicode, bad history or conversations, empty prompts
 or outputs — are skipped and counted by reason with their first locations; `--strict` stops at
-the first instead. The output appears at `--save_path` only when the whole run succeeds.
+the first instead. The output appears at `--save_path` only when the whole run succeeds, and
+never replaces the input itself (the same file by any path, symlink or hard link is refused).
+The sidecar records the jsonl's size and sha256, so a reader can tell when the two files are
+not from one run (a kill between their two renames).
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ from typing import Any, Literal
 from tqdm import tqdm
 
 from instructglm.data import stats as stats_lib
-from instructglm.data.io import iter_dataset_rows, iter_json_rows, write_json, write_jsonl
-from instructglm.data.readers import FORMATS, describe_formats, detect_format, read_rows
+from pathlib import Path
+
+from instructglm.data.io import fingerprint, iter_dataset_rows, iter_json_rows, same_file, write_json, write_jsonl
+from instructglm.data.readers import FORMATS, describe_formats, detect_format, is_preference, read_rows
 from instructglm.data.records import BadRow, DataError, Example
 from instructglm.data.templates import TEMPLATES, Template, get_template
 from instructglm.layout import jsonl_meta_path
@@ -85,6 +92,43 @@ def _source_rows(data_path: str | None, dataset_name: str | None, split: str) ->
     return dataset_name, iter_dataset_rows(dataset_name, split)
 
 
+def check_outputs(inputs: dict[str, str | None], outputs: dict[str, str | None]) -> None:
+    """Refuse an output that is an input (by any path, symlink or hard link) or an existing directory.
+
+    `inputs` and `outputs` map a flag (as the user wrote it) to its path; None entries are skipped.
+    """
+    for out_flag, out_path in outputs.items():
+        if not out_path:
+            continue
+        if Path(out_path).is_dir():
+            raise DataError(f"{out_flag} {out_path} is a directory; give the path of the file to write")
+        for in_flag, in_path in inputs.items():
+            if in_path and Path(in_path).exists() and same_file(in_path, out_path):
+                raise DataError(
+                    f"{out_flag} {out_path} is the input ({in_flag} {in_path}): writing it would replace the "
+                    f"data being read; choose another {out_flag}"
+                )
+
+
+def _choose_format(format: str, fields: list[str], source: str) -> str:
+    """The `--format` given, or the one the first record's fields show; refuse preference pairs for auto."""
+    if format != "auto":
+        return format
+    if is_preference(fields):
+        raise DataError(
+            f"{source}: preference pairs (fields seen: {', '.join(fields)}); auto will not guess which answer to "
+            "train on: --format preference takes `chosen` as the answer (rejected is ignored)"
+        )
+    detected = detect_format(fields)
+    if detected is None:
+        raise DataError(
+            f"{source}: unrecognised record shape; fields seen: {', '.join(fields)}. "
+            f"Known formats: {describe_formats()}. Rename the fields, or pass --format "
+            f"({' / '.join(FORMATS)}) to say which reader to use"
+        )
+    return detected
+
+
 def convert(
     save_path: str,
     data_path: str | None = None,
@@ -97,30 +141,25 @@ def convert(
     """Convert a dataset to a `{context, target}` jsonl at `save_path` and its sidecar; return the meta.
 
     Raises:
-        DataError: no source or two; an unrecognised record shape (the message lists the fields
+        DataError: no source or two; `save_path` (or its sidecar) is the input or a directory; an
+            unrecognised record shape or preference pairs under auto (the message lists the fields
             seen and the formats); an unknown template; no usable row; with `strict`, the first
             bad row (with its location). Nothing is written then.
-        FileNotFoundError: `data_path` does not exist.
+        MissingFile: `data_path` (or a local `dataset_name`) does not exist.
     """
     if format != "auto" and format not in FORMATS:
         raise DataError(f"--format {format!r}: unknown; use auto or one of {', '.join(FORMATS)}")
     if template is not None:
-        try:
-            get_template(template)
-        except ValueError as e:
-            raise DataError(str(e)) from None
+        get_template(template)  # raises BadValue naming the template
+    check_outputs(
+        {"--data_path": data_path, "--dataset_name": dataset_name},
+        {"--save_path": save_path, "its sidecar": jsonl_meta_path(save_path)},
+    )
     source, rows = _source_rows(data_path, dataset_name, split)
     fields, rows = _peek_fields(rows)
     if fields is None:
         raise DataError(f"{source}: no JSON object found; is it an instruction dataset (formats: {describe_formats()})?")
-    if format == "auto":
-        format = detect_format(fields)
-        if format is None:
-            raise DataError(
-                f"{source}: unrecognised record shape; fields seen: {', '.join(fields)}. "
-                f"Known formats: {describe_formats()}. Rename the fields, or pass --format "
-                f"({' / '.join(FORMATS)}) to say which reader to use"
-            )
+    format = _choose_format(format, fields, source)
     chosen = get_template(template or FORMATS[format].default_template)
     skipped = Skipped()
     written = 0
@@ -154,6 +193,7 @@ def convert(
         **({"split": split} if dataset_name and not data_path else {}),
         "counts": {"rows": written + sum(skipped.counts.values()), "written": written, "skipped": dict(skipped.counts)},
         "skipped_at": {reason: [loc for loc, _ in shown] for reason, shown in skipped.first.items()},
+        **fingerprint(save_path),
     }
     write_json(jsonl_meta_path(save_path), meta)
     meta["report"] = skipped.report()
@@ -170,8 +210,12 @@ class ConvertArguments:
         default=None, metadata={"help": "Input for datasets.load_dataset: a hub name or a local dir/file."}
     )
     split: str = field(default="train", metadata={"help": "Split of --dataset_name to convert."})
-    format: Literal["auto", "alpaca", "history", "belle", "sharegpt", "firefly"] = field(
-        default="auto", metadata={"help": "Input format; auto detects it from the first record's fields."}
+    format: Literal["auto", "alpaca", "history", "belle", "sharegpt", "firefly", "preference"] = field(
+        default="auto",
+        metadata={
+            "help": "Input format; auto detects it from the first record's fields (never preference: pairs with "
+            "chosen/rejected need --format preference, which trains on chosen as the answer)."
+        },
     )
     template: str | None = field(
         default=None,
@@ -194,7 +238,13 @@ ARGUMENTS = (ConvertArguments,)
 
 
 def main(args: ConvertArguments) -> int:
-    # the tokenizer and --max_seq_length are checked first, so a typo fails before the work
+    # outputs, the tokenizer and --max_seq_length are checked first, so a typo fails before the work
+    check_outputs(
+        {"--data_path": args.data_path, "--dataset_name": args.dataset_name},
+        {"--stats_path": args.stats_path},
+    )
+    if args.stats_path and same_file(args.stats_path, args.save_path):
+        raise DataError(f"--stats_path {args.stats_path} is --save_path; give the stats their own file")
     tokenizer, model_type = stats_lib.check_token_args(args.model_name_or_path, args.max_seq_length)
     meta = convert(
         args.save_path,

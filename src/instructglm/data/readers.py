@@ -10,6 +10,16 @@ Formats and the fields that identify them (`detect_format` looks at the first re
 - `sharegpt` — `conversations`: a list of `{"from", "value"}` turns (`human`/`user`,
                `gpt`/`assistant`/…, `system`); `{"role", "content"}` turns are read too.
 - `firefly`  — `conversation`: a list of `{"human", "assistant"}` rounds, optional `system`.
+- `preference` — pairs for DPO / reward models, trained on as instruction data with `chosen` as
+               the answer (`rejected` is ignored). Never detected: `detect_format` gives None for
+               records with `chosen` or `rejected`, so convert asks for `--format preference`
+               instead of reading half the record as another format. Layouts (`read_preference`):
+               `conversations` / `messages` (the turns before the answer: LLaMA-Factory's DPO
+               demo) or `prompt` (a string or turns) with `chosen` a string, a turn or a list of
+               turns (the completion, or the whole conversation repeating the prompt, as
+               UltraFeedback has it); Alpaca's `instruction`/`input` with a `chosen` string; or
+               `chosen` alone holding the whole conversation (turns, or Anthropic HH's
+               `\n\nHuman: … \n\nAssistant: …` transcript).
 
 For dialogues the last assistant reply is the output, the user turn before it the instruction,
 and earlier rounds the history. A leading system turn becomes `Example.system`; consecutive turns
@@ -19,11 +29,12 @@ mid-round) are dropped, since they have no answer to learn.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from instructglm.data.records import BadRow, Example
+from instructglm.data.records import BadRow, Example, text_problem
 
 USER_ROLES = frozenset({"human", "user"})
 ASSISTANT_ROLES = frozenset({"gpt", "assistant", "chatgpt", "bard", "bing", "model"})
@@ -39,26 +50,34 @@ def _text(row: Mapping, key: str, *, required: bool = True) -> str:
         return ""
     if not isinstance(value, str):
         raise BadRow("non_string_field", f"{key!r} is {type(value).__name__}, not a string")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            # a lone surrogate, from a JSON escape such as "\ud83d" cut off from its pair
-            raise BadRow("invalid_unicode", f"{key!r} holds {value[e.start]!r} at {e.start}, not valid Unicode") from None
+    if problem := text_problem(value):
+        raise BadRow("invalid_unicode", f"{key!r}: {problem}")
     return value
 
 
 def _history(value: Any) -> tuple[tuple[str, str], ...]:
-    if value is None:
+    """Earlier (query, answer) rounds; missing, null, "" (hikariming's Chinese Alpaca sets) and [] are none."""
+    if value is None or (isinstance(value, str) and not value.strip()):
         return ()
     if not isinstance(value, (list, tuple)):
-        raise BadRow("bad_history", f"'history' is {type(value).__name__}, not a list of [query, answer] pairs")
+        what = "a string" if isinstance(value, str) else type(value).__name__
+        raise BadRow("bad_history", f"'history' is {what} ({value!r:.60}), not a list of [query, answer] pairs")
     pairs = []
     for i, pair in enumerate(value):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
-            raise BadRow("bad_history", f"history[{i}] is {pair!r:.80}, not a [query, answer] pair of strings")
+            raise BadRow("bad_history", f"history[{i}] is {_short(pair)}, not a [query, answer] pair of strings")
+        for text in pair:
+            if problem := text_problem(text):
+                raise BadRow("invalid_unicode", f"history[{i}]: {problem}")
         pairs.append((pair[0], pair[1]))
     return tuple(pairs)
+
+
+def _short(value: Any) -> str:
+    """A value for a message, cut short; never recurses into deeply nested lists."""
+    if isinstance(value, (list, tuple, dict)):
+        return f"a {type(value).__name__} of {len(value)}"
+    return f"{value!r:.80}"
 
 
 def _checked(example: Example) -> Example:
@@ -119,10 +138,8 @@ def _conversation(row: Mapping, key: str) -> list:
     return conversation
 
 
-def read_sharegpt(row: Mapping) -> Example:
-    """ShareGPT: `conversations` of `{"from", "value"}` (or `{"role", "content"}`) turns."""
-    conversation = _conversation(row, "conversations")
-    system = _text(row, "system", required=False)
+def _turns(conversation: list, system: str = "") -> tuple[list[tuple[str, str]], str]:
+    """ShareGPT-style turns -> ((side, text) turns, system prompt); side is "user" or "assistant"."""
     turns: list[tuple[str, str]] = []
     for i, turn in enumerate(conversation):
         if not isinstance(turn, Mapping):
@@ -142,6 +159,12 @@ def read_sharegpt(row: Mapping) -> Example:
         else:
             known = sorted(USER_ROLES | ASSISTANT_ROLES | SYSTEM_ROLES)
             raise BadRow("bad_conversation", f"turn {i}: unknown role {role!r} (known: {', '.join(known)})")
+    return turns, system
+
+
+def read_sharegpt(row: Mapping) -> Example:
+    """ShareGPT: `conversations` of `{"from", "value"}` (or `{"role", "content"}`) turns."""
+    turns, system = _turns(_conversation(row, "conversations"), _text(row, "system", required=False))
     return _dialogue(turns, system)
 
 
@@ -153,6 +176,98 @@ def read_firefly(row: Mapping) -> Example:
             raise BadRow("bad_conversation", f"round {i} is {type(round_).__name__}, not an object")
         turns += [("user", _text(round_, "human")), ("assistant", _text(round_, "assistant"))]
     return _dialogue(turns, _text(row, "system", required=False))
+
+
+# Anthropic HH-RLHF's transcripts: "\n\nHuman: ...\n\nAssistant: ..." rounds in one string.
+_TRANSCRIPT_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def _transcript_turns(text: str) -> list[tuple[str, str]]:
+    parts = _TRANSCRIPT_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise BadRow(
+            "bad_conversation",
+            "'chosen' is a string but the record has no prompt (conversations, messages, prompt or instruction) "
+            "and the string is no '\\n\\nHuman: ... \\n\\nAssistant: ...' transcript",
+        )
+    return [("user" if role == "Human" else "assistant", body) for role, body in zip(parts[1::2], parts[2::2])]
+
+
+def _chosen_turns(chosen: Any) -> list[tuple[str, str]]:
+    """The turns `chosen` holds: one for a string or a turn object, all of them for a list."""
+    if isinstance(chosen, str):
+        if problem := text_problem(chosen):
+            raise BadRow("invalid_unicode", f"'chosen': {problem}")
+        return [("assistant", chosen)]
+    if isinstance(chosen, Mapping):
+        chosen = [chosen]
+    if not isinstance(chosen, list):
+        raise BadRow("non_string_field", f"'chosen' is {type(chosen).__name__}, not a string, a turn or a list of turns")
+    turns, system = _turns(chosen)
+    if system:
+        raise BadRow("bad_conversation", "'chosen' holds a system turn")
+    return turns
+
+
+def _prompt_turns(row: Mapping) -> tuple[list[tuple[str, str]], str]:
+    """The turns before the answer and the system prompt, from the record's first prompt field."""
+    system = _text(row, "system", required=False)
+    for key in ("conversations", "messages"):
+        if row.get(key) is not None:
+            return _turns(_conversation(row, key), system)
+    prompt = row.get("prompt")
+    if isinstance(prompt, str):
+        return [("user", _text(row, "prompt"))], system
+    if isinstance(prompt, list):
+        return _turns(prompt, system)
+    raise BadRow("non_string_field", f"'prompt' is {type(prompt).__name__}, not a string or a list of turns")
+
+
+def _answer_of(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    if not turns or turns[-1][0] != "assistant":
+        raise BadRow("bad_conversation", "'chosen' holds no assistant reply at its end")
+    return turns
+
+
+def read_preference_alpaca(row: Mapping) -> Example:
+    """LLaMA-Factory's Alpaca-style pairs: `instruction`, `input`, `chosen` (the answer), optional `history`/`system`."""
+    answer = _answer_of(_chosen_turns(row["chosen"]))
+    if len(answer) != 1:
+        raise BadRow("bad_conversation", "with 'instruction', 'chosen' must be the answer alone (a string or one assistant turn)")
+    return read_alpaca({**row, "output": answer[0][1]})
+
+
+def read_preference_with_prompt(row: Mapping) -> Example:
+    """`conversations` / `messages` / `prompt` before the answer, and `chosen`: the completion, or the
+    whole conversation repeating the prompt (UltraFeedback's layout)."""
+    turns, system = _prompt_turns(row)
+    answer = _answer_of(_chosen_turns(row["chosen"]))
+    if any(side == "user" for side, _ in answer):
+        return _dialogue(answer, system)
+    if turns and turns[-1][0] != "user":
+        raise BadRow("bad_conversation", "the prompt ends with an assistant turn, so 'chosen' answers nothing")
+    return _dialogue(turns + answer, system)
+
+
+def read_preference_conversation(row: Mapping) -> Example:
+    """No prompt field: `chosen` is the whole conversation (turns, or an HH `\\n\\nHuman: ...` transcript)."""
+    chosen = row["chosen"]
+    turns = _transcript_turns(chosen) if isinstance(chosen, str) else _chosen_turns(chosen)
+    return _dialogue(_answer_of(turns), _text(row, "system", required=False))
+
+
+PROMPT_FIELDS = ("conversations", "messages", "prompt")
+
+
+def read_preference(row: Mapping) -> Example:
+    """A preference pair as one example whose answer is `chosen`, by the layout its fields show."""
+    if row.get("chosen") is None:
+        raise BadRow("missing_field", f"no 'chosen' field (fields: {sorted(row)})")
+    if any(row.get(key) is not None for key in PROMPT_FIELDS):
+        return read_preference_with_prompt(row)
+    if row.get("instruction") is not None:
+        return read_preference_alpaca(row)
+    return read_preference_conversation(row)
 
 
 @dataclass(frozen=True)
@@ -171,13 +286,28 @@ FORMATS: dict[str, Format] = {
         Format("belle", read_belle, "belle", "input, target"),
         Format("sharegpt", read_sharegpt, "chatglm", "conversations: [{from, value}, ...]"),
         Format("firefly", read_firefly, "chatglm", "conversation: [{human, assistant}, ...]"),
+        Format(
+            "preference",
+            read_preference,
+            "chatglm",
+            "chosen[, rejected] with conversations, messages, prompt or instruction; only --format preference",
+        ),
     )
 }
 
+PREFERENCE_FIELDS = frozenset({"chosen", "rejected"})
+
+
+def is_preference(fields: Iterable[str]) -> bool:
+    """Whether a record with these fields is a preference pair (read only with `--format preference`)."""
+    return bool(PREFERENCE_FIELDS & set(fields))
+
 
 def detect_format(fields: Iterable[str]) -> str | None:
-    """The format name a record with these fields belongs to, or None."""
+    """The format name a record with these fields belongs to, or None (always None for preference pairs)."""
     fields = set(fields)
+    if is_preference(fields):
+        return None
     if "conversations" in fields:
         return "sharegpt"
     if "conversation" in fields:

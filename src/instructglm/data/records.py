@@ -40,3 +40,22 @@ class BadRow(Exception):
 
 class DataError(BadValue):
     """The input as a whole is unusable; the message names the file or record and the fix."""
+
+
+def text_problem(value: str) -> str | None:
+    """Why `value` cannot be written as UTF-8, or None when it can.
+
+    Two things get into a parsed string that UTF-8 cannot hold: a lone surrogate from a JSON escape
+    such as `"\\ud83d"` cut off from its pair, and a byte of a file that was not UTF-8, which the
+    array reader keeps as U+DC80..U+DCFF (Python's `surrogateescape`) so it costs one row.
+    """
+    if value.isascii():
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        char = value[e.start]
+        if 0xDC80 <= ord(char) <= 0xDCFF:
+            return f"byte 0x{ord(char) - 0xDC00:02x} at character {e.start} is not UTF-8; re-save the file as UTF-8"
+        return f"{char!r} at character {e.start} is half a surrogate pair, not valid Unicode"
+    return None

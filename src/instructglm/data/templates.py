@@ -37,6 +37,8 @@ import string
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from instructglm.errors import BadValue
+
 History = Sequence[tuple[str, str]]
 
 
@@ -127,11 +129,11 @@ def _custom(fmt: str) -> Callable[[str, str, History], str]:
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(fmt) if name is not None}
     except ValueError as e:
-        raise ValueError(f"--template {fmt!r}: not a valid format string ({e}); write {{{{ }}}} for literal braces") from None
+        raise BadValue(f"--template {fmt!r}: not a valid format string ({e}); write {{{{ }}}} for literal braces") from None
     unknown = fields - set(CUSTOM_FIELDS)
     if unknown or not fields & {"instruction", "input"}:
         problem = f"unknown fields {sorted(unknown)}" if unknown else "no {instruction} or {input} field"
-        raise ValueError(
+        raise BadValue(
             f"--template {fmt!r}: {problem}. Use a name ({', '.join(TEMPLATES)}) or a format string "
             f"with {{instruction}} and/or {{input}} (and optionally {{history}}); write {{{{ }}}} for literal braces"
         )
@@ -181,7 +183,7 @@ def get_template(name_or_format: str) -> Template:
     if name_or_format in TEMPLATES:
         return Template(name_or_format, TEMPLATES[name_or_format])
     if "{" not in name_or_format:
-        raise ValueError(
+        raise BadValue(
             f"--template {name_or_format!r}: unknown template; use one of {', '.join(TEMPLATES)}, "
             "or a format string with {instruction} and/or {input}"
         )

@@ -31,22 +31,42 @@ Rows are tokenized in batches, one tokenizer call per batch for prompts and targ
 by `--num_proc` worker processes (forked where the OS can, so the tokenizer is inherited, not
 pickled), with a progress bar; the result does not depend on `--num_proc` or `--batch_size`.
 
-The dataset is written to a temporary directory beside `save_path` and renamed into place, so an
-interrupted run never leaves half a dataset at `save_path`; an existing `save_path` is replaced
-only if it holds an earlier saved dataset or nothing. When convert left its sidecar
-`<jsonl>.meta.json`, `instructglm_data.json` in the dataset directory records the template, the
-tokenizer, `max_seq_length` and the counts.
+Workers die with the process that started them (Linux: `PR_SET_PDEATHSIG`; elsewhere a thread
+watching the parent), so a `kill -9` of tokenize leaves no worker running.
+
+Saving: the dataset is written to a temporary directory beside `save_path`, then swapped in with
+one atomic `renameat2(RENAME_EXCHANGE)` (Linux), so a kill at any instant leaves either the old
+dataset or the complete new one at `save_path`, never nothing and never a mix; the old one, now at
+the temporary name, is deleted after. Where the exchange is not available (another OS, a file
+system without it) the old dataset is renamed aside first; a kill between that rename and the
+next leaves it aside under a name that the next run puts back (`recover_interrupted_swap`), and
+what killed runs left beside `save_path` is removed by the next run. An exchange keeps
+`save_path` a plain directory (a symlink swap would also be atomic, but would turn it into a link
+that `cp -r`, `rsync` and other tools treat differently). An existing `save_path` is replaced only
+if everything in it belongs to a saved dataset (or it is empty): a directory that also holds the
+input jsonl, notes or anything else is refused, not emptied.
+
+`instructglm_data.json` in the dataset directory records the template and where it came from:
+`template_source` is `convert` (from convert's sidecar `<jsonl>.meta.json`, when it describes this
+very file), `detected` (`templates.detect_template` on the contexts, for a jsonl made by the 2023
+scripts) or `unknown`; plus the tokenizer, `max_seq_length` and the counts.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import itertools
 import json
 import multiprocessing
 import os
 import pickle
 import shutil
+import signal
+import sys
+import threading
 import uuid
+from array import array
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -55,8 +75,18 @@ from typing import Any
 
 import numpy as np
 
-from instructglm.data.io import iter_json_rows, write_json
-from instructglm.data.records import BadRow, DataError
+from instructglm.data.io import (
+    fingerprint,
+    fsync_dir,
+    iter_json_rows,
+    release,
+    remove_stale_siblings,
+    stale_siblings,
+    temp_sibling,
+    write_json,
+)
+from instructglm.data.records import BadRow, DataError, text_problem
+from instructglm.data.templates import detect_template
 from instructglm.layout import DATA_META, jsonl_meta_path
 from instructglm.models.loading import load_tokenizer
 from instructglm.models.registry import family_for
@@ -158,17 +188,22 @@ class RowEncoder:
         return prompt + target_ids + [self.eos_token_id], len(prompt), KEPT
 
     def encode_batch(self, contexts: list[str], targets: list[str]):
-        """(`pyarrow.Table` of the kept rows' input_ids and seq_len, `TokenizeCounts`) of a batch."""
+        """(`pyarrow.Table` of the kept rows' input_ids and seq_len, `TokenizeCounts`, dropped) of a batch.
+
+        `dropped` lists (position in the batch, outcome) of every row left out, so they can be located.
+        """
         import pyarrow as pa
 
         # one tokenizer call for prompts and targets: the batched (Rust / sentencepiece) path
         ids = self.tokenizer(contexts + targets, add_special_tokens=False)["input_ids"]
         counts = TokenizeCounts(rows=len(contexts))
-        input_ids, seq_lens = [], []
-        for context_ids, target_ids in zip(ids[: len(contexts)], ids[len(contexts) :], strict=True):
+        input_ids, seq_lens, dropped = [], [], []
+        for position, (context_ids, target_ids) in enumerate(zip(ids[: len(contexts)], ids[len(contexts) :], strict=True)):
             row, seq_len, outcome = self.encode(context_ids, target_ids)
             setattr(counts, outcome, getattr(counts, outcome) + 1)
-            if row is not None:
+            if row is None:
+                dropped.append((position, outcome))
+            else:
                 input_ids.append(row)
                 seq_lens.append(seq_len)
         counts.kept += counts.truncated
@@ -183,7 +218,7 @@ class RowEncoder:
                 "seq_len": pa.array(seq_lens, type=pa.int64()),
             }
         )
-        return table, counts
+        return table, counts, dropped
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled only where workers are spawned, not forked, or when a caller hands this to
@@ -195,20 +230,49 @@ class RowEncoder:
         self.__dict__.update(state, tokenizer=pickle.loads(state["tokenizer"]))
 
 
+@dataclass
+class JsonlRows:
+    """The rows of a converted jsonl, and where each one is (without a string per row)."""
+
+    path: str
+    contexts: list[str]
+    targets: list[str]
+    positions: array  # each row's line number (JSON Lines) or index (a JSON array)
+    in_array: bool = False
+
+    def location(self, row: int) -> str:
+        """`path:LINE` or `path[INDEX]` of row `row`, as `iter_json_rows` names it."""
+        position = self.positions[row]
+        return f"{self.path}[{position}]" if self.in_array else f"{self.path}:{position}"
+
+
 def read_jsonl(jsonl_path: str | os.PathLike) -> tuple[list[str], list[str]]:
     """The contexts and targets of a converted jsonl; every bad line is collected and raised at once."""
+    rows = read_jsonl_rows(jsonl_path)
+    return rows.contexts, rows.targets
+
+
+def read_jsonl_rows(jsonl_path: str | os.PathLike) -> JsonlRows:
+    """`read_jsonl` with each row's location (see `JsonlRows`)."""
     contexts: list[str] = []
     targets: list[str] = []
     bad: list[str] = []
+    positions = array("q")
+    prefix = len(str(Path(jsonl_path)))
+    in_array = False
     for location, row in iter_json_rows(jsonl_path):
         if isinstance(row, BadRow):
             bad.append(f"{location}: {row}")
         elif not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("context", "target")):
             seen = sorted(row) if isinstance(row, dict) else type(row).__name__
             bad.append(f"{location}: expected string fields context and target, found {seen}")
+        elif problem := text_problem(row["context"]) or text_problem(row["target"]):
+            bad.append(f"{location}: invalid_unicode: {problem}")
         else:
             contexts.append(row["context"])
             targets.append(row["target"])
+            in_array = location[prefix] == "["
+            positions.append(int(location[prefix + 1 :].rstrip("]")))
     if bad:
         shown = "\n  ".join(bad[:5]) + (f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise DataError(
@@ -217,16 +281,42 @@ def read_jsonl(jsonl_path: str | os.PathLike) -> tuple[list[str], list[str]]:
         )
     if not contexts:
         raise DataError(f"{jsonl_path}: no rows to tokenize")
-    return contexts, targets
+    return JsonlRows(str(Path(jsonl_path)), contexts, targets, positions, in_array)
 
 
 # The encoder of a worker process, set once by the pool initializer. With the fork start method
 # it is inherited rather than pickled: unpickling a sentencepiece model takes ~0.5 s per worker.
 _worker_encoder: RowEncoder | None = None
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
-def _start_worker(encoder: RowEncoder) -> None:
+
+def _die_with_parent(parent_pid: int) -> None:
+    """End this worker when the process that started it ends, however it ends (kill -9 included).
+
+    Linux delivers SIGKILL on the parent's death (`PR_SET_PDEATHSIG`); elsewhere a daemon thread
+    polls the parent pid. Checked once after arming, in case the parent died before.
+    """
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            armed = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    if not armed:
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                threading.Event().wait(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _start_worker(encoder: RowEncoder, parent_pid: int) -> None:
     global _worker_encoder
+    _die_with_parent(parent_pid)
     _worker_encoder = encoder
 
 
@@ -242,7 +332,8 @@ def _batch_encoder(encoder: RowEncoder, num_proc: int):
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     # an executor, not a Pool: a worker killed (say, out of memory) fails the run instead of hanging it
-    with ProcessPoolExecutor(num_proc, multiprocessing.get_context(method), _start_worker, (encoder,)) as pool:
+    context = multiprocessing.get_context(method)
+    with ProcessPoolExecutor(num_proc, context, _start_worker, (encoder, os.getpid())) as pool:
         yield lambda batches: pool.map(_encode_in_worker, batches)
 
 
@@ -262,36 +353,78 @@ def tokenize_dataset(
     on either. Raises `DataError` for bad lines, a tokenizer without eos, a `max_seq_length` that
     fits no row, and when every row is dropped.
     """
+    encoder = _encoder(tokenizer, max_seq_length, model_type, num_proc, batch_size)
+    dataset, counts, _ = _tokenize_rows(encoder, read_jsonl_rows(jsonl_path), num_proc, batch_size, progress)
+    return dataset, counts
+
+
+def _encoder(tokenizer, max_seq_length: int, model_type: str | None, num_proc: int, batch_size: int) -> RowEncoder:
+    if num_proc < 1 or batch_size < 1:
+        raise DataError(f"--num_proc {num_proc} and --batch_size {batch_size} must both be at least 1")
+    return RowEncoder(tokenizer, max_seq_length, model_type)
+
+
+SHOWN_LOCATIONS = 5  # dropped rows located per outcome in instructglm_data.json and the summary
+
+
+def _tokenize_rows(encoder: RowEncoder, rows: JsonlRows, num_proc: int, batch_size: int, progress: bool):
+    """(dataset, counts, {outcome: first locations of the rows it dropped}) of all `rows`."""
     import datasets
     import pyarrow as pa
     from tqdm.auto import tqdm
 
-    if num_proc < 1 or batch_size < 1:
-        raise DataError(f"--num_proc {num_proc} and --batch_size {batch_size} must both be at least 1")
-    encoder = RowEncoder(tokenizer, max_seq_length, model_type)
-    contexts, targets = read_jsonl(jsonl_path)
     counts = TokenizeCounts()
     tables = []
+    dropped_at: dict[str, list[str]] = {}
+    contexts, targets = rows.contexts, rows.targets
     starts = range(0, len(contexts), batch_size)
     batches = ((contexts[i : i + batch_size], targets[i : i + batch_size]) for i in starts)
     with _batch_encoder(encoder, min(num_proc, len(starts))) as encode_batches:
         # workers start before the bar: forking after tqdm starts its monitor thread could copy a held lock
         results = encode_batches(batches)
         with tqdm(total=len(contexts), unit=" rows", desc="Tokenizing", disable=not progress) as bar:
-            for table, batch_counts in results:
+            for start, (table, batch_counts, dropped) in zip(starts, results, strict=True):
                 tables.append(table)
                 counts.add(batch_counts)
+                for position, outcome in dropped:
+                    shown = dropped_at.setdefault(outcome, [])
+                    if len(shown) < SHOWN_LOCATIONS:
+                        shown.append(rows.location(start + position))
                 bar.update(batch_counts.rows)
+    jsonl_path = rows.path
     if counts.kept == 0:
         raise DataError(f"{jsonl_path}: every row was dropped ({counts.summary()}); raise --max_seq_length")
     table = datasets.table.InMemoryTable(pa.concat_tables(tables).combine_chunks())
     # an in-memory dataset is never cached; a given fingerprint spares hashing every token
-    return datasets.Dataset(table, fingerprint=uuid.uuid4().hex), counts
+    return datasets.Dataset(table, fingerprint=uuid.uuid4().hex), counts, dropped_at
 
 
-def _sibling(path: Path, kind: str) -> Path:
-    """A fresh hidden name beside `path`: same file system, so renames are atomic."""
-    return path.parent / f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+# Files `datasets.save_to_disk` writes for a Dataset (a DatasetDict: dataset_dict.json and one
+# such dir per split), the `cache-*.arrow` files `datasets` adds beside them, and ours.
+_DATASET_FILES = ("dataset_info.json", "state.json", DATA_META)
+_DATASET_FILE_PATTERNS = ("data-*-of-*.arrow", "dataset.arrow", "cache-*.arrow")
+
+
+def _is_dataset_file(path: Path) -> bool:
+    import fnmatch
+
+    return path.is_file() and not path.is_symlink() and (
+        path.name in _DATASET_FILES or any(fnmatch.fnmatch(path.name, pattern) for pattern in _DATASET_FILE_PATTERNS)
+    )
+
+
+def _foreign_entries(directory: Path) -> list[str]:
+    """Entries of `directory` that are no part of a saved Dataset or DatasetDict (so not ours to delete)."""
+    entries = sorted(directory.iterdir())
+    if not any(p.name == "dataset_dict.json" for p in entries):
+        return [p.name for p in entries if not _is_dataset_file(p)]
+    foreign = []  # a DatasetDict: every other entry is one split's dataset dir
+    for p in entries:
+        if p.is_dir() and not p.is_symlink():
+            foreign += [f"{p.name}/{sub}" for sub in _foreign_entries(p)]
+        elif p.name not in ("dataset_dict.json", DATA_META):
+            foreign.append(p.name)
+    return foreign
 
 
 def _check_save_path(save_path: Path) -> None:
@@ -300,23 +433,128 @@ def _check_save_path(save_path: Path) -> None:
         return
     if not save_path.is_dir():
         raise DataError(f"--save_path {save_path} is a file; give a directory for the dataset")
-    names = {p.name for p in save_path.iterdir()}
-    if names and not names & {"state.json", "dataset_dict.json"}:
+    foreign = _foreign_entries(save_path)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise DataError(
-            f"--save_path {save_path} is a directory that holds no saved dataset ({len(names)} entries) and would be "
-            "replaced; choose a new or dataset directory"
+            f"--save_path {save_path} holds {shown}, not part of a saved dataset; tokenize replaces the whole "
+            "directory, so choose a new or dataset-only directory (or move those files out)"
         )
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move the finished `tmp` to `target`, replacing an older dataset there only once `tmp` is complete."""
-    old = None
-    if target.exists():
-        old = _sibling(target, "old")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+RENAME_EXCHANGE = 2  # from <linux/fs.h>
+AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); OSError where unsupported."""
+    if not sys.platform.startswith("linux"):
+        raise OSError(errno.ENOSYS, "renameat2 is Linux only")
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        raise OSError(errno.ENOSYS, "this C library has no renameat2") from None
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+# renameat2 errors that mean "no exchange here" rather than a failure of this swap
+_NO_EXCHANGE = frozenset({errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV})
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Put the complete dataset dir `tmp` at `target`; at every instant `target` holds the old one or the new one."""
+    if not target.exists():
+        os.rename(tmp, target)
+        fsync_dir(target.parent)
+        return
+    try:
+        _exchange(tmp, target)  # the old dataset is now at `tmp`
+        old = tmp
+    except OSError as error:
+        if error.errno not in _NO_EXCHANGE:
+            raise
+        # rename-aside: a kill between these two renames leaves the old one aside, restored next run
+        old = temp_sibling(target, "old")
+        os.rename(target, old)
+        os.rename(tmp, target)
+    fsync_dir(target.parent)
+    try:
+        shutil.rmtree(old)
+    finally:
+        release(old)
+
+
+def recover_interrupted_swap(save_path: str | os.PathLike) -> bool:
+    """Put back an old dataset that a killed fallback swap left aside, if `save_path` is empty; True if it did.
+
+    Then remove what killed runs left beside `save_path` (half-written datasets, old ones).
+    """
+    save_path = Path(save_path)
+    restored = False
+    if not save_path.exists():
+        aside = [entry for entry, kind in stale_siblings(save_path) if kind == "old" and entry.is_dir()]
+        if aside:
+            os.rename(aside[-1], save_path)  # the newest: the one the last run put aside
+            restored = True
+    remove_stale_siblings(save_path)
+    return restored
+
+
+def read_convert_meta(jsonl_path: str | os.PathLike) -> dict[str, Any] | None:
+    """Convert's sidecar of `jsonl_path`, or None when there is none or it describes another version of the file.
+
+    A sidecar records the jsonl's size and sha256 (older ones do not and are taken as they are);
+    one that does not match — a kill between convert's two renames, or a jsonl edited since — is
+    ignored with a warning, so its template is not applied to data it does not describe.
+    """
+    sidecar = Path(jsonl_meta_path(jsonl_path))
+    if not sidecar.is_file():
+        return None
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        print(f"warning: {sidecar} is not valid JSON ({error}); ignoring it", file=sys.stderr)
+        return None
+    if not isinstance(meta, dict):
+        return None
+    recorded = {key: meta.get(key) for key in ("jsonl_bytes", "jsonl_sha256")}
+    if recorded["jsonl_sha256"] is not None and recorded != fingerprint(jsonl_path):
+        print(
+            f"warning: {sidecar} does not describe {jsonl_path} as it is now (size or sha256 differ); "
+            "ignoring it: re-run `instructglm convert` to get a matching pair",
+            file=sys.stderr,
+        )
+        return None
+    return meta
+
+
+def _template_of(convert_meta: dict[str, Any] | None, contexts: list[str]) -> tuple[str, str]:
+    """(template, template_source): convert's, else the one every context shows, else unknown."""
+    if convert_meta and convert_meta.get("template"):
+        return convert_meta["template"], "convert"
+    detected = detect_template(contexts)
+    return (detected, "detected") if detected else ("unknown", "unknown")
+
+
+def _dataset_meta(jsonl_path, contexts, tokenizer, model_type, max_seq_length, counts, model_name_or_path) -> dict:
+    convert_meta = read_convert_meta(jsonl_path)
+    template, template_source = _template_of(convert_meta, contexts)
+    meta: dict[str, Any] = {
+        "template": template,
+        "template_source": template_source,
+        "format": (convert_meta or {}).get("format"),
+        "source": (convert_meta or {}).get("source"),
+        "jsonl_path": str(jsonl_path),
+        "model_name_or_path": model_name_or_path or getattr(tokenizer, "name_or_path", None),
+        "family": family_for(model_type).name,
+        "max_seq_length": max_seq_length,
+        "counts": asdict(counts),
+    }
+    if convert_meta is not None:
+        meta["convert_counts"] = convert_meta.get("counts")
+    return meta
 
 
 def tokenize_jsonl(
@@ -332,39 +570,37 @@ def tokenize_jsonl(
 ) -> TokenizeCounts:
     """Tokenize a converted jsonl and `save_to_disk` it at `save_path` (atomically); return the counts.
 
-    See the module docstring for the row layout and the truncation rule; `tokenize_dataset` does
-    the work in memory. `model_name_or_path` is only recorded in `instructglm_data.json`.
+    See the module docstring for the row layout, the truncation rule and the swap; `tokenize_dataset`
+    does the work in memory. `model_name_or_path` is only recorded in `instructglm_data.json`.
+
+    Raises:
+        DataError: `save_path` is a file or holds anything but a saved dataset; bad lines (see
+            `read_jsonl`); a tokenizer or `max_seq_length` that fits no row; every row dropped.
     """
     save_path = Path(save_path)
+    if save_path.is_symlink():  # replace the dataset the link points at, and keep the link
+        save_path = save_path.resolve()
+    recover_interrupted_swap(save_path)
     _check_save_path(save_path)
-    dataset, counts = tokenize_dataset(
-        jsonl_path, tokenizer, max_seq_length, num_proc, batch_size, model_type, progress
-    )
+    encoder = _encoder(tokenizer, max_seq_length, model_type, num_proc, batch_size)
+    rows = read_jsonl_rows(jsonl_path)
+    dataset, counts, dropped_at = _tokenize_rows(encoder, rows, num_proc, batch_size, progress)
+    meta = _dataset_meta(jsonl_path, rows.contexts, tokenizer, model_type, max_seq_length, counts, model_name_or_path)
+    meta["dropped_at"] = dropped_at
     save_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(save_path, "tmp")
+    tmp = temp_sibling(save_path, "tmp")
     try:
         dataset.save_to_disk(str(tmp))
-        sidecar = Path(jsonl_meta_path(jsonl_path))
-        if sidecar.is_file():
-            convert_meta: dict[str, Any] = json.loads(sidecar.read_text(encoding="utf-8"))
-            write_json(
-                tmp / DATA_META,
-                {
-                    "template": convert_meta.get("template"),
-                    "format": convert_meta.get("format"),
-                    "source": convert_meta.get("source"),
-                    "jsonl_path": str(jsonl_path),
-                    "model_name_or_path": model_name_or_path or getattr(tokenizer, "name_or_path", None),
-                    "family": family_for(model_type).name,
-                    "max_seq_length": max_seq_length,
-                    "counts": asdict(counts),
-                    "convert_counts": convert_meta.get("counts"),
-                },
-            )
-        _replace_dir(tmp, save_path)
-    except BaseException:
+        write_json(tmp / DATA_META, meta)
+        _swap_in(tmp, save_path)
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT) and str(save_path) not in str(error):
+            # datasets / pyarrow name no file; the user needs to know which disk filled up
+            raise OSError(error.errno, f"{error.strerror} (saving the dataset; nothing was changed)", str(save_path)) from error
         raise
+    finally:
+        release(tmp)
     return counts
 
 
@@ -411,4 +647,22 @@ def main(args: TokenizeArguments) -> int:
     print(dataset)
     print(dataset.select(range(min(5, len(dataset)))).to_pandas())
     print(f"{args.jsonl_path} -> {args.save_path}: {counts.summary()}")
+    meta = json.loads((Path(args.save_path) / DATA_META).read_text(encoding="utf-8"))
+    for outcome, locations in meta["dropped_at"].items():
+        more = ", ..." if getattr(counts, outcome) > len(locations) else ""
+        print(f"  {outcome}: {getattr(counts, outcome)} (at {', '.join(locations)}{more})")
+    print(template_line(meta, args.jsonl_path))
     return 0
+
+
+def template_line(meta: dict[str, Any], jsonl_path: str) -> str:
+    """One line saying which template the dataset records and where it came from."""
+    sidecar = jsonl_meta_path(jsonl_path)
+    if meta["template_source"] == "convert":
+        return f"template: {meta['template']!r} (from convert's {sidecar})"
+    if meta["template_source"] == "detected":
+        return f"template: {meta['template']!r} (detected from the contexts; no usable {sidecar})"
+    return (
+        f"template: unknown (no usable {sidecar}, and the contexts match no registered template); recorded as "
+        "'unknown' in the dataset's meta: run `instructglm convert` to record the template"
+    )
