@@ -41,7 +41,7 @@ import torch
 
 from instructglm.data.io import write_json
 from instructglm.errors import BadValue, MissingDependency, MissingFile, UserError
-from instructglm.layout import DATA_META, LOSS_PLOT_FILE, RUN_CONFIG, SEED_ADAPTER_FILE, jsonl_meta_path
+from instructglm.layout import DATA_META, LOSS_PLOT_FILE, RUN_CONFIG, SEED_ADAPTER_FILE
 from instructglm.train.args import FinetuneArguments, TrainingArguments
 from instructglm.train.callbacks import LossPlotCallback, NonFiniteGuard, RunRecordCallback
 from instructglm.train.collator import collator_for
@@ -366,8 +366,12 @@ def _load_dataset(path: str, tokenizer, max_seq_length: int, model_type: str | N
 
 
 def _data_meta(dataset_path: str) -> dict | None:
-    """What `tokenize` (instructglm_data.json) or `convert` (<jsonl>.meta.json) recorded about the data."""
-    candidate = os.path.join(dataset_path, DATA_META) if os.path.isdir(dataset_path) else jsonl_meta_path(dataset_path)
+    """What `tokenize` (instructglm_data.json) or `convert` (<jsonl>.meta.json, if it still matches) recorded about the data."""
+    if not os.path.isdir(dataset_path):
+        from instructglm.data.tokenize import read_convert_meta
+
+        return read_convert_meta(dataset_path)  # ignores, with a warning, a sidecar of another version of the file
+    candidate = os.path.join(dataset_path, DATA_META)
     if os.path.isfile(candidate):
         with open(candidate, encoding="utf-8") as f:
             try:
