@@ -72,7 +72,7 @@ class ChatGLMConfig(PretrainedConfig):
         Raises:
             BadValue: the dict mixes both versions' fields, or holds a bad `chatglm_version`.
         """
-        from instructglm.models.chatglm3.config import chatglm_architecture
+        from instructglm.models.chatglm3.versions import chatglm_architecture
 
         if cls is ChatGLMConfig and chatglm_architecture(config_dict) == 2:
             from instructglm.models.chatglm3.config import ChatGLM3Config

@@ -50,7 +50,7 @@ from transformers.tokenization_utils_base import TruncationStrategy
 from transformers.utils import PaddingStrategy, logging
 
 from instructglm.errors import BadValue, MissingFile
-from instructglm.models.chatglm3.config import chatglm_version_from_name, parse_chatglm_version
+from instructglm.models.chatglm3.versions import chatglm_version_from_name, parse_chatglm_version
 
 logger = logging.get_logger(__name__)
 
