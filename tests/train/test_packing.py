@@ -108,6 +108,11 @@ def test_labelled_prompt_tail_and_labels_column():
         PackedCollator(pad_token_id=3)([{"rows": [dict(turns, labels=[1, 2])]}])
 
 
+def test_unpacked_collator_takes_a_labels_column_too():
+    rows = [{"input_ids": [40, 41, 42, 2], "seq_len": 1, "labels": [X, 41, X, 2]}, {"input_ids": [5, 6, 2], "seq_len": 2}]
+    assert CausalLMCollator(pad_token_id=0)(rows)["labels"].tolist() == [[X, 41, X, 2], [X, X, 2, X]]
+
+
 def test_packed_collator_for_refuses_models_that_would_mix_rows(tiny_llama_dir, tiny_chatglm_dir):
     from transformers import AutoTokenizer
 
