@@ -95,6 +95,15 @@ def test_packed_batch_layout_positions_and_labels():
     assert segments["attention_mask"].tolist() == [[1, 1, 1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 0, 0, 0]]
 
 
+def test_flash_attention_varlen_boundaries_over_the_flattened_batch():
+    rows = [{"input_ids": [5, 6, 7, 2], "seq_len": 2}, {"input_ids": [8, 9, 2], "seq_len": 1}]
+    other = {"input_ids": [10, 11, 12, 13, 2], "seq_len": 3}
+    batch = PackedCollator(pad_token_id=0, flash_attention_kwargs=True)([{"rows": rows}, other])
+    # rows of 4 and 3, then the second pack's row of 5 and its 2 padding tokens
+    assert batch["cu_seq_lens_q"].tolist() == batch["cu_seq_lens_k"].tolist() == [0, 4, 7, 12, 14]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32 and batch["max_length_q"] == batch["max_length_k"] == 5
+
+
 def test_labelled_prompt_tail_and_labels_column():
     # ChatGLM-6B labels its <sop> (the last prompt id) -- except where <sop> opens a row of the pack
     rows = [{"input_ids": [20, 1, 4, 30, 5], "seq_len": 3}, {"input_ids": [4, 31, 5], "seq_len": 1}]
@@ -172,10 +181,11 @@ def test_packed_llama_rows_equal_rows_alone(tiny_llama_dir, llama_dataset, atten
     model.config.use_cache = False
     rows = pick_rows(llama_dataset)
     pad = model.config.pad_token_id
-    batch = PackedCollator(pad_token_id=pad, pad_to_multiple_of=64)([{"rows": rows}])
+    # with the flash-attention varlen keys too: the eager/sdpa paths must ignore them
+    batch = PackedCollator(pad_token_id=pad, pad_to_multiple_of=64, flash_attention_kwargs=True)([{"rows": rows}])
     segments = PackedCollator(pad_token_id=pad, attention="segment_ids", pad_to_multiple_of=64)([{"rows": rows}])
     assert segments["attention_mask"].eq(0).any(), "the pack is padded, so padding is in play"
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     alone = CausalLMCollator(pad_token_id=pad)
     for k, row_loss in enumerate(packed_row_losses(logits, batch["labels"], segments["attention_mask"])):
         reference = model(**alone([rows[k]])).loss

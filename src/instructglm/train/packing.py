@@ -27,9 +27,12 @@ The packed batch (`PackedCollator`), for a batch of b packs padded on the right 
     row; padding counts 0, 1, 2, ... as one more row. No `attention_mask`: with no 2-D mask and no
     KV cache (`use_cache=False`), transformers' `masking_utils` finds the rows where positions
     restart (`find_packed_sequence_indices`) and builds block-diagonal causal attention for
-    eager, sdpa and flex attention; the flash-attention paths take the same `position_ids` as
-    varlen boundaries. (With a cache, or a 2-D mask, that detection is off and rows would see
-    each other: the recipe must run packed batches with `use_cache=False`.)
+    eager, sdpa and flex attention. (With a cache, or a 2-D mask, that detection is off and rows
+    would see each other: the recipe must run packed batches with `use_cache=False`.)
+    transformers' flash-attention path infers rows from `position_ids` only for a batch of one
+    row; for b > 1, `flash_attention_kwargs=True` adds its varlen boundaries over the flattened
+    batch (`cu_seq_lens_q/k` int32, padding as one more sequence, and `max_length_q/k`), the
+    keys `DataCollatorWithFlattening` emits (the eager/sdpa paths ignore them).
   - "segment_ids" (InstructGLM's native models): `attention_mask` [b, T] of segment ids: 1, 2,
     ..., k for the k rows of a pack in order, each row one contiguous run, 0 on padding. A plain
     padding mask (0/1) is the one-row case, so a model that implements this contract keeps its
@@ -193,10 +196,14 @@ class PackedCollator:
     pad_to_multiple_of: int | None = None
     # if set, a pack longer than this is an error
     max_seq_length: int | None = None
+    # also emit flash-attention varlen boundaries (cu_seq_lens_q/k, max_length_q/k), "position_ids" form only
+    flash_attention_kwargs: bool = False
 
     def __post_init__(self):
         if self.attention not in ATTENTION_FORMS:
             raise ValueError(f"PackedCollator(attention={self.attention!r}): choose one of {ATTENTION_FORMS}")
+        if self.flash_attention_kwargs and self.attention != "position_ids":
+            raise ValueError("PackedCollator(flash_attention_kwargs=True) is for the 'position_ids' form")
 
     def __call__(self, features: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         packs = [feature["rows"] if "rows" in feature else [feature] for feature in features]
@@ -211,6 +218,7 @@ class PackedCollator:
         labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros(shape, dtype=torch.long)
         segment_ids = torch.zeros(shape, dtype=torch.long)
+        sequence_lengths: list[int] = []  # every row, and each pack's padding, over the flattened batch
         for b, pack in enumerate(packs):
             start = 0
             for k, row in enumerate(pack):
@@ -221,13 +229,21 @@ class PackedCollator:
                 labels[b, start] = IGNORE_INDEX  # no label predicted from the previous row's last token
                 position_ids[b, start:end] = torch.arange(len(row_ids))
                 segment_ids[b, start:end] = k + 1
+                sequence_lengths.append(len(row_ids))
                 start = end
             position_ids[b, start:] = torch.arange(width - start)  # padding: one more "row" of its own
-        batch = {"input_ids": input_ids, "labels": labels}
+            if start < width:
+                sequence_lengths.append(width - start)
+        batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels}
         if self.attention == "position_ids":
             batch["position_ids"] = position_ids
         else:
             batch["attention_mask"] = segment_ids
+        if self.flash_attention_kwargs:
+            boundaries = torch.zeros(len(sequence_lengths) + 1, dtype=torch.int32)
+            boundaries[1:] = torch.cumsum(torch.tensor(sequence_lengths), 0)
+            batch.update(cu_seq_lens_q=boundaries, cu_seq_lens_k=boundaries.clone())
+            batch.update(max_length_q=max(sequence_lengths), max_length_k=max(sequence_lengths))
         return batch
 
 
