@@ -89,3 +89,46 @@ def test_loading_a_tokenizer_imports_no_model_code_nor_torch(tmp_path, chatglm6b
     assert done.returncode == 0, done.stderr
     assert "LOADED ChatGLMTokenizer chatglm" in done.stdout
     assert "MODEL_CODE []" in done.stdout
+
+
+@pytest.mark.parametrize("version", ["chatglm6b", "chatglm3"])
+def test_remote_code_never_runs_even_when_trusted(version, tmp_path, shared_dir):
+    """THUDM's snippets pass trust_remote_code=True; the checkpoint's own .py files must still never run."""
+    import json
+    import shutil
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(shared_dir / "fixtures" / version / "tiny", model_dir)
+    tokenizer_dir = shared_dir / "tokenizers" / ("chatglm-6b" if version == "chatglm6b" else "chatglm3-6b")
+    for name in os.listdir(tokenizer_dir):
+        if name != "config.json":
+            shutil.copy(tokenizer_dir / name, model_dir / name)
+    marker = tmp_path / "ran"
+    for code in ("tokenization_chatglm.py", "configuration_chatglm.py", "modeling_chatglm.py"):
+        (model_dir / code).write_text(f"open({str(marker)!r}, 'a').write({code!r})\n")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["auto_map"] = {
+        "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+        "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+        "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+    }
+    (model_dir / "config.json").write_text(json.dumps(config))
+    tokenizer_config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    done = run_python(
+        f"""
+        import instructglm
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        for trust in (None, True):
+            kwargs = {{}} if trust is None else {{"trust_remote_code": trust}}
+            loaded = [AutoTokenizer.from_pretrained({str(model_dir)!r}, **kwargs),
+                      AutoConfig.from_pretrained({str(model_dir)!r}, **kwargs),
+                      AutoModelForCausalLM.from_pretrained({str(model_dir)!r}, **kwargs)]
+            print("MODULES", sorted({{type(x).__module__.split(".")[0] for x in loaded}}))
+        """,
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("MODULES ['instructglm']") == 2, done.stdout
+    assert not marker.exists(), marker.read_text()

@@ -7,7 +7,7 @@ on first use, and each owns one mapping; so each registration runs right after i
 loaded (at once, if it already had when `import instructglm` ran):
 
 - `configuration_auto` → the config classes (`AutoConfig`);
-- `tokenization_auto`  → the tokenizer classes (`AutoTokenizer`);
+- `tokenization_auto`  → the tokenizer classes (`AutoTokenizer`, by the `tokenizer_class` name);
 - `modeling_auto`      → the model classes (`AutoModel`, `AutoModelForCausalLM`, ...).
 
 `modeling_auto` is often first imported by transformers' own model code in the middle of its
@@ -111,9 +111,13 @@ def _register_configs(auto: ModuleType) -> None:
 
 
 def _register_tokenizers(auto: ModuleType) -> None:
+    # Keyed by name, not by config class: AutoTokenizer then finds the class through tokenizer_config.json's
+    # `tokenizer_class` and counts it as explicit local code, which wins over the checkpoint's `auto_map`
+    # even under trust_remote_code=True (THUDM's snippets pass it). Keyed by the config class, transformers
+    # would run the checkpoint's tokenization_chatglm.py instead.
     for entry in REGISTRATIONS:
         if entry.tokenizer:
-            auto.AutoTokenizer.register(load_class(entry.config), tokenizer_class=load_class(entry.tokenizer), exist_ok=True)
+            auto.AutoTokenizer.register(f"instructglm:{entry.tokenizer}", tokenizer_class=load_class(entry.tokenizer), exist_ok=True)
 
 
 def _register_models(auto: ModuleType) -> None:
