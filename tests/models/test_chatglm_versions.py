@@ -155,9 +155,16 @@ def test_config_fields_decide_and_conflicts_are_refused():
         ChatGLMConfig.from_dict({"model_type": "chatglm", "chatglm_version": 4})
 
 
-def test_chatglm_version_overrides_the_fields(real_dirs, tmp_path):
+def test_chatglm_version_tells_v2_from_v3_but_never_contradicts_the_fields(real_dirs, tmp_path, shared_dir):
     config = json.loads((real_dirs[3] / "config.json").read_text())
-    assert type(ChatGLMConfig.from_dict({**config, "chatglm_version": 1})) is ChatGLMConfig
+    with pytest.raises(BadValue, match="chatglm_version=1, but its fields .*kv_channels.* are ChatGLM2/3's"):
+        ChatGLMConfig.from_dict({**config, "chatglm_version": 1})
+    # also as a from_pretrained keyword (checked like the file's own, never set afterwards unchecked)
+    with pytest.raises(BadValue, match="chatglm_version=3, but its fields .* are ChatGLM-6B's"):
+        AutoConfig.from_pretrained(shared_dir / "fixtures" / "chatglm6b" / "tiny", chatglm_version=3)
+    for bad in ("x", 7, True):
+        with pytest.raises(BadValue, match="use 1 .ChatGLM-6B., 2 .ChatGLM2-6B. or 3"):
+            AutoConfig.from_pretrained(shared_dir / "fixtures" / "chatglm3" / "tiny", chatglm_version=bad)
     assert ChatGLMConfig.from_dict({**config, "chatglm_version": "2"}).chatglm_version == 2
     directory = _copy(real_dirs[3], tmp_path / "chatglm3-6b")
     _write_json(directory / "config.json", {**config, "chatglm_version": 2})

@@ -74,6 +74,8 @@ class ChatGLMConfig(PretrainedConfig):
         """
         from instructglm.models.chatglm3.versions import chatglm_architecture
 
+        if "chatglm_version" in kwargs:  # an override given to from_pretrained is checked like the file's own
+            config_dict = {**config_dict, "chatglm_version": kwargs.pop("chatglm_version")}
         if cls is ChatGLMConfig and chatglm_architecture(config_dict) == 2:
             from instructglm.models.chatglm3.config import ChatGLM3Config
 

@@ -134,6 +134,8 @@ class ChatGLM3Config(PretrainedConfig):
         Raises:
             BadValue: the dict describes a ChatGLM-6B (v1) model, or holds a bad `chatglm_version`.
         """
+        if "chatglm_version" in kwargs:  # an override given to from_pretrained is checked like the file's own
+            config_dict = {**config_dict, "chatglm_version": kwargs.pop("chatglm_version")}
         if chatglm_architecture(config_dict) == 1:
             raise BadValue(
                 "this config.json describes a ChatGLM-6B (v1) model (fields "

@@ -59,17 +59,25 @@ def chatglm_version_from_name(name: str | None) -> int | None:
 def chatglm_architecture(config: Mapping[str, Any], where: str = "config.json") -> int:
     """1 for a ChatGLM-6B config, 2 for a ChatGLM2/3-6B one (the two share `model_type: "chatglm"`).
 
-    An explicit `chatglm_version` decides; else the fields only one architecture has; a config with neither
-    kind is ChatGLM-6B's (whose class defaults describe it).
+    The fields only one architecture has decide; an explicit `chatglm_version` settles a config holding
+    both kinds (or neither); a config with neither kind is ChatGLM-6B's (whose class defaults describe it).
 
     Raises:
-        BadValue: `chatglm_version` is not 1, 2 or 3, or the config holds fields of both architectures.
+        BadValue: `chatglm_version` is not 1, 2 or 3 or contradicts the fields, or the config holds fields of
+            both architectures and no `chatglm_version`.
     """
     explicit = parse_chatglm_version(config.get("chatglm_version"), where)
-    if explicit is not None:
-        return 1 if explicit == 1 else 2
     v1 = [name for name in V1_FIELDS if name in config]
     v2 = [name for name in V2_FIELDS if name in config]
+    if explicit is not None:
+        architecture = 1 if explicit == 1 else 2
+        fields = v2 if architecture == 1 else v1
+        if fields and not (v1 and v2):
+            raise BadValue(
+                f"{where}: chatglm_version={explicit}, but its fields ({', '.join(fields)}) are "
+                f"{'ChatGLM2/3' if architecture == 1 else 'ChatGLM-6B'}'s; drop the chatglm_version override"
+            )
+        return architecture
     if v1 and v2:
         raise BadValue(
             f"{where} mixes ChatGLM-6B fields ({', '.join(v1)}) with ChatGLM2/3 fields ({', '.join(v2)}); "
