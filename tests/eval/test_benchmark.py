@@ -139,3 +139,19 @@ def test_layout_errors_name_the_file_and_the_fix(tmp_path):
         load_benchmark(ASSETS / "ceval", split="test")
     with pytest.raises(MissingFile, match=r"subject\(s\) \['physics'\] not in"):
         load_benchmark(ASSETS / "ceval", subjects=["physics"])
+
+
+def test_a_gbk_file_and_an_empty_subject(tmp_path):
+    import shutil
+
+    root = tmp_path / "cmmlu"
+    shutil.copytree(ASSETS / "cmmlu", root)
+    first = sorted((root / "test").glob("*.csv"))[0]
+    first.write_bytes(first.read_text(encoding="utf-8").encode("gbk"))
+    with pytest.raises(BadValue, match=rf"{first.name}: not UTF-8 .*re-save the file as UTF-8"):
+        load_benchmark(root)
+    result = {"benchmark": "cmmlu", "split": "test", "0-shot": {
+        "average": 50.0, "overall": 50.0, "shots_dropped": 0, "short_dev": {},
+        "subjects": {"empty": {"accuracy": None, "correct": 0, "questions": 0}, "full": {"accuracy": 50.0, "correct": 1, "questions": 2}}}}
+    table = format_benchmark_table({"base": result})
+    assert "empty" in table and table.splitlines()[3].split()[-1] == "-"

@@ -106,7 +106,8 @@ def test_a_raw_dataset_is_rendered_with_the_template(tmp_path, number_rows):
                for i, w in enumerate(("one", "two"), 1)]
     source.write_text(json.dumps(records), encoding="utf-8")
     data = load_eval_rows(source, template="alpaca")
-    assert (data.format, data.template, data.rows) == ("alpaca", "alpaca", number_rows[:2])
+    expected = [{"row": i, **row} for i, row in enumerate(number_rows[:2])]
+    assert (data.format, data.template, data.rows) == ("alpaca", "alpaca", expected)
     assert load_eval_rows(source, template="belle").rows[0]["context"] == "指令: Write the number in English words.\n输入: 1\n答案: "
     assert len(load_eval_rows(source, max_rows=1).rows) == 1
 
@@ -157,3 +158,70 @@ def test_adapter_flags_and_existing_outputs(run_eval, glm_base, number_jsonl, tm
     (out / "metrics.json").write_text("{}", encoding="utf-8")
     assert run_eval("--model_name_or_path", glm_base, "--data", number_jsonl, "--output_dir", out) == 2
     assert "--overwrite true" in one_error_line(capsys)
+
+
+def test_a_prompt_past_the_context_is_left_out_not_a_crash(run_eval, glm_base, number_rows, tmp_path, capsys):
+    """A 1 MB prompt used to try to allocate its whole attention; it is now counted and located."""
+    data = write_jsonl(tmp_path / "long.jsonl", [number_rows[0], {"context": "long text " * 20000, "target": "x"}, number_rows[1]])
+    out = tmp_path / "out"
+    assert run_eval("--model_name_or_path", glm_base, "--data", data, "--output_dir", out, "--max_new_tokens", "2") == 0
+    assert "1 row(s) of" in capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["base"]
+    assert metrics["rows"] == 2 and metrics["data"]["skipped_over_context"] == 1 and metrics["data"]["skipped_rows"] == [1]
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [line["row"] for line in lines] == [0, 2]  # rows keep their index in --data
+
+
+def test_data_among_the_outputs_is_never_overwritten(run_eval, glm_base, number_jsonl, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    data = out / "predictions.jsonl"
+    data.write_bytes(number_jsonl.read_bytes())
+    before = data.read_bytes()
+    assert run_eval("--model_name_or_path", glm_base, "--data", data, "--output_dir", out, "--overwrite", "true") == 2
+    assert "which this eval would overwrite" in one_error_line(capsys)
+    assert data.read_bytes() == before
+
+
+def test_outputs_are_one_run_or_none(run_eval, glm_base, number_jsonl, tmp_path, capsys, monkeypatch):
+    """metrics.json goes last and the old one first: a failure half-way leaves no mixed set."""
+    import os
+
+    out = tmp_path / "out"
+    assert run_eval("--model_name_or_path", glm_base, "--data", number_jsonl, "--output_dir", out, "--max_new_tokens", "2") == 0
+    assert all(oct(os.stat(out / name).st_mode & 0o777) == oct(0o666 & ~_umask()) for name in ("metrics.json", "predictions.jsonl", "report.html"))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(out / "report.html"))
+
+    monkeypatch.setattr("instructglm.eval.report.write_report", full_disk)
+    assert run_eval("--model_name_or_path", glm_base, "--data", number_jsonl, "--output_dir", out, "--max_new_tokens", "2", "--max_rows", "3", "--overwrite", "true") == 2
+    assert "No space left" in one_error_line(capsys)
+    assert not (out / "metrics.json").exists() and not (out / "report.html").exists()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_max_length_applies_without_max_new_tokens(run_eval, glm_base, number_jsonl, tmp_path):
+    from instructglm.eval.evaluate import DEFAULT_NEW_TOKENS, EvalGenerationArguments
+
+    assert EvalGenerationArguments().max_new_tokens == DEFAULT_NEW_TOKENS
+    settings = EvalGenerationArguments(max_length=30)
+    assert settings.max_new_tokens is None and settings.max_length == 30
+    out = tmp_path / "out"
+    assert run_eval("--model_name_or_path", glm_base, "--data", number_jsonl, "--output_dir", out, "--max_length", "30") == 0
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["base"]
+    assert metrics["generation"]["max_length"] == 30 and metrics["generation"]["max_new_tokens"] is None
+
+
+def test_flag_values_and_templates(run_eval, glm_base, number_jsonl, tmp_path, capsys):
+    assert run_eval("--model_name_or_path", glm_base, "--data", number_jsonl, "--output_dir", tmp_path / "o", "--seed", "-1") == 2
+    assert "--seed must be between 0 and 2**32 - 1" in one_error_line(capsys)
+    load_eval_rows(number_jsonl, template="chatglm")
+    assert "--template 'chatglm' does not apply" in capsys.readouterr().err

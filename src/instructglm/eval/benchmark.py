@@ -110,9 +110,19 @@ def _subject_of(path: Path, split: str) -> str:
     return stem[: -len(split) - 1] if stem.endswith(f"_{split}") else stem
 
 
+def _not_utf8(path: Path, error: UnicodeDecodeError) -> BadValue:
+    return BadValue(
+        f"{path}: not UTF-8 ({error.reason} at byte {error.start} of a read block); re-save the file as UTF-8 "
+        "(C-Eval, CMMLU and MMLU ship as UTF-8; a GBK copy must be converted, e.g. `iconv -f gbk -t utf-8`)"
+    )
+
+
 def _first_row(path: Path) -> list[str]:
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        return next(csv.reader(f), [])
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            return next(csv.reader(f), [])
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, error) from None
 
 
 def detect_layout(root: str | Path) -> tuple[str, Path]:
@@ -149,6 +159,13 @@ def detect_layout(root: str | Path) -> tuple[str, Path]:
 
 def _read_questions(path: Path, layout: str, problems: list[str]) -> list[Question]:
     """The rows of one subject file; bad rows are appended to `problems` as `file:line: why`."""
+    try:
+        return _read_questions_utf8(path, layout, problems)
+    except UnicodeDecodeError as error:
+        raise _not_utf8(path, error) from None
+
+
+def _read_questions_utf8(path: Path, layout: str, problems: list[str]) -> list[Question]:
     questions = []
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f)
@@ -351,7 +368,7 @@ def score_benchmark(
         entry["correct"] += predicted == item.answer
         predictions[item.subject].append(predicted)
     for entry in subjects.values():
-        entry["accuracy"] = 100.0 * entry["correct"] / entry["questions"] if entry["questions"] else 0.0
+        entry["accuracy"] = 100.0 * entry["correct"] / entry["questions"] if entry["questions"] else None
     scored = [e for e in subjects.values() if e["questions"]]
     total = sum(e["questions"] for e in scored)
     return {
@@ -360,6 +377,8 @@ def score_benchmark(
         "overall": 100.0 * sum(e["correct"] for e in scored) / total if total else 0.0,
         "questions": total,
         "shots_dropped": sum(item.shots_dropped > 0 for item in items),
+        # subjects whose dev split has fewer rows than `shots`: their questions got only that many examples
+        "short_dev": {s.name: len(s.dev) for s in benchmark.subjects if len(s.dev) < shots},
         "subjects": subjects,
         "predictions": predictions,
     }
@@ -388,7 +407,10 @@ def format_benchmark_table(results: dict[str, dict[str, Any]]) -> str:
     columns = [(label, key) for label in labels for key in shot_keys]
     headers = ["subject"] + [f"{label} {key}" for label, key in columns]
     subjects = list(first[shot_keys[0]]["subjects"]) if shot_keys else []
-    lines = [[s] + [f"{results[l][k]['subjects'][s]['accuracy']:.2f}" for l, k in columns] for s in subjects]
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    lines = [[s] + [cell(results[l][k]["subjects"][s]["accuracy"]) for l, k in columns] for s in subjects]
     lines.append(["average"] + [f"{results[l][k]['average']:.2f}" for l, k in columns])
     lines.append(["overall"] + [f"{results[l][k]['overall']:.2f}" for l, k in columns])
     widths = [max(len(row[i]) for row in [headers] + lines) for i in range(len(headers))]
@@ -396,5 +418,15 @@ def format_benchmark_table(results: dict[str, dict[str, Any]]) -> str:
     def render(row: list[str]) -> str:
         return "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
 
-    title = f"{first['benchmark']} ({first['split']} split, accuracy %)"
-    return "\n".join([title, render(headers), "  ".join("-" * w for w in widths)] + [render(row) for row in lines])
+    title = f"{first['benchmark']} ({first['split']} split, accuracy %; - = no questions)"
+    notes = []
+    for key in shot_keys:
+        result = first[key]
+        if result.get("short_dev"):
+            short = ", ".join(f"{name} ({n})" for name, n in result["short_dev"].items())
+            notes.append(f"{key}: fewer dev rows than shots in {short}: those questions had that many examples")
+        dropped = {label: results[label][key]["shots_dropped"] for label in labels if results[label][key]["shots_dropped"]}
+        if dropped:
+            notes.append(f"{key}: {max(dropped.values())} question(s) had shots dropped to fit the context")
+    table = [title, render(headers), "  ".join("-" * w for w in widths)] + [render(row) for row in lines]
+    return "\n".join(table + notes)

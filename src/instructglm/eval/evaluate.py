@@ -29,14 +29,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from instructglm.errors import BadValue, MissingFile, OutputExists
 from instructglm.eval.metrics import require_eval_deps, score_predictions
-from instructglm.eval.results import OUTPUT_FILES, EvalData, EvalResults, ModelResult, write_results
+from instructglm.eval.results import (
+    METRICS_FILE,
+    OUTPUT_FILES,
+    EvalData,
+    EvalResults,
+    ModelResult,
+    write_metrics,
+    write_predictions,
+)
 from instructglm.infer.generate import GenerationArguments
 from instructglm.infer.load import DTYPES
 
@@ -105,17 +114,33 @@ class EvalArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"--{name} must be at least 1, got {value}")
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
         if any(k < 0 for k in self.benchmark_shots) or not self.benchmark_shots:
             problems.append(f"--benchmark_shots must be counts >= 0, got {self.benchmark_shots}")
         if problems:
             raise BadValue("; ".join(problems))
 
 
+DEFAULT_NEW_TOKENS = 256
+
+
 @dataclass
 class EvalGenerationArguments(GenerationArguments):
     # Scored against references: greedy, bounded answers by default (as `predict`).
-    max_new_tokens: Optional[int] = field(default=256, metadata={"help": "Maximum answer length in tokens."})
+    max_length: Optional[int] = field(
+        default=None,
+        metadata={"help": "Maximum prompt + answer length in tokens (instead of --max_new_tokens)."},
+    )
+    max_new_tokens: Optional[int] = field(
+        default=None, metadata={"help": f"Maximum answer length in tokens (default {DEFAULT_NEW_TOKENS}, unless --max_length is set)."}
+    )
     do_sample: bool = field(default=False, metadata={"help": "Sample (true) or decode greedily (false)."})
+
+    def __post_init__(self):
+        if self.max_new_tokens is None and self.max_length is None:
+            self.max_new_tokens = DEFAULT_NEW_TOKENS
+        super().__post_init__()
 
 
 ARGUMENTS = (EvalArguments, EvalGenerationArguments)
@@ -189,8 +214,14 @@ def load_eval_rows(path: str | Path, template: str | None = None, max_rows: int 
             elif not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("context", "target")):
                 problems.append(f"{location}: no string context and target")
             else:
-                rows.append({"context": row["context"], "target": row["target"]})
+                rows.append({"row": len(rows), "context": row["context"], "target": row["target"]})
         used_template = _saved_template(jsonl_meta_path(path)) or detect_template(r["context"] for r in rows)
+        if template and template != used_template:
+            print(
+                f"eval: warning: --template {template!r} does not apply to {path}: it is a converted jsonl whose prompts "
+                f"are already rendered (template {used_template or 'unknown'}); convert the source file again to change them",
+                file=sys.stderr,
+            )
     else:
         data_format = detect_format(first)
         if data_format is None:
@@ -207,7 +238,7 @@ def load_eval_rows(path: str | Path, template: str | None = None, max_rows: int 
             if isinstance(example, BadRow):
                 problems.append(f"{location}: {example}")
             else:
-                rows.append(render(example, chosen))
+                rows.append({"row": len(rows), **render(example, chosen)})
     if problems:
         raise DataError(f"--data {path}: {len(problems)} unusable row(s): {_shown(problems)}; fix or drop them (instructglm convert skips and counts bad rows)")
     if not rows:
@@ -399,6 +430,7 @@ def evaluate_models(
     for adapter in adapters:
         if adapter is not None:
             base = detach_adapter(attach_adapter(base, adapter))
+    data = rows_that_fit(data, tokenizer, base)
     results = EvalResults(data=data, generation={**asdict(settings), "seed": args.seed})
     for label, adapter in zip(labels, adapters):
         print(f"eval: {label}: {len(data.rows)} rows" + (f" (adapter {adapter})" if adapter else ""), file=sys.stderr, flush=True)
@@ -415,18 +447,71 @@ def evaluate_models(
     return results
 
 
+def rows_that_fit(data: EvalData, tokenizer: Any, model: Any) -> EvalData:
+    """`data` without the rows whose prompt alone fills the model's context.
+
+    Such a prompt cannot be answered within the length the model was built for, and a very long
+    one (a 1 MB context) would try to allocate its whole attention at once; these rows are left
+    out of every model's scores alike, counted and located (`EvalData.skipped`), with a warning.
+    Prompts that fit but leave less room than --max_new_tokens are generated and counted as
+    `prompts_over_context` (see `evaluate_generation`).
+    """
+    from instructglm.eval.perplexity import sequence_limit
+
+    limit = sequence_limit(model)
+    lengths = [len(ids) for ids in tokenizer([row["context"] for row in data.rows])["input_ids"]]
+    kept = [row for row, length in zip(data.rows, lengths) if length < limit]
+    skipped = [row["row"] for row, length in zip(data.rows, lengths) if length >= limit]
+    if not skipped:
+        return data
+    if not kept:
+        raise BadValue(f"--data {data.path}: every prompt is {limit} tokens or longer, the model's whole context; shorten them")
+    print(
+        f"eval: warning: {len(skipped)} row(s) of {data.path} are left out: their prompt alone fills the model's context "
+        f"of {limit} tokens (rows {', '.join(map(str, skipped[:5]))}{', ...' if len(skipped) > 5 else ''})",
+        file=sys.stderr,
+    )
+    return replace(data, rows=kept, skipped=skipped)
+
+
 # ---------------------------------------------------------------- the command
 
 
-def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
+def _check_output_dir(output_dir: Path, overwrite: bool, data_path: str) -> None:
+    """Refuse a file, earlier outputs without --overwrite, --data as one of the outputs, an unwritable dir."""
     if output_dir.exists() and not output_dir.is_dir():
         raise BadValue(f"--output_dir {output_dir} is a file; give a directory")
+    for name in OUTPUT_FILES:
+        target = output_dir / name
+        if target.exists() and Path(data_path).exists() and os.path.samefile(target, data_path):
+            raise BadValue(f"--data {data_path} is {target}, which this eval would overwrite; choose another --output_dir")
     existing = [name for name in OUTPUT_FILES if (output_dir / name).exists()]
     if existing and not overwrite:
         raise OutputExists(
-            f"--output_dir {output_dir} already holds {', '.join(existing)} of an earlier eval; pass --overwrite true "
-            "to replace them, or choose another --output_dir"
+            f"--output_dir {output_dir} already holds {', '.join(existing)} (from an earlier eval, or other files of "
+            "those names); pass --overwrite true to replace them, or choose another --output_dir"
         )
+    # find out now, not after every model has generated, that the results cannot be written
+    nearest = next(p for p in (output_dir, *output_dir.absolute().parents) if p.exists())
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise BadValue(f"--output_dir {output_dir}: {nearest} is not writable; choose another --output_dir")
+
+
+def write_outputs(output_dir: Path, results: EvalResults, report_rows: int) -> Path:
+    """predictions.jsonl, report.html, then metrics.json, each atomically, earlier outputs removed first.
+
+    metrics.json is written last and removed first, so a directory holding it holds a complete set
+    from one run; a kill or a full disk in between leaves no metrics.json rather than a mix.
+    """
+    from instructglm.eval.report import write_report
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in (METRICS_FILE, *OUTPUT_FILES):
+        (output_dir / name).unlink(missing_ok=True)
+    write_predictions(output_dir, results)
+    report = write_report(output_dir, results, report_rows)
+    write_metrics(output_dir, results)
+    return report
 
 
 def _warn_template_mismatch(data: EvalData, adapters: Sequence[str | None]) -> None:
@@ -455,11 +540,10 @@ def _summary_table(results: EvalResults) -> str:
 
 def main(args: EvalArguments, settings: EvalGenerationArguments) -> int:
     from instructglm.eval.benchmark import format_benchmark_table, load_benchmark
-    from instructglm.eval.report import write_report
 
     require_eval_deps()  # before any model loads: a missing extra fails in a second, not after generation
     output_dir = Path(args.output_dir)
-    _check_output_dir(output_dir, args.overwrite)
+    _check_output_dir(output_dir, args.overwrite, args.data)
     adapters = parse_adapters(args.adapter)
     first_adapter = next((a for a in adapters if a is not None), None)
     data = load_eval_rows(args.data, args.template or adapter_template(first_adapter), args.max_rows)
@@ -468,8 +552,7 @@ def main(args: EvalArguments, settings: EvalGenerationArguments) -> int:
     if args.benchmark:
         benchmark = load_benchmark(args.benchmark, args.benchmark_split, args.benchmark_subjects)
     results = evaluate_models(args.model_name_or_path, adapters, data, settings, args, benchmark)
-    write_results(output_dir, results)
-    report = write_report(output_dir, results, args.report_rows)
+    report = write_outputs(output_dir, results, args.report_rows)
     print(_summary_table(results))
     if benchmark is not None:
         print()

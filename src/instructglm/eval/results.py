@@ -46,11 +46,20 @@ class EvalData:
     sha256: str  # of the file's bytes
     format: str  # "converted" (a context/target jsonl) or the convert format it was read as
     template: str | None  # the template its prompts were rendered with, when known
-    rows: list[dict[str, str]]  # {"context", "target"}
+    rows: list[dict[str, Any]]  # {"row" (0-based index in the file), "context", "target"}
     total_rows: int = 0  # rows in the file (more than `rows` under --max_rows)
+    skipped: list[int] = field(default_factory=list)  # rows left out: prompt past the model's context
 
     def describe(self) -> dict[str, Any]:
-        return {"path": self.path, "sha256": self.sha256, "format": self.format, "rows": len(self.rows), "file_rows": self.total_rows}
+        return {
+            "path": self.path,
+            "sha256": self.sha256,
+            "format": self.format,
+            "rows": len(self.rows),
+            "file_rows": self.total_rows,
+            "skipped_over_context": len(self.skipped),
+            "skipped_rows": self.skipped[:100],
+        }
 
 
 @dataclass
@@ -110,7 +119,7 @@ def prediction_lines(results: EvalResults):
     for i, row in enumerate(results.data.rows):
         yield finite_or_none(
             {
-                "row": i,
+                "row": row.get("row", i),
                 "context": row["context"],
                 "target": row["target"],
                 "predictions": {m.label: m.answers[i] for m in results.models},
@@ -119,10 +128,21 @@ def prediction_lines(results: EvalResults):
         )
 
 
+def write_predictions(output_dir: str | Path, results: EvalResults) -> Path:
+    """Write `predictions.jsonl` into `output_dir` atomically; return its path."""
+    path = Path(output_dir) / PREDICTIONS_FILE
+    write_jsonl(path, prediction_lines(results))
+    return path
+
+
+def write_metrics(output_dir: str | Path, results: EvalResults) -> Path:
+    """Write `metrics.json` into `output_dir` atomically; return its path."""
+    path = Path(output_dir) / METRICS_FILE
+    write_json(path, metrics_document(results))
+    return path
+
+
 def write_results(output_dir: str | Path, results: EvalResults) -> tuple[Path, Path]:
-    """Write `metrics.json` and `predictions.jsonl` into `output_dir` (atomically); return their paths."""
-    output_dir = Path(output_dir)
-    metrics_path, predictions_path = output_dir / METRICS_FILE, output_dir / PREDICTIONS_FILE
-    write_jsonl(predictions_path, prediction_lines(results))
-    write_json(metrics_path, metrics_document(results))
-    return metrics_path, predictions_path
+    """Write `metrics.json` and `predictions.jsonl` (predictions first); return their paths."""
+    predictions = write_predictions(output_dir, results)
+    return write_metrics(output_dir, results), predictions
