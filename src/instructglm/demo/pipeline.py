@@ -4,12 +4,13 @@
       -> convert   (instructglm.data.convert: Alpaca template, jsonl + sidecar)  -> <out>/data/
       -> tokenize  (instructglm.data.tokenize, the demo's ChatGLM-6B-layout tokenizer)
       -> a tiny ChatGLM-6B-architecture model, random init, seeded            -> <out>/base/
-      -> exact match on the held-out prompts (demo/assets/sample_eval.json), before training
       -> LoRA training (instructglm.train.finetune.finetune, the `train` command's recipe) -> <out>/
-      -> exact match again, with the adapter; a few sample answers
+      -> `instructglm eval`'s library on the held-out prompts (demo/assets/sample_eval.json): the
+         base (= before training) and the adapter side by side               -> <out>/eval/report.html
+      -> exact match, BLEU-4, ROUGE-L and loss before/after; a few sample answers
 
 The last line is `exact match: before=B after=A` (fractions of the held-out prompts answered
-exactly, greedy decoding). The run dir is a normal `train` run dir, so afterwards
+exactly, greedy decoding); the line before it links the report. The run dir is a normal `train` run dir, so afterwards
 `instructglm chat --model_name_or_path outputs/demo/base --adapter outputs/demo` talks to it.
 
 Why it learns in minutes: every held-out answer follows from rules the training split shows
@@ -116,26 +117,23 @@ def build_tiny_chatglm(path: str | Path, seed: int = 0, tokenizer_dir: str | Pat
     return path
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """The rows of a jsonl the demo's convert step wrote (through the project's one jsonl reader)."""
-    from instructglm.data.io import iter_json_rows
+def evaluate_base_and_adapter(base_dir: Path, adapter: Path, eval_jsonl: Path, report_dir: Path, batch_size: int):
+    """`instructglm eval`'s library on the held-out prompts: base and adapter side by side, report.html written.
 
-    return [row for _, row in iter_json_rows(path)]
+    Returns the results (`instructglm.eval.results.EvalResults`): `results.models[0]` is the base
+    (the model before training), `results.models[1]` the adapter.
+    """
+    from instructglm.eval.evaluate import EvalArguments, EvalGenerationArguments, evaluate_models, load_eval_rows, write_outputs
 
-
-def exact_match(model_dir: Path, adapter: Path | None, rows: list[dict], batch_size: int) -> tuple[float, list[str]]:
-    """Greedy answers to each row's `context` (through the inference loader) and the fraction equal to `target`."""
-    from instructglm.infer.generate import GenerationArguments, generate_batch
-    from instructglm.infer.load import load_model
-
-    model, tokenizer, _ = load_model(str(model_dir), str(adapter) if adapter else None, dtype="float32", device="cpu")
-    settings = GenerationArguments(max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-    answers: list[str] = []
-    for start in range(0, len(rows), batch_size):
-        prompts = [row["context"] for row in rows[start : start + batch_size]]
-        answers += [completion.text.strip() for completion in generate_batch(model, tokenizer, prompts, settings)]
-    hits = sum(answer == row["target"].strip() for answer, row in zip(answers, rows))
-    return hits / len(rows), answers
+    data = load_eval_rows(eval_jsonl)
+    settings = EvalGenerationArguments(max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    args = EvalArguments(
+        model_name_or_path=str(base_dir), data=str(eval_jsonl), output_dir=str(report_dir),
+        dtype="float32", device="cpu", batch_size=batch_size, max_seq_length=MAX_SEQ_LENGTH,
+    )
+    results = evaluate_models(str(base_dir), [None, str(adapter)], data, settings, args)
+    write_outputs(report_dir, results, args.report_rows)
+    return results
 
 
 def _stage(name: str, started: float) -> float:
@@ -173,12 +171,6 @@ def main(args: DemoArguments) -> int:
     print(f"[demo] tokenize -> {dataset_dir}: {counts.summary()}")
     clock = _stage("data and model", clock)
 
-    # 4. before training.
-    eval_rows = read_jsonl(eval_jsonl)
-    before, _ = exact_match(base_dir, None, eval_rows, args.eval_batch_size)
-    print(f"[demo] exact match before training: {before:.2f} on {len(eval_rows)} held-out prompts")
-    clock = _stage("evaluation before training", clock)
-
     # 5. LoRA training with the `train` command's recipe.
     finetune_args = FinetuneArguments(
         dataset_path=str(dataset_dir),
@@ -209,20 +201,28 @@ def main(args: DemoArguments) -> int:
     finetune(finetune_args, training_args)
     clock = _stage("training", clock)
 
-    # 6. after training: the saved adapter on the saved base, loaded as `chat`/`predict` load it.
-    after, answers = exact_match(base_dir, out, eval_rows, args.eval_batch_size)
-    clock = _stage("evaluation after training", clock)
-    results = [{**row, "prediction": answer} for row, answer in zip(eval_rows, answers)]
+    # 6. evaluate: the base (= before training) and the saved adapter, loaded as chat/predict load them.
+    report_dir = out / "eval"
+    results = evaluate_base_and_adapter(base_dir, out, eval_jsonl, report_dir, args.eval_batch_size)
+    clock = _stage("evaluation of base and adapter", clock)
+    base, tuned = results.models
+    # eval scores exact match in percent; the demo's line keeps its fraction
+    before, after = base.metrics["exact_match"] / 100, tuned.metrics["exact_match"] / 100
+    predictions = [{**row, "prediction": answer} for row, answer in zip(results.data.rows, tuned.answers)]
     (out / "demo_results.json").write_text(
-        json.dumps({"before": before, "after": after, "predictions": results}, ensure_ascii=False, indent=1) + "\n",
+        json.dumps({"before": before, "after": after, "predictions": predictions}, ensure_ascii=False, indent=1) + "\n",
         encoding="utf-8",
     )
-    step = max(1, len(results) // max(1, args.num_samples))
-    for row in results[::step][: args.num_samples]:
+    step = max(1, len(predictions) // max(1, args.num_samples))
+    for row in predictions[::step][: args.num_samples]:
         mark = "ok" if row["prediction"] == row["target"].strip() else "WRONG"
         question = " / ".join(line for line in row["context"].strip().splitlines() if line)
         print(f"\nQ: {question}\nA: {row['prediction']}   [{mark}; expected {row['target']}]")
+    print()
+    for name in ("exact_match", "bleu-4", "rouge-l", "loss"):
+        print(f"[demo] {name:<11} before {base.metrics[name]:8.2f}   after {tuned.metrics[name]:8.2f}")
     print(f"\n[demo] total {time.perf_counter() - start:.0f}s; loss plot {out / 'loss.png'}; predictions {out / 'demo_results.json'}")
+    print(f"[demo] report (base vs adapter, open in a browser): {report_dir / 'report.html'}")
     print(f"exact match: before={before:.2f} after={after:.2f}", flush=True)
     return 0
 
