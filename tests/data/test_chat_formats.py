@@ -279,3 +279,23 @@ def test_truncated_rows_never_cut_a_prompt_mid_turn(v3_tokenizer):
         kept = row.input_ids[: last_end - tail]
         assert kept == full.input_ids[: len(kept)]
         assert row.input_ids[last_end - tail : last_end] in [full.input_ids[e - t : e] for _, e, t in full.spans]
+
+
+# ---- replies back to messages -----------------------------------------------------------------------------------
+
+
+def test_replies_parse_back_into_the_messages_they_were_trained_from(v3_tokenizer, glm4_tokenizer):
+    call = Message("assistant", "", (ToolCall("get_weather", {"city": "Paris", "days": 2}),))
+    for family, tok in ((CHATGLM3_6B, v3_tokenizer), (GLM_4, glm4_tokenizer)):
+        conversation = [TOOL_CONVERSATION[1], call, TOOL_CONVERSATION[3], TOOL_CONVERSATION[4]]
+        ids, labels = family.training_ids(tok, conversation, TOOLS)
+        runs = labelled_runs(ids, labels)
+        stops = set(family.stop_token_ids(tok))
+        replies = [family.parse_reply(tok.decode([t for t in run if t not in stops]), tok) for run in runs]
+        assert replies[0].tool_calls == call.tool_calls and replies[0].content == ""
+        assert replies[1] == Message("assistant", "It is 21 °C.")
+    # ChatGLM3's code interpreter keeps its metadata; a plain reply is its text
+    assert CHATGLM3_6B.parse_reply("interpreter\n```python\nprint(1)\n```") == Message(
+        "assistant", "```python\nprint(1)\n```", metadata="interpreter"
+    )
+    assert CHATGLM3_6B.parse_reply("\n 你好") == Message("assistant", "你好")

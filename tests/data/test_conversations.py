@@ -219,3 +219,12 @@ def test_stats_of_a_conversation_jsonl(chat_jsonl, tmp_path, chatglm3_tokenizer_
     assert stats["over_length"]["truncated"] == counts.truncated == 1
     assert stats["tokens"]["sequence"]["max"] > 150 >= max(len(ids) for ids in dataset["input_ids"])
     assert "chatglm3" in format_stats(stats)
+
+
+def test_worker_processes_give_the_same_conversation_rows(chat_jsonl, v3_tokenizer, glm4_tokenizer):
+    for tokenizer, model_type in ((v3_tokenizer, "chatglm"), (glm4_tokenizer, "glm")):
+        one, counts_one = tokenize_dataset(chat_jsonl, tokenizer, 1024, model_type=model_type, batch_size=1, progress=False)
+        two, counts_two = tokenize_dataset(
+            chat_jsonl, tokenizer, 1024, model_type=model_type, num_proc=2, batch_size=1, progress=False
+        )
+        assert one.to_dict() == two.to_dict() and counts_one == counts_two and counts_one.kept == 3

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from instructglm.data.messages import Conversation, Message
+from instructglm.data.messages import Conversation, Message, ToolCall
 from instructglm.data.records import BadRow, Example
 from instructglm.errors import BadValue
 
@@ -169,6 +169,9 @@ class TextFormat:
     def stop_token_ids(self, tokenizer, generation_config=None) -> list[int]:
         return unique([tokenizer.eos_token_id, *eos_ids_of(generation_config)])
 
+    def parse_reply(self, text: str) -> Message:
+        return Message("assistant", text)
+
 
 def _system(messages: Sequence[Message]) -> str:
     return "\n".join(m.content for m in messages if m.role == "system")
@@ -279,6 +282,41 @@ class ChatGLM3Format:
     def stop_token_ids(self, tokenizer, generation_config=None) -> list[int]:
         """eos, `<|user|>` and `<|observation|>` (THUDM's chat() stop ids), and the generation config's eos."""
         return unique([*tokenizer.chat_stop_token_ids, *eos_ids_of(generation_config)])
+
+    def parse_reply(self, text: str) -> Message:
+        """The assistant message a generation decodes to (special tokens kept, the stop token cut off).
+
+        As ChatGLM3's `process_response` reads it: each `<|assistant|>` part is a metadata line and a body;
+        no metadata is text, a tool name with a ```python tool_call(...)``` body is a call (its arguments
+        read as literals, never evaluated), any other metadata (ChatGLM3's code interpreter) is kept as is.
+        """
+        contents, calls, metadata = [], [], ""
+        for part in text.split("<|assistant|>"):
+            head, newline, body = part.partition("\n")
+            if not newline or not head.strip():
+                contents.append((body if newline else head).strip())
+                continue
+            arguments = _python_call_arguments(body)
+            if arguments is None:
+                metadata = head.strip()
+                contents.append(body.strip())
+            else:
+                calls.append(ToolCall(head.strip(), arguments))
+        return Message("assistant", "\n".join(c for c in contents if c), tuple(calls), metadata)
+
+
+def _python_call_arguments(body: str) -> dict[str, Any] | None:
+    """The keyword arguments of a ```python\ntool_call(k=v, ...)\n``` body as literals, or None if it is not one."""
+    lines = body.strip().split("\n")
+    if lines and lines[0].strip().startswith("```"):
+        lines = lines[1:-1] if len(lines) > 1 and lines[-1].strip().startswith("```") else lines[1:]
+    try:
+        call = ast.parse("\n".join(lines).strip(), mode="eval").body
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and not call.args):
+            return None
+        return {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords if keyword.arg}
+    except (SyntaxError, ValueError):
+        return None
 
 
 def _require_roles(tokenizer) -> None:
@@ -425,6 +463,21 @@ class ChatTemplateFormat:
 
     def context_prompt_ids(self, tokenizer, context: str) -> list[int]:
         return self.prompt_ids(tokenizer, [Message("user", context)])
+
+    def parse_reply(self, text: str, tokenizer=None) -> Message:
+        """The assistant message a generation decodes to. GLM-4's templates: a first line naming a tool, then
+        JSON arguments, is a call; other templates' tool-call syntax is the model's own, left in the text."""
+        if tokenizer is not None and not self.glm_style(tokenizer):
+            return Message("assistant", text)
+        head, newline, body = text.partition("\n")
+        if newline and head.strip():
+            try:
+                arguments = json.loads(body)
+            except json.JSONDecodeError:
+                return Message("assistant", body.strip(), metadata=head.strip())
+            if isinstance(arguments, dict):
+                return Message("assistant", "", (ToolCall(head.strip(), arguments),))
+        return Message("assistant", (body if newline and not head.strip() else text).strip())
 
     def end_of_turn_id(self, tokenizer) -> int:
         token_id = _token_id(tokenizer, self.end_of_turn) if self.end_of_turn else None

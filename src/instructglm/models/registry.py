@@ -30,6 +30,7 @@ in their jsonl / OpenAI shape):
     ids = family.context_prompt_ids(tokenizer, context)          # a (context, target) row's prompt: a text template's output
     input_ids, labels = family.training_ids(tokenizer, messages, tools=None)
     stops = family.stop_token_ids(tokenizer, generation_config=None)
+    reply = family.parse_reply(tokenizer.decode(new_ids), tokenizer)   # -> Message (tool calls parsed)
 """
 
 from __future__ import annotations
@@ -113,6 +114,13 @@ class ModelFamily:
     def stop_token_ids(self, tokenizer, generation_config: Any = None) -> list[int]:
         """The ids generation stops at (a `GenerationConfig` or dict's `eos_token_id` included)."""
         return self.chat_format.stop_token_ids(tokenizer, generation_config)
+
+    def parse_reply(self, text: str, tokenizer=None):
+        """The assistant `Message` a generated reply decodes to (`tokenizer.decode(new_ids)` with special tokens,
+        the stop token cut off): ChatGLM3's and GLM-4's tool calls become `tool_calls`, other text is its content."""
+        if isinstance(self.chat_format, ChatTemplateFormat):
+            return self.chat_format.parse_reply(text, tokenizer)
+        return self.chat_format.parse_reply(text)
 
     def lora_target_modules(self, model_type: str | None) -> list[str] | str:
         """LoRA target modules: the family's, else peft's table for the architecture, else all-linear."""
