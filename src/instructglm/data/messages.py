@@ -227,8 +227,8 @@ def to_example(conversation: Conversation) -> Example:
     if conversation.uses_tools:
         raise BadRow(
             "needs_messages_template",
-            "tools, tool calls or tool results cannot be written as a text prompt; convert with --template messages "
-            "and train a family with role tokens (ChatGLM3, GLM-4, a chat template)",
+            "tools, tool calls or tool results cannot be written as a text prompt: such rows need --template messages "
+            "at convert and a model family with role tokens (ChatGLM3, GLM-4, a chat template)",
         )
     system = "\n".join(m.content for m in conversation.messages if m.role == "system")
     sides: list[list[str]] = []

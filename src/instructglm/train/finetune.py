@@ -179,6 +179,10 @@ def load_data(
         )
     meta = _data_meta(args.dataset_path)
     template, source = _training_template(args, meta)
+    if template == "messages" and not family.role_tokens:
+        # a text family wrote the conversations with its own round template: record that one, which every
+        # text prompt builder (chat, predict, serve) renders as training did
+        template = family.chat_format.template
     if source == "unknown" and warn:
         print(
             f"warning: the prompt template of {args.dataset_path} is unknown (nothing recorded beside it by convert or "
