@@ -131,3 +131,169 @@ def tiny_llama_dir(path, seed: int = 0, tokenizer: str = "word", vocab_multiple:
     model.save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+# ---- the other families: ChatGLM2/3 (native), GLM-4 (transformers' Glm/Glm4), a Llama with a chat template ----------
+
+TINY_CHATGLM3 = {
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_attention_heads": 4,
+    "kv_channels": 16,
+    "multi_query_group_num": 2,
+    "ffn_hidden_size": 128,
+    "seq_length": 512,
+}
+
+
+def tiny_chatglm3_dir(path, tokenizer_dir, version: int = 3, seed: int = 0, **config_overrides) -> Path:
+    """Save a random-init tiny native ChatGLM2-6B (`version=2`) or ChatGLM3-6B model at `path`; return the path.
+
+    The tokenizer is the real `tokenizer.model` of `tokenizer_dir` (the shared chatglm3-6b dir, which
+    ChatGLM2 shares), saved with `chatglm_version`; the embedding and output layer have its 64798 ids
+    padded to a multiple of 64 (THUDM padded to 65024). `config_overrides` are `ChatGLM3Config` fields.
+    """
+    import torch
+
+    import instructglm  # noqa: F401
+    from instructglm.models.chatglm3 import ChatGLM3Config, ChatGLM3ForConditionalGeneration, ChatGLM3Tokenizer
+
+    path = Path(path)
+    tokenizer = ChatGLM3Tokenizer.from_pretrained(str(tokenizer_dir), chatglm_version=version)
+    fields = {**TINY_CHATGLM3, "padded_vocab_size": padded_vocab_size(tokenizer, 64), "chatglm_version": version}
+    fields.update(config_overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ChatGLM3ForConditionalGeneration(ChatGLM3Config(**fields))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# GLM-4's chat template in the shape of THUDM's GLM-4-0414 / glm-4-9b-chat-hf tokenizer_config.json: `[gMASK]<sop>`,
+# the tools as a system message listing each function as indented JSON, system messages first, then
+# `<|user|>\n…`, `<|assistant|>\n…` (a tool call: `<|assistant|>{tool name}\n{JSON arguments}`), `<|observation|>\n…`,
+# and `<|assistant|>` as the generation prompt; no end-of-turn token (the model stops at the next role token).
+# Written after GLM-4-Z1-Rumination-32B-0414's template as its GGUF conversion log prints it and the GLM-Z1-0414
+# template quoted in a project's constants.py (both found with the code search tools); the hf repo's own
+# tokenizer_config.json could not be read here, so this is faithful to GLM-4's documented format rather than a copy.
+GLM4_CHAT_TEMPLATE = (
+    "[gMASK]<sop>"
+    "{%- if tools -%}<|system|>\n你是一个名为 ChatGLM 的人工智能助手。你是基于智谱 AI 公司训练的语言模型 GLM-4 模型开发的，"
+    "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具"
+    "{%- for tool in tools %}{%- set function = tool.function if tool.get('function') else tool %}\n\n"
+    "## {{ function.name }}\n\n{{ function | tojson(indent=4, ensure_ascii=False) }}\n"
+    "在调用上述函数时，请使用 Json 格式表示调用的参数。{%- endfor %}{%- endif -%}"
+    "{%- for msg in messages %}{%- if msg.role == 'system' %}<|system|>\n{{ msg.content }}{%- endif %}{%- endfor %}"
+    "{%- for message in messages if message.role != 'system' %}"
+    "{%- set role = message['role'] %}{%- set content = message['content'] %}{%- set meta = message.get('metadata', '') %}"
+    "{%- if role == 'user' %}<|user|>\n{{ content }}"
+    "{%- elif role == 'assistant' and not meta %}<|assistant|>\n{{ content }}"
+    "{%- elif role == 'assistant' and meta %}<|assistant|>{{ meta }}\n{{ content }}"
+    "{%- elif role == 'observation' %}<|observation|>\n{{ content }}"
+    "{%- endif %}{%- endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+GLM4_SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
+# Characters the tests' conversations and GLM-4's tools prompt use.
+CHAT_CHARS = sorted(
+    set(ALPHABET + string.ascii_uppercase + "\n\"'{}[]_()=`#/*+<>|°")
+    | set("你是一个名为的人工智能助手。基于智谱公司训练语言模型开发，任务针对用户问题和要求提供适当答复支持可用工具在调用上述函数时请使用格式表示参数")
+)
+
+
+def _char_fast_tokenizer(specials: list[str], chat_template: str, prefix: list[str], **tokens):
+    """A character-level fast tokenizer: `specials` first (matched whole in text), then `CHAT_CHARS`; `prefix`
+    specials open every encoded text (as GLM-4's `[gMASK]<sop>`, a Llama's `<s>`)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(specials + ["<unk>"] * ("<unk>" not in specials) + CHAT_CHARS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+    if prefix:
+        single = " ".join(prefix) + " $A"
+        backend.post_processor = processors.TemplateProcessing(single=single, special_tokens=[(t, vocab[t]) for t in prefix])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=chat_template, unk_token="<unk>", **tokens)
+
+
+def glm4_tokenizer():
+    """GLM-4's special tokens (at its own relative positions), `[gMASK]<sop>` before every text, its chat template."""
+    return _char_fast_tokenizer(
+        GLM4_SPECIALS, GLM4_CHAT_TEMPLATE, ["[gMASK]", "<sop>"], eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+def tiny_glm4_dir(path, model_type: str = "glm", seed: int = 0, **config_overrides) -> Path:
+    """Save a random-init tiny GLM-4 at `path`: `model_type` "glm" (GlmForCausalLM, glm-4-9b-chat-hf) or "glm4"
+    (Glm4ForCausalLM, GLM-4-0414), with `glm4_tokenizer()` and a generation config whose eos ids are GLM-4's
+    (`<|endoftext|>`, `<|user|>`, `<|observation|>`)."""
+    import torch
+    from transformers import GenerationConfig, Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM
+
+    classes = {"glm": (GlmConfig, GlmForCausalLM), "glm4": (Glm4Config, Glm4ForCausalLM)}
+    config_class, model_class = classes[model_type]
+    path = Path(path)
+    tokenizer = glm4_tokenizer()
+    eos = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|user|>", "<|observation|>"])
+    fields = {
+        **TINY_LLAMA,
+        "head_dim": 16,
+        "vocab_size": padded_vocab_size(tokenizer, 64),
+        "eos_token_id": eos,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+    }
+    fields.update(config_overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config_class(**fields))
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# A small chat template in the OpenAI shape (tool_calls on assistant messages, `tool` results), each turn ended by eos
+# and a newline, as Qwen's <|im_end|>\n does.
+LLAMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{%- if tools %}<|system|>\n{{ tools | tojson }}</s>{{ '\\n' }}{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' %}<|assistant|>\n{{ m.content }}"
+    "{%- for c in m.tool_calls or [] %}<call>{{ c.function | tojson }}</call>{%- endfor %}</s>{{ '\\n' }}"
+    "{%- elif m.role == 'tool' %}<|tool|>\n{{ m.content }}</s>{{ '\\n' }}"
+    "{%- else %}<|{{ m.role }}|>\n{{ m.content }}</s>{{ '\\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def tiny_chat_llama_dir(path, seed: int = 0, **config_overrides) -> Path:
+    """Save a random-init tiny Llama whose character-level tokenizer has `LLAMA_CHAT_TEMPLATE` at `path`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    tokenizer = _char_fast_tokenizer(
+        ["<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"],
+        LLAMA_CHAT_TEMPLATE,
+        ["<s>"],
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
+    fields = {
+        **TINY_LLAMA,
+        "vocab_size": padded_vocab_size(tokenizer, 64),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tie_word_embeddings": False,
+    }
+    fields.update(config_overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(**fields))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

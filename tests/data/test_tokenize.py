@@ -235,6 +235,8 @@ def test_convert_sidecar_becomes_dataset_meta(tmp_path, llama_tokenizer, llama_d
             "truncated": 1,
             "dropped_prompt_too_long": 0,
             "dropped_empty_target": 1,
+            "dropped_unsupported": 0,
+            "turns_dropped": 0,
         }
         == counts.__dict__
     )

@@ -263,3 +263,41 @@ def test_phases_one_by_one_give_what_finetune_gives(tiny_llama_dir, llama_datase
     assert recipe.save_run(trainer, {"note": "by hand"}, result.metrics) == tmp_path / "phases"
     torch.testing.assert_close(adapter_tensors(tmp_path / "phases"), adapter_tensors(tmp_path / "whole"), rtol=0, atol=0)
     assert json.loads((tmp_path / "phases" / "instructglm_train.json").read_text())["note"] == "by hand"
+
+
+def test_rows_with_labels_are_trained_on_those_labels():
+    from instructglm.errors import BadValue
+    from instructglm.train.collator import CausalLMCollator
+    from instructglm.train.finetune import RowLabelsCollator
+
+    collate = RowLabelsCollator(CausalLMCollator(pad_token_id=0))
+    rows = [
+        {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, -100, 8, 9], "seq_len": 1},
+        {"input_ids": [5, 6, 7], "labels": [-100, -100, 7], "seq_len": 2},
+    ]
+    batch = collate(rows)
+    assert batch["labels"].tolist() == [[-100, 6, -100, 8, 9], [-100, -100, 7, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    # rows without labels keep the seq_len rule
+    assert collate([{"input_ids": [5, 6, 7], "seq_len": 2}])["labels"].tolist() == [[-100, -100, 7]]
+    with pytest.raises(BadValue, match="2 labels for 3 input ids"):
+        collate([{"input_ids": [5, 6, 7], "labels": [-100, 7], "seq_len": 2}])
+
+
+def test_record_names_the_family_and_its_stop_ids(tiny_llama_dir, llama_dataset, tmp_path):
+    out = tmp_path / "run"
+    assert train_in_process(*common_flags(tiny_llama_dir, llama_dataset, out, max_steps=2, save_steps=2)) == 0
+    run = json.loads((out / "instructglm_train.json").read_text())
+    assert (run["family"], run["chat_format"], run["template"]) == ("causal-lm", "text", "plain")
+    assert run["stop_token_ids"] == [3]  # the char tokenizer's </s>
+
+
+def test_a_dataset_tokenized_for_another_family_is_refused(tiny_llama_dir, llama_dataset, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(llama_dataset, data)
+    meta = json.loads((data / "instructglm_data.json").read_text())
+    (data / "instructglm_data.json").write_text(json.dumps({**meta, "family": "chatglm3-6b"}))
+    message = train_user_error(capsys, *common_flags(tiny_llama_dir, data, tmp_path / "o", max_steps=1))
+    assert "was tokenized for the chatglm3-6b family, but the model is causal-lm" in message

@@ -1,6 +1,9 @@
 """convert: an instruction dataset (JSON / JSON Lines file, or a `datasets` name or dir) -> jsonl.
 
-Writes one `{"context": prompt, "target": answer}` per line (UTF-8, non-ASCII kept), a sidecar
+Writes one `{"context": prompt, "target": answer}` per line (UTF-8, non-ASCII kept) — or, with
+`--template messages`, one whole conversation `{"messages": [...], "tools": [...]}` per line (system
+prompt, tools, tool calls and results, every turn; see `instructglm.data.messages`), which the model
+family writes in its own chat format at tokenize time — a sidecar
 `<save_path>.meta.json` (template, format, source, counts), and prints the length table.
 
     instructglm convert --data_path data/alpaca_data.json --save_path data/alpaca_data.jsonl
@@ -10,7 +13,7 @@ The format is detected from the first record's fields (`--format` to choose; pre
 records with `chosen`/`rejected`, are refused until `--format preference` says to train on
 `chosen` as the answer), the template
 defaults to the format's (alpaca -> alpaca, belle -> belle, records with history and dialogues
--> chatglm; `--template` to choose). Rows that cannot be used — malformed JSON lines, missing or
+-> chatglm, OpenAI `messages` -> messages; `--template` to choose). Rows that cannot be used — malformed JSON lines, missing or
 non-string fields, text that is not valid Unicode, bad history or conversations, empty prompts
 or outputs — are skipped and counted by reason with their first locations; `--strict` stops at
 the first instead. The output appears at `--save_path` only when the whole run succeeds, and
@@ -35,15 +38,19 @@ from pathlib import Path
 
 from instructglm.data.io import fingerprint, iter_dataset_rows, iter_json_rows, same_file, write_json, write_jsonl
 from instructglm.data.readers import FORMATS, describe_formats, detect_format, is_preference, read_rows
+from instructglm.data.messages import Conversation
 from instructglm.data.records import BadRow, DataError, Example
-from instructglm.data.templates import TEMPLATES, Template, get_template
+from instructglm.data.templates import MESSAGES, TEMPLATES, Template, get_template
 from instructglm.layout import jsonl_meta_path
 
 SHOWN_LOCATIONS = 5  # how many bad-row locations per reason the report keeps
 
 
-def render(example: Example, template: Template) -> dict[str, str]:
-    """One output line. A system prompt, where the format has one, goes before the template's prompt."""
+def render(example: Example | Conversation, template: Template) -> dict:
+    """One output line. A system prompt, where the format has one, goes before the template's prompt;
+    a conversation (template `messages`) is written whole."""
+    if isinstance(example, Conversation):
+        return example.to_dict()
     context = template.render(example.instruction, example.input, example.history)
     if example.system:
         context = f"{example.system}\n{context}"
@@ -164,7 +171,7 @@ def convert(
     skipped = Skipped()
     written = 0
 
-    def lines(examples: Iterable[tuple[str, Example | BadRow]]) -> Iterator[dict[str, str]]:
+    def lines(examples: Iterable[tuple[str, Example | Conversation | BadRow]]) -> Iterator[dict]:
         nonlocal written
         for location, example in examples:
             if isinstance(example, BadRow):
@@ -184,7 +191,7 @@ def convert(
                 f"skipped:\n{skipped.report()}"
             )
 
-    progress = tqdm(read_rows(rows, format), desc="formatting", unit=" rows", disable=None)
+    progress = tqdm(read_rows(rows, format, conversations=chosen.name == MESSAGES), desc="formatting", unit=" rows", disable=None)
     write_jsonl(save_path, lines(progress))
     meta = {
         "template": chosen.name,
@@ -202,7 +209,9 @@ def convert(
 
 @dataclass
 class ConvertArguments:
-    save_path: str = field(metadata={"help": "Output jsonl of {context, target} lines (its sidecar: <save_path>.meta.json)."})
+    save_path: str = field(
+        metadata={"help": "Output jsonl of {context, target} lines, or {messages, tools} with --template messages (its sidecar: <save_path>.meta.json)."}
+    )
     data_path: str | None = field(
         default=None, metadata={"help": "Input JSON array or JSON Lines file (.json or .jsonl; BOM and CRLF are fine)."}
     )
@@ -210,7 +219,7 @@ class ConvertArguments:
         default=None, metadata={"help": "Input for datasets.load_dataset: a hub name or a local dir/file."}
     )
     split: str = field(default="train", metadata={"help": "Split of --dataset_name to convert."})
-    format: Literal["auto", "alpaca", "history", "belle", "sharegpt", "firefly", "preference"] = field(
+    format: Literal["auto", "alpaca", "history", "belle", "sharegpt", "firefly", "messages", "preference"] = field(
         default="auto",
         metadata={
             "help": "Input format; auto detects it from the first record's fields (never preference: pairs with "
@@ -221,7 +230,9 @@ class ConvertArguments:
         default=None,
         metadata={
             "help": f"Prompt template: {', '.join(TEMPLATES)}, or a format string with {{instruction}} {{input}} "
-            "[{history}]. Default: the format's (alpaca, belle, or chatglm for history/dialogues)."
+            "[{history}]. `messages` keeps whole conversations (system, tools, tool turns, every turn trained) for "
+            "the model family to write in its own chat format. Default: the format's (alpaca, belle, chatglm for "
+            "history/dialogues, messages for OpenAI messages)."
         },
     )
     strict: bool = field(default=False, metadata={"help": "Stop at the first bad row (with its location) instead of skipping it."})

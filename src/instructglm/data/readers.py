@@ -21,6 +21,16 @@ Formats and the fields that identify them (`detect_format` looks at the first re
                `chosen` alone holding the whole conversation (turns, or Anthropic HH's
                `\n\nHuman: … \n\nAssistant: …` transcript).
 
+- `messages` — OpenAI's chat layout: `messages` of `{"role", "content"}` (system, user, assistant
+               with `tool_calls`, `tool` results) and optional `tools`.
+
+Whole conversations (`read_conversation`, for `convert --template messages`): every format also
+reads into an `instructglm.data.messages.Conversation`, which keeps system prompts, tools, tool
+calls and tool results and every turn. `sharegpt` then also reads ChatGLM3's fine-tuning layout
+(`conversations` of role/content turns, where a `tool` turn holds `name`, `parameters` and
+`observation`, plus a `tools` field) and LLaMA-Factory's ShareGPT tool layout (`function_call`
+turns holding `{"name", "arguments"}` JSON, `observation` turns, a `tools` JSON string).
+
 For dialogues the last assistant reply is the output, the user turn before it the instruction,
 and earlier rounds the history. A leading system turn becomes `Example.system`; consecutive turns
 of one side are joined with a newline; user turns after the last reply (a conversation cut off
@@ -29,16 +39,20 @@ mid-round) are dropped, since they have no answer to learn.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from instructglm.data.messages import Conversation, Message, checked, from_example, parse_tools, to_example, tool_call
 from instructglm.data.records import BadRow, Example, text_problem
 
 USER_ROLES = frozenset({"human", "user"})
 ASSISTANT_ROLES = frozenset({"gpt", "assistant", "chatgpt", "bard", "bing", "model"})
 SYSTEM_ROLES = frozenset({"system"})
+# Tool turns of the layouts `read_conversation` reads; the text templates cannot show them.
+TOOL_ROLES = frozenset({"function_call", "observation", "tool"})
 
 
 def _text(row: Mapping, key: str, *, required: bool = True) -> str:
@@ -158,7 +172,8 @@ def _turns(conversation: list, system: str = "") -> tuple[list[tuple[str, str]],
             turns.append(("assistant", text))
         else:
             known = sorted(USER_ROLES | ASSISTANT_ROLES | SYSTEM_ROLES)
-            raise BadRow("bad_conversation", f"turn {i}: unknown role {role!r} (known: {', '.join(known)})")
+            hint = " (a tool turn: convert with --template messages to keep it)" if role in TOOL_ROLES else ""
+            raise BadRow("bad_conversation", f"turn {i}: unknown role {role!r} (known: {', '.join(known)}){hint}")
     return turns, system
 
 
@@ -270,12 +285,121 @@ def read_preference(row: Mapping) -> Example:
     return read_preference_conversation(row)
 
 
+# ---- whole conversations (convert --template messages) --------------------------------------------------------------
+
+
+def _sharegpt_messages(turn: Mapping, i: int) -> list[Message]:
+    """The messages of one `conversations` turn (ShareGPT from/value, or role/content with ChatGLM3's tool turns)."""
+    if not isinstance(turn, Mapping):
+        raise BadRow("bad_conversation", f"turn {i} is {type(turn).__name__}, not an object")
+    role_key, text_key = ("from", "value") if turn.get("from") is not None else ("role", "content")
+    role = _text(turn, role_key).lower()
+    where = f"turn {i}"
+    if role == "tool" and ("parameters" in turn or "observation" in turn):
+        # ChatGLM3's demo: one turn for the call and its result
+        call = tool_call({"name": turn.get("name"), "arguments": turn.get("parameters") or {}}, where)
+        result = turn.get("observation")
+        result = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False)
+        loss = turn.get("loss")
+        return [
+            Message("assistant", tool_calls=(call,), loss=loss if isinstance(loss, bool) else None),
+            Message("observation", result, name=call.name),
+        ]
+    if role == "function_call":
+        value = _text(turn, text_key)
+        try:
+            calls = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise BadRow("bad_tool_call", f"{where}: a function_call that is not JSON ({error})") from None
+        calls = calls if isinstance(calls, list) else [calls]
+        return [Message("assistant", tool_calls=tuple(tool_call(c, f"{where}[{j}]") for j, c in enumerate(calls)))]
+    side = (
+        "user" if role in USER_ROLES
+        else "assistant" if role in ASSISTANT_ROLES
+        else "observation" if role in ("observation", "tool", "function")
+        else role
+    )
+    fields = {key: turn.get(key) for key in ("metadata", "name", "loss", "tool_calls") if turn.get(key) is not None}
+    return [Message.from_dict({"role": side, "content": turn.get(text_key), **fields}, where)]
+
+
+def _joined_calls(messages: list[Message]) -> list[Message]:
+    """An assistant turn that only calls tools joins the assistant text right before it (one message)."""
+    out: list[Message] = []
+    for message in messages:
+        previous = out[-1] if out else None
+        if (
+            message.role == "assistant" and message.tool_calls and not message.content
+            and previous is not None and previous.role == "assistant" and not previous.tool_calls
+            and previous.loss == message.loss
+        ):
+            out[-1] = Message("assistant", previous.content, message.tool_calls, previous.metadata, loss=previous.loss)
+        else:
+            out.append(message)
+    return out
+
+
+def read_sharegpt_conversation(row: Mapping) -> Conversation:
+    """`conversations` kept whole: ShareGPT, LLaMA-Factory's tool layout, or ChatGLM3's (see the module docstring)."""
+    messages = []
+    system = _text(row, "system", required=False)
+    if system:
+        messages.append(Message("system", system))
+    for i, turn in enumerate(_conversation(row, "conversations")):
+        messages += _sharegpt_messages(turn, i)
+    return checked(Conversation(tuple(_joined_calls(messages)), parse_tools(row.get("tools"))))
+
+
+def read_messages_conversation(row: Mapping) -> Conversation:
+    """OpenAI's `messages` (+ `tools`); a `tool` result gets the name of the call its `tool_call_id` answers."""
+    names: dict[str, str] = {}
+    messages = []
+    system = _text(row, "system", required=False)
+    if system:
+        messages.append(Message("system", system))
+    for i, item in enumerate(_conversation(row, "messages")):
+        if isinstance(item, Mapping):
+            for call in item.get("tool_calls") or ():
+                if isinstance(call, Mapping) and isinstance(call.get("id"), str) and isinstance(call.get("function"), Mapping):
+                    names[call["id"]] = call["function"].get("name") or ""
+            if item.get("role") == "tool" and not item.get("name") and item.get("tool_call_id") in names:
+                item = {**item, "name": names[item["tool_call_id"]]}
+            if not isinstance(item.get("content"), (str, type(None))):
+                item = {**item, "content": _content_text(item.get("content"), f"messages[{i}]")}
+        messages.append(Message.from_dict(item, f"messages[{i}]"))
+    return checked(Conversation(tuple(messages), parse_tools(row.get("tools"))))
+
+
+def _content_text(content: Any, where: str) -> str:
+    """OpenAI's list-of-parts content (`[{"type": "text", "text": ...}]`) as text; other parts are refused."""
+    if isinstance(content, list) and all(isinstance(p, Mapping) and p.get("type") == "text" for p in content):
+        return "".join(str(p.get("text") or "") for p in content)
+    raise BadRow("non_string_field", f"{where} content is {type(content).__name__}, not text")
+
+
+def read_messages(row: Mapping) -> Example:
+    """OpenAI's `messages` flattened for a text template (refused when it uses tools)."""
+    return _checked(to_example(read_messages_conversation(row)))
+
+
+def _as_conversation(read: Callable[[Mapping], Example]) -> Callable[[Mapping], Conversation]:
+    def read_conversation(row: Mapping) -> Conversation:
+        return checked(from_example(read(row)))
+
+    read_conversation.__doc__ = f"`{read.__name__}`'s example as a conversation (system, then the rounds)."
+    return read_conversation
+
+
 @dataclass(frozen=True)
 class Format:
     name: str
     read: Callable[[Mapping], Example]
     default_template: str  # a name in instructglm.data.templates, as the seed chose per dataset
     fields: str  # how the format looks, for messages
+    read_conversation: Callable[[Mapping], Conversation] | None = None  # for --template messages; None: from `read`
+
+    def conversation_reader(self) -> Callable[[Mapping], Conversation]:
+        return self.read_conversation or _as_conversation(self.read)
 
 
 FORMATS: dict[str, Format] = {
@@ -284,8 +408,21 @@ FORMATS: dict[str, Format] = {
         Format("alpaca", read_alpaca, "alpaca", "instruction, output[, input]"),
         Format("history", read_alpaca, "chatglm", "instruction, output, history[, input]"),
         Format("belle", read_belle, "belle", "input, target"),
-        Format("sharegpt", read_sharegpt, "chatglm", "conversations: [{from, value}, ...]"),
+        Format(
+            "sharegpt",
+            read_sharegpt,
+            "chatglm",
+            "conversations: [{from, value}, ...] (or role/content; tool turns with --template messages)",
+            read_sharegpt_conversation,
+        ),
         Format("firefly", read_firefly, "chatglm", "conversation: [{human, assistant}, ...]"),
+        Format(
+            "messages",
+            read_messages,
+            "messages",
+            "messages: [{role, content[, tool_calls]}, ...][, tools] (OpenAI)",
+            read_messages_conversation,
+        ),
         Format(
             "preference",
             read_preference,
@@ -312,6 +449,8 @@ def detect_format(fields: Iterable[str]) -> str | None:
         return "sharegpt"
     if "conversation" in fields:
         return "firefly"
+    if "messages" in fields:
+        return "messages"
     if {"instruction", "output"} <= fields:
         return "history" if "history" in fields else "alpaca"
     if {"input", "target"} <= fields:
@@ -324,9 +463,11 @@ def describe_formats() -> str:
     return "; ".join(f"{f.name} ({f.fields})" for f in FORMATS.values())
 
 
-def read_rows(rows: Iterable[tuple[str, Any]], fmt: str) -> Iterator[tuple[str, Example | BadRow]]:
-    """(location, raw row) -> (location, Example or the BadRow that says why not)."""
-    read = FORMATS[fmt].read
+def read_rows(
+    rows: Iterable[tuple[str, Any]], fmt: str, conversations: bool = False
+) -> Iterator[tuple[str, Example | Conversation | BadRow]]:
+    """(location, raw row) -> (location, Example, or Conversation with `conversations`, or the BadRow that says why not)."""
+    read = FORMATS[fmt].conversation_reader() if conversations else FORMATS[fmt].read
     for location, row in rows:
         if isinstance(row, BadRow):
             yield location, row

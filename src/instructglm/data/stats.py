@@ -11,6 +11,12 @@ tokenize's own rule (`RowEncoder.encode`), so the counts of rows it would trunca
 its end) and drop (prompt too long for one target token, or an empty target) are the ones
 tokenize will print.
 
+A jsonl of whole conversations (`convert --template messages`) is measured as the model family
+will train it: in characters, `context` is the text of the messages that get no loss (tools
+included) and `target` that of the trained ones; in tokens, a role-token family's ids of the whole
+conversation (`sequence`), split into unlabelled (`context`) and labelled (`target`) ids, and a text
+family's (context, target) rows as above. Rows the family cannot express are counted as `unsupported`.
+
     instructglm stats --jsonl_path data/alpaca_data.jsonl --model_name_or_path THUDM/chatglm-6b --max_seq_length 320
 """
 
@@ -22,15 +28,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from instructglm.data.chat_formats import IGNORE_INDEX, UNSUPPORTED, fit
 from instructglm.data.io import write_json
-from instructglm.data.records import DataError
-from instructglm.models.loading import load_tokenizer
+from instructglm.data.messages import Conversation
+from instructglm.data.records import BadRow, DataError
+from instructglm.models.loading import load_tokenizer, model_config_of
 from instructglm.data.tokenize import (
     EMPTY_TARGET,
     PROMPT_TOO_LONG,
     TRUNCATED,
     RowEncoder,
-    read_jsonl,
+    read_jsonl_rows,
     special_tokens_around,
 )
 
@@ -133,15 +141,98 @@ def compute_stats(
     return stats
 
 
+def conversation_stats(
+    conversations: Sequence[Conversation],
+    tokenizer=None,
+    max_seq_length: int | None = None,
+    model_type=None,
+    batch_size: int = 1000,
+) -> dict:
+    """The stats dict of whole conversations (see the module docstring); a text family's go through `compute_stats`."""
+    chars = [_conversation_chars(conversation) for conversation in conversations]
+    stats: dict = {
+        "chars": {"context": describe([c for c, _ in chars]), "target": describe([t for _, t in chars])},
+        "rows": len(conversations),
+    }
+    if tokenizer is None:
+        return stats
+    encoder = RowEncoder(tokenizer, max_seq_length or 2**31 - 1, model_type)
+    family = encoder.family
+    if not family.role_tokens:
+        pairs, unsupported = [], 0
+        for conversation in conversations:
+            try:
+                pairs.append(family.chat_format.context_target(conversation))
+            except BadRow:
+                unsupported += 1
+        text = compute_stats([c for c, _ in pairs], [t for _, t in pairs], tokenizer, max_seq_length, model_type, batch_size)
+        return {**text, "chars": stats["chars"], "rows": len(conversations), "unsupported": unsupported, "family": family.name}
+    context_lengths, target_lengths, outcomes = [], [], []
+    for conversation in conversations:
+        try:
+            encoded = family.encode(tokenizer, conversation, encoder.stop_ids)
+        except BadRow:
+            outcomes.append(UNSUPPORTED)
+            continue
+        labelled = sum(label != IGNORE_INDEX for label in encoded.labels)
+        context_lengths.append(len(encoded.labels) - labelled)
+        target_lengths.append(labelled)
+        if max_seq_length is not None:
+            outcomes.append(fit(encoded, max_seq_length)[1])
+    sequence = [c + t for c, t in zip(context_lengths, target_lengths)]
+    stats["tokens"] = {
+        "context": describe(context_lengths),
+        "target": describe(target_lengths),
+        "sequence": describe(sequence),
+    }
+    stats["sequence_rule"] = {"chat_format": family.chat_format.name, "family": family.name}
+    by_outcome = Counter(outcomes)
+    stats["unsupported"] = by_outcome[UNSUPPORTED]
+    if max_seq_length is not None:
+        stats["max_seq_length"] = max_seq_length
+        stats["over_length"] = {
+            "rows": len(outcomes),
+            "truncated": by_outcome[TRUNCATED],
+            "dropped_prompt_too_long": by_outcome[PROMPT_TOO_LONG],
+            "dropped_empty_target": by_outcome[EMPTY_TARGET],
+        }
+    return stats
+
+
+def _conversation_chars(conversation: Conversation) -> tuple[int, int]:
+    """(characters without loss, characters trained) of a conversation; tools and tool calls as JSON."""
+    import json
+
+    context = len(json.dumps(list(conversation.tools), ensure_ascii=False)) if conversation.tools else 0
+    target = 0
+    for message in conversation.messages:
+        size = len(message.content) + sum(
+            len(call.name) + len(json.dumps(dict(call.arguments), ensure_ascii=False)) for call in message.tool_calls
+        )
+        if message.trained:
+            target += size
+        else:
+            context += size
+    return context, target
+
+
 def format_stats(stats: dict) -> str:
     """The printed report: the character table, then the token table and over-length counts."""
     parts = [format_table(stats["chars"], "chars")]
     if "tokens" in stats:
         rule = stats["sequence_rule"]
         parts.append(format_table(stats["tokens"], "tokens"))
-        parts.append(
-            f"sequence = context ids + {rule['prompt_specials']} prompt special(s) + target ids + {rule['eos']} eos"
-        )
+        if "chat_format" in rule:
+            parts.append(
+                f"sequence = the {rule['family']} family's {rule['chat_format']} ids of the whole conversation; "
+                "target = its labelled ids, context = the rest"
+            )
+        else:
+            parts.append(
+                f"sequence = context ids + {rule['prompt_specials']} prompt special(s) + target ids + {rule['eos']} eos"
+            )
+    if stats.get("unsupported"):
+        parts.append(f"{stats['unsupported']} conversation(s) the model family cannot express (tokenize drops them)")
     if "over_length" in stats:
         over = stats["over_length"]
         parts.append(
@@ -154,8 +245,11 @@ def format_stats(stats: dict) -> str:
 
 def jsonl_stats(jsonl_path: str, tokenizer=None, max_seq_length: int | None = None, model_type: str | None = None) -> dict:
     """Stats of a converted jsonl file; tokens too when a tokenizer is given (see `compute_stats`)."""
-    contexts, targets = read_jsonl(jsonl_path)
-    stats = compute_stats(contexts, targets, tokenizer, max_seq_length, model_type)
+    rows = read_jsonl_rows(jsonl_path)
+    if rows.conversations is not None:
+        stats = conversation_stats(rows.conversations, tokenizer, max_seq_length, model_type)
+    else:
+        stats = compute_stats(rows.contexts, rows.targets, tokenizer, max_seq_length, model_type)
     stats["source"] = str(jsonl_path)
     if tokenizer is not None:
         stats["tokenizer"] = getattr(tokenizer, "name_or_path", None)
@@ -169,6 +263,7 @@ def check_token_args(model_name_or_path: str | None, max_seq_length: int | None)
             raise DataError("--max_seq_length counts tokens; also pass --model_name_or_path")
         return None, None
     tokenizer, model_type = load_tokenizer(model_name_or_path)
+    model_type = model_config_of(model_name_or_path) or model_type  # the whole config tells ChatGLM versions apart
     if max_seq_length is not None:
         RowEncoder(tokenizer, max_seq_length, model_type)  # raises where tokenize would refuse
     return tokenizer, model_type

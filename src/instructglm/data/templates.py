@@ -16,7 +16,13 @@ Registered templates:
                style the InstructGLM README shows; `###Input:…` only if input.
 - `chatglm`  — THUDM ChatGLM-6B's `chat()` prompt: no history -> the query alone; with history
                `[Round 0]\\n问：{q}\\n答：{a}\\n` … `[Round {n}]\\n问：{query}\\n答：` (rounds from 0).
+- `chatglm2` — THUDM ChatGLM2-6B's `build_prompt`: `[Round 1]\\n\\n问：{q}\\n\\n答：{a}\\n\\n` …
+               `[Round {n}]\\n\\n问：{query}\\n\\n答：` (rounds from 1, the open round even without history).
 - `plain`    — the query alone; history as `{q}\\n{a}\\n` lines before it.
+- `messages` — no text at all: convert keeps each conversation whole (`{"messages", "tools"}` lines,
+               see `instructglm.data.messages`) and the model family writes it in its own chat format
+               (`ModelFamily.prompt_ids` / `training_ids`). Rendered as text, for a caller that can
+               only show a string, it is `plain`.
 
 The query of `chatglm` and `plain` is the instruction, then a newline and the input if there is
 one (as ChatGLM-Efficient-Tuning joined Alpaca rows into a chat query).
@@ -93,6 +99,11 @@ def chatglm(instruction: str, input: str = "", history: History = ()) -> str:
     return rounds + f"[Round {len(history)}]\n问：{query}\n答："
 
 
+def chatglm2(instruction: str, input: str = "", history: History = ()) -> str:
+    rounds = "".join(f"[Round {i}]\n\n问：{q}\n\n答：{a}\n\n" for i, (q, a) in enumerate(history, start=1))
+    return rounds + f"[Round {len(history) + 1}]\n\n问：{query_of(instruction, input)}\n\n答："
+
+
 def _plain_history(history: History) -> str:
     return "".join(f"{q}\n{a}\n" for q, a in history)
 
@@ -106,8 +117,13 @@ TEMPLATES: dict[str, Callable[..., str]] = {
     "belle": belle,
     "instruction-response": instruction_response,
     "chatglm": chatglm,
+    "chatglm2": chatglm2,
     "plain": plain,
+    "messages": plain,
 }
+
+# The template under which convert keeps whole conversations instead of rendering text.
+MESSAGES = "messages"
 
 CUSTOM_FIELDS = ("instruction", "input", "history")
 
@@ -153,6 +169,7 @@ _TEMPLATE_SHAPES = {
     "alpaca": ("Instruction: ", "Answer: "),
     "belle": ("指令: ", "答案: "),
     "instruction-response": ("###Instruction:", "###Response:"),
+    "chatglm2": ("[Round 1]\n\n问：", "\n\n答："),
 }
 
 

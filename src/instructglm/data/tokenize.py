@@ -12,7 +12,28 @@ once by comparing `encode(x)` with `encode(x, add_special_tokens=False)`: ChatGL
 + [eos]`. Any tokenizer `AutoTokenizer` loads works; the model family (from the model's
 config.json) only checks that the tokens it labels at the end of the prompt are really there.
 
-Truncation rule (the seed clipped prompt and target to the limit each, so rows reached twice it):
+Model families with role tokens (ChatGLM3-6B, GLM-4, any tokenizer with a chat template; see
+`instructglm.models.registry`) write every row through their chat format instead, and add a third
+column (the collator takes labels from it when present):
+
+    input_ids = the family's ids of the conversation        # ModelFamily.encode
+    labels    = input_ids where trained, -100 elsewhere     # every assistant turn and its end of turn
+    seq_len   = index of the first labelled token           # for readers of the two-column layout
+
+A (context, target) row is the conversation [user: context, assistant: target] then, so training
+sees the prompt the way chat shows it; a whole conversation (`convert --template messages`, a
+`{"messages", "tools"}` line) is encoded as it is, every assistant turn trained in the one row. For
+the text families (ChatGLM-6B, ChatGLM2-6B, a causal LM without a chat template) a conversation
+becomes (context, target) through the family's round template (`chatglm`, `chatglm2`, `plain`),
+its last answer the target, and joins the two-column path below; one using tools cannot, and is
+dropped as `dropped_unsupported` (so is one a chat template refuses).
+
+Truncation of a conversation row (`chat_formats.fit`): a prompt is never cut inside a turn. The
+first trained turn that does not fit is cut at the end of its content, keeping its end-of-turn
+token, when one content token fits; otherwise the row ends after the last turn that fits whole.
+Later turns are dropped: the row counts as `truncated`, the turns lost as `turns_dropped`.
+
+Truncation rule of a two-column row (the seed clipped prompt and target to the limit each, so rows reached twice it):
 - `len(input_ids) <= max_seq_length`, always, and the special tokens and eos are never cut.
 - The prompt is never cut: its tail is the template ("Answer: ") and the tokens the model keys
   on, and a prompt cut anywhere is no longer the question the answer belongs to.
@@ -85,15 +106,25 @@ from instructglm.data.io import (
     temp_sibling,
     write_json,
 )
+from instructglm.data.chat_formats import (
+    EMPTY_TARGET,
+    KEPT,
+    PROMPT_TOO_LONG,
+    TRUNCATED,
+    UNSUPPORTED,
+    Encoded,
+    first_label,
+    fit,
+)
+from instructglm.data.messages import Conversation, Message
 from instructglm.data.records import BadRow, DataError, text_problem
-from instructglm.data.templates import detect_template
+from instructglm.data.templates import MESSAGES, detect_template
 from instructglm.layout import DATA_META, jsonl_meta_path
-from instructglm.models.loading import load_tokenizer
+from instructglm.models.loading import generation_config_of, load_tokenizer, model_config_of
 from instructglm.models.registry import family_for
 
-# Outcomes of one row (`RowEncoder.encode`): each names the `TokenizeCounts` field it counts under.
-KEPT, TRUNCATED = "kept", "truncated"
-PROMPT_TOO_LONG, EMPTY_TARGET = "dropped_prompt_too_long", "dropped_empty_target"
+# Outcomes of one row (`RowEncoder.encode`) each name the `TokenizeCounts` field they count under:
+# KEPT, TRUNCATED, PROMPT_TOO_LONG, EMPTY_TARGET, UNSUPPORTED (from chat_formats).
 
 
 @dataclass
@@ -105,15 +136,19 @@ class TokenizeCounts:
     truncated: int = 0  # kept rows whose target was cut at its end to fit
     dropped_prompt_too_long: int = 0  # prompt + specials + eos leave no room for one target token
     dropped_empty_target: int = 0  # the target encodes to no tokens
+    dropped_unsupported: int = 0  # a conversation the model family cannot express (tools in a text family, ...)
+    turns_dropped: int = 0  # trained turns of truncated conversations that did not fit
 
     def add(self, other: TokenizeCounts) -> None:
         for name, value in asdict(other).items():
             setattr(self, name, getattr(self, name) + value)
 
     def summary(self) -> str:
+        turns = f", {self.turns_dropped} later turn(s) dropped" if self.turns_dropped else ""
+        unsupported = f", {self.dropped_unsupported} the model family cannot express" if self.dropped_unsupported else ""
         return (
-            f"rows {self.rows}: kept {self.kept} (truncated {self.truncated}), dropped "
-            f"{self.dropped_prompt_too_long} prompt too long, {self.dropped_empty_target} empty target"
+            f"rows {self.rows}: kept {self.kept} (truncated {self.truncated}{turns}), dropped "
+            f"{self.dropped_prompt_too_long} prompt too long, {self.dropped_empty_target} empty target{unsupported}"
         )
 
 
@@ -148,9 +183,18 @@ def special_tokens_around(tokenizer) -> tuple[list[int], list[int]]:
 
 
 class RowEncoder:
-    """Turns (context, target) texts into rows under the truncation rule; picklable for workers."""
+    """Turns (context, target) texts and whole conversations into rows under the truncation rules; picklable.
 
-    def __init__(self, tokenizer, max_seq_length: int, model_type: str | None = None):
+    Args:
+        tokenizer: the model's tokenizer.
+        max_seq_length: the longest row in tokens.
+        model_type: config.json's `model_type`, or the whole config (object or dict); with the tokenizer it
+            decides the model family (`family_for`).
+        generation_config: the model's generation config (object or dict), whose eos ids are stop tokens a
+            chat template's turn may end with.
+    """
+
+    def __init__(self, tokenizer, max_seq_length: int, model_type=None, generation_config=None):
         if tokenizer.eos_token_id is None:
             raise DataError(
                 f"{type(tokenizer).__name__} has no eos token; set `eos_token` in its tokenizer_config.json"
@@ -159,7 +203,8 @@ class RowEncoder:
         self.prefix, self.suffix = special_tokens_around(tokenizer)
         self.eos_token_id = tokenizer.eos_token_id
         self.max_seq_length = max_seq_length
-        family = family_for(model_type)
+        family = self.family = family_for(model_type, tokenizer)
+        self.stop_ids = family.stop_token_ids(tokenizer, generation_config) if family.role_tokens else None
         if family.labelled_prompt_tail > len(self.suffix):
             raise DataError(
                 f"the {family.name} family labels the last {family.labelled_prompt_tail} prompt token(s), but "
@@ -191,11 +236,79 @@ class RowEncoder:
         """(`pyarrow.Table` of the kept rows' input_ids and seq_len, `TokenizeCounts`, dropped) of a batch.
 
         `dropped` lists (position in the batch, outcome) of every row left out, so they can be located.
+        A role-token family writes each row as the conversation [user: context, assistant: target], and
+        the table also has `labels`.
         """
-        import pyarrow as pa
+        if self.family.role_tokens:
+            conversations = [
+                Conversation((Message("user", context), Message("assistant", target))) if target.strip() else None
+                for context, target in zip(contexts, targets, strict=True)
+            ]
+            return self.encode_conversations(conversations)
+        return self._encode_text_batch(contexts, targets)
 
+    def encode_conversations(self, conversations: list[Conversation | None]):
+        """`encode_batch` for whole conversations (None: an empty target); the table has labels for a role family.
+
+        `dropped` entries of rows the family cannot express carry a third item: why.
+        """
+        if not self.family.role_tokens:
+            return self._encode_flattened(conversations)
+        counts = TokenizeCounts(rows=len(conversations))
+        rows: list[Encoded] = []
+        dropped: list[tuple] = []
+        for position, conversation in enumerate(conversations):
+            row, outcome, detail = self._fit(conversation)
+            setattr(counts, outcome, getattr(counts, outcome) + 1)
+            if row is not None:
+                rows.append(row)
+                counts.turns_dropped += detail
+            else:
+                dropped.append((position, outcome, detail) if outcome == UNSUPPORTED else (position, outcome))
+        counts.kept += counts.truncated
+        columns = {
+            "input_ids": [row.input_ids for row in rows],
+            "labels": [row.labels for row in rows],
+            "seq_len": [first_label(row.labels) for row in rows],
+        }
+        return _table(columns), counts, dropped
+
+    def _fit(self, conversation: Conversation | None) -> tuple[Encoded | None, str, Any]:
+        """(row or None, outcome, trained turns dropped or why unsupported) of one conversation of a role family."""
+        if conversation is None:
+            return None, EMPTY_TARGET, None
+        try:
+            encoded = self.family.encode(self.tokenizer, conversation, self.stop_ids)
+        except BadRow as bad:
+            return None, UNSUPPORTED, f"{bad.reason}: {bad.detail}"
+        return fit(encoded, self.max_seq_length)
+
+    def _encode_flattened(self, conversations: list[Conversation | None]):
+        """A text family's conversations: each as (context, target) through its round template, then the text path."""
+        contexts, targets, positions, unsupported = [], [], [], []
+        for position, conversation in enumerate(conversations):
+            if conversation is None:
+                contexts.append("")
+                targets.append("")
+                positions.append(position)
+                continue
+            try:
+                context, target = self.family.chat_format.context_target(conversation)
+            except BadRow as bad:
+                unsupported.append((position, UNSUPPORTED, f"{bad.reason}: {bad.detail}"))
+                continue
+            contexts.append(context)
+            targets.append(target)
+            positions.append(position)
+        table, counts, dropped = self._encode_text_batch(contexts, targets)
+        counts.rows += len(unsupported)
+        counts.dropped_unsupported += len(unsupported)
+        dropped = sorted([(positions[i], *rest) for i, *rest in dropped] + unsupported)
+        return table, counts, dropped
+
+    def _encode_text_batch(self, contexts: list[str], targets: list[str]):
         # one tokenizer call for prompts and targets: the batched (Rust / sentencepiece) path
-        ids = self.tokenizer(contexts + targets, add_special_tokens=False)["input_ids"]
+        ids = self.tokenizer(contexts + targets, add_special_tokens=False)["input_ids"] if contexts else []
         counts = TokenizeCounts(rows=len(contexts))
         input_ids, seq_lens, dropped = [], [], []
         for position, (context_ids, target_ids) in enumerate(zip(ids[: len(contexts)], ids[len(contexts) :], strict=True)):
@@ -207,18 +320,7 @@ class RowEncoder:
                 input_ids.append(row)
                 seq_lens.append(seq_len)
         counts.kept += counts.truncated
-        # Arrow arrays from flat buffers: building them from lists of lists would cost as much as
-        # the tokenizer call does.
-        offsets = np.zeros(len(input_ids) + 1, dtype=np.int32)
-        np.cumsum([len(row) for row in input_ids], out=offsets[1:])
-        values = np.fromiter(itertools.chain.from_iterable(input_ids), dtype=np.int64, count=int(offsets[-1]))
-        table = pa.table(
-            {
-                "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
-                "seq_len": pa.array(seq_lens, type=pa.int64()),
-            }
-        )
-        return table, counts, dropped
+        return _table({"input_ids": input_ids, "seq_len": seq_lens}), counts, dropped
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickled only where workers are spawned, not forked, or when a caller hands this to
@@ -230,15 +332,50 @@ class RowEncoder:
         self.__dict__.update(state, tokenizer=pickle.loads(state["tokenizer"]))
 
 
+def _table(columns: dict[str, list]):
+    """A `pyarrow.Table` of list-of-int columns (and int `seq_len`).
+
+    Arrow arrays from flat buffers: building them from lists of lists would cost as much as the
+    tokenizer call does.
+    """
+    import pyarrow as pa
+
+    arrays = {}
+    for name, rows in columns.items():
+        if name == "seq_len":
+            arrays[name] = pa.array(rows, type=pa.int64())
+            continue
+        offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+        np.cumsum([len(row) for row in rows], out=offsets[1:])
+        values = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64, count=int(offsets[-1]))
+        arrays[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+    return pa.table(arrays)
+
+
 @dataclass
 class JsonlRows:
-    """The rows of a converted jsonl, and where each one is (without a string per row)."""
+    """The rows of a converted jsonl, and where each one is (without a string per row).
+
+    A jsonl holds (context, target) rows or whole conversations (`convert --template messages`), not both.
+    """
 
     path: str
     contexts: list[str]
     targets: list[str]
     positions: array  # each row's line number (JSON Lines) or index (a JSON array)
     in_array: bool = False
+    conversations: list[Conversation] | None = None  # the rows of a messages jsonl (contexts/targets then empty)
+
+    def __len__(self) -> int:
+        return len(self.conversations) if self.conversations is not None else len(self.contexts)
+
+    def batches(self, batch_size: int):
+        """(start, batch) pairs: (contexts, targets) tuples, or lists of conversations."""
+        for start in range(0, len(self), batch_size):
+            if self.conversations is not None:
+                yield start, self.conversations[start : start + batch_size]
+            else:
+                yield start, (self.contexts[start : start + batch_size], self.targets[start : start + batch_size])
 
     def location(self, row: int) -> str:
         """`path:LINE` or `path[INDEX]` of row `row`, as `iter_json_rows` names it."""
@@ -247,15 +384,23 @@ class JsonlRows:
 
 
 def read_jsonl(jsonl_path: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """The contexts and targets of a converted jsonl; every bad line is collected and raised at once."""
+    """The contexts and targets of a converted jsonl; every bad line is collected and raised at once.
+
+    A jsonl of whole conversations gives ([], []); `read_jsonl_rows` reads those.
+    """
     rows = read_jsonl_rows(jsonl_path)
     return rows.contexts, rows.targets
 
 
 def read_jsonl_rows(jsonl_path: str | os.PathLike) -> JsonlRows:
-    """`read_jsonl` with each row's location (see `JsonlRows`)."""
+    """`read_jsonl` with each row's location, or the conversations of a messages jsonl (see `JsonlRows`).
+
+    The first good line decides which kind the file holds; a line of the other kind is a bad line.
+    """
     contexts: list[str] = []
     targets: list[str] = []
+    conversations: list[Conversation] = []
+    kind: str | None = None
     bad: list[str] = []
     positions = array("q")
     prefix = len(str(Path(jsonl_path)))
@@ -263,25 +408,44 @@ def read_jsonl_rows(jsonl_path: str | os.PathLike) -> JsonlRows:
     for location, row in iter_json_rows(jsonl_path):
         if isinstance(row, BadRow):
             bad.append(f"{location}: {row}")
+            continue
+        row_kind = MESSAGES if isinstance(row, dict) and "messages" in row else "text"
+        if kind is not None and row_kind != kind:
+            bad.append(
+                f"{location}: a {'conversation' if row_kind == MESSAGES else 'context/target'} line in a file of "
+                f"{'conversations' if kind == MESSAGES else 'context/target rows'}; convert all of it with one --template"
+            )
+            continue
+        if row_kind == MESSAGES:
+            try:
+                conversations.append(Conversation.from_dict(row))
+            except BadRow as problem:
+                bad.append(f"{location}: {problem}")
+                continue
         elif not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("context", "target")):
             seen = sorted(row) if isinstance(row, dict) else type(row).__name__
-            bad.append(f"{location}: expected string fields context and target, found {seen}")
+            bad.append(f"{location}: expected string fields context and target (or messages), found {seen}")
+            continue
         elif problem := text_problem(row["context"]) or text_problem(row["target"]):
             bad.append(f"{location}: invalid_unicode: {problem}")
+            continue
         else:
             contexts.append(row["context"])
             targets.append(row["target"])
-            in_array = location[prefix] == "["
-            positions.append(int(location[prefix + 1 :].rstrip("]")))
+        kind = row_kind
+        in_array = location[prefix] == "["
+        positions.append(int(location[prefix + 1 :].rstrip("]")))
     if bad:
         shown = "\n  ".join(bad[:5]) + (f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise DataError(
             f"{jsonl_path}: {len(bad)} bad line(s); tokenize reads the jsonl written by `instructglm convert` "
-            f'(one {{"context": ..., "target": ...}} per line), re-run convert to get one:\n  {shown}'
+            f'(one {{"context": ..., "target": ...}} or {{"messages": [...]}} per line), re-run convert to get one:\n  {shown}'
         )
-    if not contexts:
+    if kind is None:
         raise DataError(f"{jsonl_path}: no rows to tokenize")
-    return JsonlRows(str(Path(jsonl_path)), contexts, targets, positions, in_array)
+    return JsonlRows(
+        str(Path(jsonl_path)), contexts, targets, positions, in_array, conversations if kind == MESSAGES else None
+    )
 
 
 # The encoder of a worker process, set once by the pool initializer. With the fork start method
@@ -320,15 +484,20 @@ def _start_worker(encoder: RowEncoder, parent_pid: int) -> None:
     _worker_encoder = encoder
 
 
-def _encode_in_worker(batch: tuple[list[str], list[str]]):
-    return _worker_encoder.encode_batch(*batch)
+def _encode_in_worker(batch):
+    return _encode(_worker_encoder, batch)
+
+
+def _encode(encoder: RowEncoder, batch):
+    """A (contexts, targets) batch or a list of conversations through `encoder`."""
+    return encoder.encode_conversations(batch) if isinstance(batch, list) else encoder.encode_batch(*batch)
 
 
 @contextmanager
 def _batch_encoder(encoder: RowEncoder, num_proc: int):
     """A `map`-like callable over (contexts, targets) batches, in order, run by `num_proc` processes."""
     if num_proc == 1:
-        yield lambda batches: (encoder.encode_batch(*batch) for batch in batches)
+        yield lambda batches: (_encode(encoder, batch) for batch in batches)
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     # an executor, not a Pool: a worker killed (say, out of memory) fails the run instead of hanging it
@@ -343,25 +512,27 @@ def tokenize_dataset(
     max_seq_length: int,
     num_proc: int = 1,
     batch_size: int = 1000,
-    model_type: str | None = None,
+    model_type=None,
     progress: bool = True,
+    generation_config=None,
 ):
     """Tokenize a converted jsonl in memory; returns (`datasets.Dataset`, `TokenizeCounts`).
 
-    `model_type` (config.json's) picks the model family, which checks the prompt's special tokens.
-    `num_proc` worker processes tokenize batches of `batch_size` rows; the result does not depend
-    on either. Raises `DataError` for bad lines, a tokenizer without eos, a `max_seq_length` that
-    fits no row, and when every row is dropped.
+    `model_type` (config.json's, or the whole config) and the tokenizer pick the model family
+    (`family_for`), which decides the row layout; `generation_config` adds its eos ids to a chat
+    template's stop tokens. `num_proc` worker processes tokenize batches of `batch_size` rows; the
+    result does not depend on either. Raises `DataError` for bad lines, a tokenizer without eos, a
+    `max_seq_length` that fits no row, and when every row is dropped.
     """
-    encoder = _encoder(tokenizer, max_seq_length, model_type, num_proc, batch_size)
+    encoder = _encoder(tokenizer, max_seq_length, model_type, num_proc, batch_size, generation_config)
     dataset, counts, _ = _tokenize_rows(encoder, read_jsonl_rows(jsonl_path), num_proc, batch_size, progress)
     return dataset, counts
 
 
-def _encoder(tokenizer, max_seq_length: int, model_type: str | None, num_proc: int, batch_size: int) -> RowEncoder:
+def _encoder(tokenizer, max_seq_length: int, model_type, num_proc: int, batch_size: int, generation_config=None) -> RowEncoder:
     if num_proc < 1 or batch_size < 1:
         raise DataError(f"--num_proc {num_proc} and --batch_size {batch_size} must both be at least 1")
-    return RowEncoder(tokenizer, max_seq_length, model_type)
+    return RowEncoder(tokenizer, max_seq_length, model_type, generation_config)
 
 
 SHOWN_LOCATIONS = 5  # dropped rows located per outcome in instructglm_data.json and the summary
@@ -376,20 +547,20 @@ def _tokenize_rows(encoder: RowEncoder, rows: JsonlRows, num_proc: int, batch_si
     counts = TokenizeCounts()
     tables = []
     dropped_at: dict[str, list[str]] = {}
-    contexts, targets = rows.contexts, rows.targets
-    starts = range(0, len(contexts), batch_size)
-    batches = ((contexts[i : i + batch_size], targets[i : i + batch_size]) for i in starts)
+    starts = range(0, len(rows), batch_size)
+    batches = (batch for _, batch in rows.batches(batch_size))
     with _batch_encoder(encoder, min(num_proc, len(starts))) as encode_batches:
         # workers start before the bar: forking after tqdm starts its monitor thread could copy a held lock
         results = encode_batches(batches)
-        with tqdm(total=len(contexts), unit=" rows", desc="Tokenizing", disable=not progress) as bar:
+        with tqdm(total=len(rows), unit=" rows", desc="Tokenizing", disable=not progress) as bar:
             for start, (table, batch_counts, dropped) in zip(starts, results, strict=True):
                 tables.append(table)
                 counts.add(batch_counts)
-                for position, outcome in dropped:
+                for position, outcome, *why in dropped:
                     shown = dropped_at.setdefault(outcome, [])
                     if len(shown) < SHOWN_LOCATIONS:
-                        shown.append(rows.location(start + position))
+                        where = rows.location(start + position)
+                        shown.append(f"{where} ({why[0]})" if why else where)
                 bar.update(batch_counts.rows)
     jsonl_path = rows.path
     if counts.kept == 0:
@@ -530,17 +701,19 @@ def read_convert_meta(jsonl_path: str | os.PathLike) -> dict[str, Any] | None:
     return meta
 
 
-def _template_of(convert_meta: dict[str, Any] | None, contexts: list[str]) -> tuple[str, str]:
-    """(template, template_source): convert's, else the one every context shows, else unknown."""
+def _template_of(convert_meta: dict[str, Any] | None, rows: JsonlRows) -> tuple[str, str]:
+    """(template, template_source): convert's, else the one every context shows (a jsonl of conversations
+    shows `messages`), else unknown."""
     if convert_meta and convert_meta.get("template"):
         return convert_meta["template"], "convert"
-    detected = detect_template(contexts)
+    detected = MESSAGES if rows.conversations is not None else detect_template(rows.contexts)
     return (detected, "detected") if detected else ("unknown", "unknown")
 
 
-def _dataset_meta(jsonl_path, contexts, tokenizer, model_type, max_seq_length, counts, model_name_or_path) -> dict:
+def _dataset_meta(jsonl_path, rows: JsonlRows, tokenizer, encoder: RowEncoder, max_seq_length, counts, model_name_or_path) -> dict:
     convert_meta = read_convert_meta(jsonl_path)
-    template, template_source = _template_of(convert_meta, contexts)
+    template, template_source = _template_of(convert_meta, rows)
+    family = encoder.family
     meta: dict[str, Any] = {
         "template": template,
         "template_source": template_source,
@@ -548,7 +721,9 @@ def _dataset_meta(jsonl_path, contexts, tokenizer, model_type, max_seq_length, c
         "source": (convert_meta or {}).get("source"),
         "jsonl_path": str(jsonl_path),
         "model_name_or_path": model_name_or_path or getattr(tokenizer, "name_or_path", None),
-        "family": family_for(model_type).name,
+        "family": family.name,
+        "chat_format": family.chat_format.name,
+        "labels": family.role_tokens,  # the dataset has a labels column
         "max_seq_length": max_seq_length,
         "counts": asdict(counts),
     }
@@ -564,14 +739,16 @@ def tokenize_jsonl(
     max_seq_length: int,
     num_proc: int = 1,
     batch_size: int = 1000,
-    model_type: str | None = None,
+    model_type=None,
     model_name_or_path: str | None = None,
     progress: bool = True,
+    generation_config=None,
 ) -> TokenizeCounts:
     """Tokenize a converted jsonl and `save_to_disk` it at `save_path` (atomically); return the counts.
 
     See the module docstring for the row layout, the truncation rule and the swap; `tokenize_dataset`
-    does the work in memory. `model_name_or_path` is only recorded in `instructglm_data.json`.
+    does the work in memory (and says what `model_type` and `generation_config` are).
+    `model_name_or_path` is only recorded in `instructglm_data.json`.
 
     Raises:
         DataError: `save_path` is a file or holds anything but a saved dataset; bad lines (see
@@ -582,10 +759,10 @@ def tokenize_jsonl(
         save_path = save_path.resolve()
     recover_interrupted_swap(save_path)
     _check_save_path(save_path)
-    encoder = _encoder(tokenizer, max_seq_length, model_type, num_proc, batch_size)
+    encoder = _encoder(tokenizer, max_seq_length, model_type, num_proc, batch_size, generation_config)
     rows = read_jsonl_rows(jsonl_path)
     dataset, counts, dropped_at = _tokenize_rows(encoder, rows, num_proc, batch_size, progress)
-    meta = _dataset_meta(jsonl_path, rows.contexts, tokenizer, model_type, max_seq_length, counts, model_name_or_path)
+    meta = _dataset_meta(jsonl_path, rows, tokenizer, encoder, max_seq_length, counts, model_name_or_path)
     meta["dropped_at"] = dropped_at
     save_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(save_path, "tmp")
@@ -637,8 +814,10 @@ def main(args: TokenizeArguments) -> int:
         args.max_seq_length,
         num_proc=args.num_proc,
         batch_size=args.batch_size,
-        model_type=model_type,
+        # the whole config.json, where there is one: it tells the ChatGLM versions apart with the tokenizer
+        model_type=model_config_of(args.model_name_or_path) or model_type,
         model_name_or_path=args.model_name_or_path,
+        generation_config=generation_config_of(args.model_name_or_path),
     )
     import datasets
 
@@ -652,6 +831,7 @@ def main(args: TokenizeArguments) -> int:
         more = ", ..." if getattr(counts, outcome) > len(locations) else ""
         print(f"  {outcome}: {getattr(counts, outcome)} (at {', '.join(locations)}{more})")
     print(template_line(meta, args.jsonl_path))
+    print(f"model family: {meta['family']} ({meta['chat_format']} format)")
     return 0
 
 

@@ -43,21 +43,41 @@ def _listing(path: str) -> str:
 
 def model_type_of(name: str) -> str | None:
     """`model_type` from the config.json of a local dir or hub repo; None for a tokenizer-only dir."""
-    config = Path(name) / "config.json"
     if os.path.isdir(name):
-        if not config.is_file():
-            return None
-        try:  # plain JSON: reading a local config must not import torch (transformers' config code does)
-            value = json.loads(config.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise BadValue(f"{config}: not a valid config.json ({error}); fix or re-download it") from error
-        return value.get("model_type") if isinstance(value, dict) else None
+        config = model_config_of(name)
+        return config.get("model_type") if config is not None else None
     from transformers import PretrainedConfig
 
     try:
         return PretrainedConfig.get_config_dict(name)[0].get("model_type")
     except OSError:
         return None  # a hub repo holding only a tokenizer: the generic family
+
+
+def model_config_of(name: str) -> dict | None:
+    """A local dir's config.json as a dict (read as JSON: no torch import), or None (no file, or a hub name).
+
+    The model families read it with the tokenizer to tell ChatGLM-6B, ChatGLM2-6B and ChatGLM3-6B apart.
+
+    Raises:
+        BadValue: the file is not valid JSON.
+    """
+    return _json_file(Path(name) / "config.json", "config.json") if os.path.isdir(name) else None
+
+
+def generation_config_of(name: str) -> dict | None:
+    """A local dir's generation_config.json as a dict (its `eos_token_id` are stop tokens), or None."""
+    return _json_file(Path(name) / "generation_config.json", "generation_config.json") if os.path.isdir(name) else None
+
+
+def _json_file(path: Path, what: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:  # plain JSON: reading a local config must not import torch (transformers' config code does)
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BadValue(f"{path}: not a valid {what} ({error}); fix or re-download it") from error
+    return value if isinstance(value, dict) else None
 
 
 def load_tokenizer(model_name_or_path: str, flag: str = "--model_name_or_path"):

@@ -49,7 +49,7 @@ class FinetuneArguments:
         default=None,
         metadata={
             "help": "Comma-separated module names to wrap with LoRA, or 'all-linear'. Default: the model family's "
-            "(query_key_value for ChatGLM-6B, peft's table for other architectures)."
+            "(query_key_value for ChatGLM-6B/2/3; peft's table for other architectures, else all-linear, as for GLM-4)."
         },
     )
     is_resume: bool = field(
@@ -65,8 +65,8 @@ class FinetuneArguments:
     template: str | None = field(
         default=None,
         metadata={
-            "help": "Template name saved with the adapter for inference. Default: the dataset's (instructglm_data.json "
-            "or the .jsonl's .meta.json), else the model family's chat template."
+            "help": "Template name saved with the adapter for inference (`messages`: the model family's own chat "
+            "format). Default: the dataset's (instructglm_data.json or the .jsonl's .meta.json)."
         },
     )
     quantization_bit: int | None = field(

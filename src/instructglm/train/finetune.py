@@ -24,6 +24,13 @@ with finite weights. The dataset's `seq_len` column is read by the collator, so
 The recipe is a chain of phases, each a function that can be called alone (the tests do):
 `load_base` -> `load_data` -> `attach_adapter` -> `build_trainer` -> `fit` -> `save_run`;
 `finetune` runs them in order, and the CLI (`main`), the demo and the tests call `finetune`.
+
+The model family (`instructglm.models.registry.family_for`, from the model's config and its
+tokenizer) decides the LoRA targets, how rows are tokenized and labelled (a jsonl given as
+--dataset_path is tokenized by it on the fly), and what `instructglm_train.json` records for
+inference: `family`, `chat_format`, `template` and `stop_token_ids`. A dataset tokenized for another
+family (a ChatGLM-6B dataset for a ChatGLM3-6B model, say) is refused. Rows with a `labels` column
+(the role-token families') are trained on those labels.
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ class TrainData:
     meta: dict | None  # what tokenize (instructglm_data.json) or convert (<jsonl>.meta.json) recorded
     template: str | None  # the template the prompts were rendered with; None when unknown
     template_source: str  # one of TEMPLATE_SOURCES
+    family: Any = None  # the `ModelFamily` the rows were tokenized for
 
 
 @dataclass
@@ -105,13 +113,12 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> Finet
     transformers.set_seed(training_args.seed)
 
     model, tokenizer = load_base(args, training_args)
-    model_type = getattr(model.config, "model_type", None)
-    data = load_data(args, tokenizer, model_type, warn=training_args.process_index == 0)
+    data = load_data(args, tokenizer, model.config, warn=training_args.process_index == 0, generation_config=model.generation_config)
     _settle_training_args(training_args, data)  # before the record, which shows the arguments the run uses
     model = attach_adapter(model, args)
     if training_args.should_log:
         model.print_trainable_parameters()
-    record = run_record(args, training_args, model, data, fingerprint)
+    record = run_record(args, training_args, model, data, fingerprint, tokenizer)
     trainer = build_trainer(model, tokenizer, data, training_args, record)
     result = fit(trainer, resume_from)
     output_dir = save_run(trainer, record, result.metrics)
@@ -133,9 +140,12 @@ def main(args: FinetuneArguments, training_args: TrainingArguments) -> int:
 
 def load_base(args: FinetuneArguments, training_args: TrainingArguments):
     """The base model (ready for LoRA training: no KV cache, k-bit or checkpointing set up) and its tokenizer."""
-    from instructglm.models.loading import load_causal_lm, load_tokenizer
+    from instructglm.models.loading import load_causal_lm, load_tokenizer, model_config_of
+    from instructglm.models.registry import family_for
 
-    tokenizer, _ = load_tokenizer(args.model_name_or_path)
+    tokenizer, model_type = load_tokenizer(args.model_name_or_path)
+    # before the weights load: a config and tokenizer of two ChatGLM versions fail here, in a second
+    family_for(model_config_of(args.model_name_or_path) or model_type, tokenizer)
     model = load_causal_lm(args.model_name_or_path, **_load_kwargs(args, training_args))
     model.config.use_cache = False  # the KV cache is for generation; with activation checkpointing it only warns
     if args.quantization_bit:
@@ -148,18 +158,31 @@ def load_base(args: FinetuneArguments, training_args: TrainingArguments):
     return model, tokenizer
 
 
-def load_data(args: FinetuneArguments, tokenizer, model_type: str | None, warn: bool = True) -> TrainData:
+def load_data(
+    args: FinetuneArguments, tokenizer, model_type=None, warn: bool = True, generation_config=None
+) -> TrainData:
     """The train (and eval) datasets of `--dataset_path` / `--eval_dataset_path`, and the template they were written in.
 
+    `model_type` is the model's config (or its `model_type`); with the tokenizer it gives the model family,
+    which a jsonl is tokenized for and a tokenized dataset must have been tokenized for (`BadValue` if not).
     The template is `--template` if given, else what convert/tokenize recorded beside the data,
-    else for a jsonl the registered template every context matches (`detect_template`); when none
-    of these tells, it is unknown and one warning line says to pass --template.
+    else for a jsonl the registered template every context matches (`detect_template`; a jsonl of
+    conversations is `messages`); when none of these tells, it is unknown and one warning line says to pass --template.
     """
-    train, eval_dataset = _load_dataset(args.dataset_path, tokenizer, args.max_seq_length, model_type)
+    from instructglm.models.registry import family_for
+
+    family = family_for(model_type, tokenizer)
+    train, eval_dataset = _load_dataset(args.dataset_path, tokenizer, args.max_seq_length, model_type, family, generation_config)
     if args.eval_dataset_path:
-        eval_dataset, _ = _load_dataset(args.eval_dataset_path, tokenizer, args.max_seq_length, model_type)
+        eval_dataset, _ = _load_dataset(
+            args.eval_dataset_path, tokenizer, args.max_seq_length, model_type, family, generation_config, "--eval_dataset_path"
+        )
     meta = _data_meta(args.dataset_path)
     template, source = _training_template(args, meta)
+    if template == "messages" and not family.role_tokens:
+        # a text family wrote the conversations with its own round template: record that one, which every
+        # text prompt builder (chat, predict, serve) renders as training did
+        template = family.chat_format.template
     if source == "unknown" and warn:
         print(
             f"warning: the prompt template of {args.dataset_path} is unknown (nothing recorded beside it by convert or "
@@ -168,7 +191,7 @@ def load_data(args: FinetuneArguments, tokenizer, model_type: str | None, warn: 
             file=sys.stderr,
             flush=True,
         )
-    return TrainData(train=train, eval=eval_dataset, meta=meta, template=template, template_source=source)
+    return TrainData(train=train, eval=eval_dataset, meta=meta, template=template, template_source=source, family=family)
 
 
 def attach_adapter(model, args: FinetuneArguments):
@@ -197,12 +220,14 @@ def build_trainer(model, tokenizer, data: TrainData, training_args: TrainingArgu
     callbacks = [NonFiniteGuard(check_grads=not training_args.fp16), LossPlotCallback()]
     if record is not None:
         callbacks.append(RunRecordCallback(record))
+    # the config object, not its model_type: "chatglm" alone would be ChatGLM-6B's family for every version
+    collator = RowLabelsCollator(collator_for(tokenizer, model.config))
     return Trainer(
         model=model,
         args=training_args,
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=collator_for(tokenizer, getattr(model.config, "model_type", None)),
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
     )
@@ -237,18 +262,29 @@ def save_run(trainer, record: dict[str, Any], metrics: dict[str, Any] | None = N
     return output_dir
 
 
-def run_record(args: FinetuneArguments, training_args: TrainingArguments, model, data: TrainData, fingerprint: dict) -> dict:
-    """What `instructglm_train.json` says about a run (its `metrics` are added at the end)."""
+def run_record(
+    args: FinetuneArguments, training_args: TrainingArguments, model, data: TrainData, fingerprint: dict, tokenizer=None
+) -> dict:
+    """What `instructglm_train.json` says about a run (its `metrics` are added at the end).
+
+    `family`, `chat_format`, `template` and `stop_token_ids` tell inference how to prompt the adapter:
+    a `template` of `messages` means the family's own chat format (`ModelFamily.prompt_ids`), any other
+    names the text template a context was written with (`ModelFamily.context_prompt_ids` of its rendering).
+    """
     from instructglm.models.registry import family_for
 
     model_type = getattr(model.config, "model_type", None)
     config = model.peft_config["default"]
+    family = data.family or family_for(model.config, tokenizer)
+    stop_ids = family.stop_token_ids(tokenizer, getattr(model, "generation_config", None)) if tokenizer is not None else None
     return {
         "template": data.template,
         "template_source": data.template_source,
         "base_model": args.model_name_or_path,
         "model_type": model_type,
-        "family": family_for(model_type).name,
+        "family": family.name,
+        "chat_format": family.chat_format.name,
+        "stop_token_ids": stop_ids,
         "lora": {
             "rank": config.r,
             "alpha": config.lora_alpha,
@@ -331,16 +367,21 @@ def _load_kwargs(args: FinetuneArguments, training_args: TrainingArguments) -> d
     return kwargs
 
 
-def _load_dataset(path: str, tokenizer, max_seq_length: int, model_type: str | None):
-    """(train, eval-or-None) from a tokenized dataset dir, or a converted .jsonl tokenized now."""
+def _load_dataset(
+    path: str, tokenizer, max_seq_length: int, model_type, family, generation_config=None, flag: str = "--dataset_path"
+):
+    """(train, eval-or-None) from a tokenized dataset dir (tokenized for `family`), or a converted .jsonl tokenized now."""
     import datasets
 
     if os.path.isfile(path):
         from instructglm.data.tokenize import tokenize_dataset
 
-        dataset, counts = tokenize_dataset(path, tokenizer, max_seq_length, model_type=model_type)
-        print(f"{path} tokenized on the fly: {counts.summary()}", flush=True)
+        dataset, counts = tokenize_dataset(
+            path, tokenizer, max_seq_length, model_type=model_type, generation_config=generation_config
+        )
+        print(f"{path} tokenized on the fly for the {family.name} family: {counts.summary()}", flush=True)
         return dataset, None
+    _check_dataset_family(path, family, flag)
     try:
         loaded = datasets.load_from_disk(path)
     except FileNotFoundError as error:
@@ -362,7 +403,49 @@ def _load_dataset(path: str, tokenizer, max_seq_length: int, model_type: str | N
         )
     if len(loaded) == 0:
         raise BadValue(f"{path} has no rows; re-run `instructglm tokenize` on a non-empty jsonl")
+    if family.role_tokens and "labels" not in loaded.column_names:
+        raise BadValue(
+            f"{flag} {path} has no labels column, which the {family.name} family's rows have: it was tokenized for a "
+            "text-prompt model; re-run `instructglm tokenize` with this model's --model_name_or_path"
+        )
     return loaded, eval_dataset
+
+
+def _check_dataset_family(path: str, family, flag: str) -> None:
+    """A tokenized dataset must have been tokenized for the run's model family (tokenize records it)."""
+    recorded = (_data_meta(path) or {}).get("family")
+    if recorded and recorded != family.name:
+        raise BadValue(
+            f"{flag} {path} was tokenized for the {recorded} family, but the model is {family.name}: its rows are in "
+            f"another chat format; re-run `instructglm tokenize` with this model's --model_name_or_path"
+        )
+
+
+class RowLabelsCollator:
+    """The family's collator, with each row's own `labels` where the dataset has that column.
+
+    Rows of the role-token families carry labels (-100 where no loss: user turns, tool results, the
+    prompt); the collator pads them with -100 like the rest of the batch. Rows without labels keep the
+    collator's seq_len rule.
+    """
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.collate(features)
+        for row, feature in enumerate(features):
+            labels = feature.get("labels")
+            if labels is None:
+                continue
+            if len(labels) != len(feature["input_ids"]):
+                raise BadValue(
+                    f"row {row} of the batch has {len(labels)} labels for {len(feature['input_ids'])} input ids; "
+                    "re-run `instructglm tokenize`"
+                )
+            batch["labels"][row] = -100
+            batch["labels"][row, : len(labels)] = torch.as_tensor(labels, dtype=torch.long)
+        return batch
 
 
 def _data_meta(dataset_path: str) -> dict | None:
@@ -400,10 +483,11 @@ def _training_template(args: FinetuneArguments, meta: dict | None) -> tuple[str 
         # tokenize records where its template came from; convert's sidecar is itself the convert record
         return name, meta.get("template_source") or "convert"
     if os.path.isfile(args.dataset_path):
-        from instructglm.data.tokenize import read_jsonl
+        from instructglm.data.templates import MESSAGES
+        from instructglm.data.tokenize import read_jsonl_rows
 
-        contexts, _ = read_jsonl(args.dataset_path)
-        detected = detect_template(contexts)
+        rows = read_jsonl_rows(args.dataset_path)
+        detected = MESSAGES if rows.conversations is not None else detect_template(rows.contexts)
         if detected is not None:
             return detected, "detected"
     return None, "unknown"
