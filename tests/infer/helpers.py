@@ -56,3 +56,19 @@ def cli_env() -> dict:
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "instructglm.cli", *args]
+
+
+def reference_completion(model, tokenizer, prompt: str, max_new_tokens: int):
+    """The reference answer: transformers' `generate`, greedy, on `prompt` alone (no batching engine).
+
+    Returns a `Completion` (text decoded without special tokens, cut at the first eos).
+    """
+    from instructglm.infer.generate import Completion, GenerationArguments, eos_ids, generate_ids
+
+    settings = GenerationArguments(max_new_tokens=max_new_tokens, do_sample=False)
+    (ids,), (prompt_tokens,), _ = generate_ids(model, tokenizer, [prompt], settings)
+    eos = eos_ids(model, tokenizer)
+    stop = next((i for i, t in enumerate(ids) if t in eos), None)
+    kept = ids if stop is None else ids[:stop]
+    reason = "stop" if stop is not None else "length"
+    return Completion(tokenizer.decode(kept, skip_special_tokens=True), prompt_tokens, len(kept), reason)

@@ -8,6 +8,7 @@ import pytest
 
 from instructglm.infer.generate import GenerationArguments, build_prompt, generate_batch, stream_generate, stream_reply
 from instructglm.infer.load import load_model
+from tests.infer.helpers import reference_completion
 
 GREEDY = GenerationArguments(max_new_tokens=10, do_sample=False)
 PROMPTS = ["What is two plus three?", "hi", "Reverse the word cat: ", "你好，世界。一二三"]
@@ -27,7 +28,7 @@ def each_family(family):
 def test_batched_greedy_equals_one_at_a_time(each_family):
     model, tokenizer, _ = each_family
     batched = generate_batch(model, tokenizer, PROMPTS, GREEDY)
-    single = [generate_batch(model, tokenizer, [p], GREEDY)[0] for p in PROMPTS]
+    single = [reference_completion(model, tokenizer, p, GREEDY.max_new_tokens) for p in PROMPTS]  # `generate`, alone
     assert [c.text for c in batched] == [c.text for c in single]
     assert [c.completion_tokens for c in batched] == [c.completion_tokens for c in single]
     assert [c.prompt_tokens for c in batched] == [c.prompt_tokens for c in single]

@@ -12,10 +12,11 @@ import httpx
 import openai
 import pytest
 
-from instructglm.infer.generate import GenerationArguments, build_prompt, generate_batch
+from instructglm.infer.engine import BatchEngine, StopScanner
+from instructglm.infer.generate import build_prompt
 from instructglm.infer.load import load_model
-from instructglm.serve.api import APIError, Engine, StopScanner, create_app, messages_to_chat
-from tests.infer.helpers import free_port
+from instructglm.serve.api import APIError, create_app, messages_to_chat
+from tests.infer.helpers import free_port, reference_completion
 
 KEY = "test-key"
 QUESTIONS = ["What is two plus three?", "hi", "Reverse the word cat", "你好"]
@@ -26,13 +27,10 @@ def loaded(llama_dir, llama_adapter):
     return load_model(str(llama_dir), adapter=str(llama_adapter), device="cpu")
 
 
-@pytest.fixture(scope="module")
-def server(loaded):
+def run_server(app):
+    """Serve `app` with uvicorn on a free loopback port, on a thread; returns (url, server, thread)."""
     import uvicorn
 
-    model, tokenizer, template = loaded
-    app = create_app(Engine(model, tokenizer, template, max_queue=128), model_id="tiny", api_key=KEY,
-                     max_tokens_limit=64, max_request_bytes=20_000)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -41,7 +39,20 @@ def server(loaded):
     while not srv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{port}", srv, thread
+
+
+@pytest.fixture(scope="module")
+def engine(loaded):
+    model, tokenizer, _ = loaded
+    return BatchEngine(model, tokenizer, max_batch_size=4, max_queue=128)
+
+
+@pytest.fixture(scope="module")
+def server(loaded, engine):
+    app = create_app(engine, loaded[2], model_id="tiny", api_key=KEY, max_tokens_limit=64, max_request_bytes=20_000)
+    url, srv, thread = run_server(app)
+    yield url
     srv.should_exit = True
     thread.join(timeout=30)
 
@@ -52,9 +63,9 @@ def client(server):
 
 
 def greedy(loaded, question, history=(), max_tokens=8):
+    """The one-at-a-time answer (transformers' `generate` alone on this prompt)."""
     model, tokenizer, template = loaded
-    prompt = build_prompt(template, question, history)
-    return generate_batch(model, tokenizer, [prompt], GenerationArguments(max_new_tokens=max_tokens, do_sample=False))[0]
+    return reference_completion(model, tokenizer, build_prompt(template, question, history), max_tokens)
 
 
 def test_models(client):
@@ -242,7 +253,7 @@ def test_deeply_nested_json_is_a_400(server, loaded):
     model, tokenizer, template = loaded
     from fastapi.testclient import TestClient
 
-    app = create_app(Engine(model, tokenizer, template), max_request_bytes=1_000_000)
+    app = create_app(BatchEngine(model, tokenizer), template, max_request_bytes=1_000_000)
     with TestClient(app) as local:
         for body in (b"[" * 200_000, b'{"messages": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"):
             r = local.post("/v1/chat/completions", content=body)
@@ -251,8 +262,6 @@ def test_deeply_nested_json_is_a_400(server, loaded):
 
 def test_internal_errors_are_logged_not_returned(loaded, monkeypatch, caplog):
     from fastapi.testclient import TestClient
-
-    import instructglm.serve.api as api
 
     model, tokenizer, _ = loaded
 
@@ -264,7 +273,7 @@ def test_internal_errors_are_logged_not_returned(loaded, monkeypatch, caplog):
         raise RuntimeError("secret-detail from generate")
 
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    with TestClient(create_app(Engine(model, tokenizer, BrokenTemplate())), raise_server_exceptions=False) as local:
+    with TestClient(create_app(BatchEngine(model, tokenizer), BrokenTemplate()), raise_server_exceptions=False) as local:
         r = local.post("/v1/chat/completions", json=body)
     assert r.status_code == 500 and "secret" not in r.text
     request_id = r.json()["error"]["message"].split("request id ")[1].split(")")[0]
@@ -272,8 +281,8 @@ def test_internal_errors_are_logged_not_returned(loaded, monkeypatch, caplog):
     assert logged and logged[0].exc_info and "secret-detail /home/me" in str(logged[0].exc_info[1])
 
     caplog.clear()
-    monkeypatch.setattr(api, "stream_generate", broken_generation)
-    with TestClient(create_app(Engine(model, tokenizer, loaded[2])), raise_server_exceptions=False) as local:
+    monkeypatch.setattr(BatchEngine, "_prefill_cache", broken_generation)
+    with TestClient(create_app(BatchEngine(model, tokenizer), loaded[2]), raise_server_exceptions=False) as local:
         plain = local.post("/v1/chat/completions", json=body)
         streamed = local.post("/v1/chat/completions", json={**body, "stream": True})
     assert plain.status_code == 500 and "secret" not in plain.text and "chatcmpl-" in plain.text
@@ -281,31 +290,59 @@ def test_internal_errors_are_logged_not_returned(loaded, monkeypatch, caplog):
     assert any(rec.exc_info and "secret-detail from generate" in str(rec.exc_info[1]) for rec in caplog.records)
 
 
-def test_plain_client_that_disconnects_stops_its_generation(server, loaded, monkeypatch):
-    """A non-streaming request abandoned by its client must not keep the model busy to max_tokens."""
-    import socket
+def slowed(monkeypatch, seconds=0.05):
+    """Make every decode step of every engine take at least `seconds`."""
+    real = BatchEngine._decode
 
-    import instructglm.infer.generate as generate
+    def slow(self):
+        time.sleep(seconds)
+        return real(self)
+
+    monkeypatch.setattr(BatchEngine, "_decode", slow)
+
+
+def wait_for(condition, timeout):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_plain_client_that_disconnects_frees_its_row(server, engine, loaded, monkeypatch):
+    """A non-streaming request abandoned by its client must not keep its batch row to max_tokens."""
+    import socket
 
     question = "What is two plus three?"
     assert greedy(loaded, question, max_tokens=64).finish_reason == "length"  # it would run the full 64 tokens
-    real = generate._Cancelled.__call__
-
-    def slow(self, *args, **kwargs):  # 50 ms per token: 64 tokens take over 3 s
-        time.sleep(0.05)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(generate._Cancelled, "__call__", slow)
+    slowed(monkeypatch)  # 50 ms per token: 64 tokens take over 3 s
     host, port = server.removeprefix("http://").split(":")
     body = json.dumps({"messages": [{"role": "user", "content": question}], "max_tokens": 64, "temperature": 0}).encode()
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        time.sleep(0.5)  # generating now
+        assert wait_for(lambda: engine.running == 1, 5)  # generating now
     started = time.monotonic()
+    # freed within a disconnect poll (0.25 s) and a step, not after ~3 s more
+    assert wait_for(lambda: engine.running == 0 and engine.waiting == 0, 1.5), time.monotonic() - started
+
+
+def test_streaming_client_that_disconnects_frees_its_row_at_once(server, engine, loaded, monkeypatch):
+    question = "What is two plus three?"
+    slowed(monkeypatch)
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": 64, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, headers=AUTH, timeout=60) as r:
+        contents = []
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"content"' in line:
+                contents.append(line)
+                if len(contents) >= 3:
+                    break
+        assert engine.running == 1
+    started = time.monotonic()
+    assert wait_for(lambda: engine.running == 0, 1.0), time.monotonic() - started
+    # the row is free: the next request is answered at once, and correctly
     r = httpx.post(server + "/v1/chat/completions", headers=AUTH, timeout=60,
-                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
-    waited = time.monotonic() - started
-    assert r.status_code == 200
-    # queued behind the abandoned job: it must have stopped within a poll (0.25 s) and a token, not run ~2.7 s more
-    assert waited < 1.5, waited
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == greedy(loaded, "hi", max_tokens=4).text

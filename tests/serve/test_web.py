@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from instructglm.infer.engine import BatchEngine
 from instructglm.infer.generate import GenerationArguments, build_prompt, generate_batch
 from instructglm.infer.load import load_model
 from instructglm.serve.web import TITLE, build_app, launch
@@ -56,6 +57,15 @@ def loaded(llama_dir, llama_adapter):
     return load_model(str(llama_dir), adapter=str(llama_adapter), device="cpu")
 
 
+@pytest.fixture
+def engine(loaded):
+    model, tokenizer, _ = loaded
+    engine = BatchEngine(model, tokenizer, max_batch_size=4)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
 def _greedy(loaded, query, history=()):
     model, tokenizer, template = loaded
     return generate_batch(model, tokenizer, [build_prompt(template, query, history)], GREEDY)[0].text
@@ -80,8 +90,8 @@ def _run_turn(handler, query, messages, history):
     return shown, histories, messages
 
 
-def test_handler_streams_growing_partial_answers_and_keeps_history(loaded):
-    handler = _chat_handler(build_app(*loaded, GenerationArguments(max_length=64, temperature=0.0)))
+def test_handler_streams_growing_partial_answers_and_keeps_history(loaded, engine):
+    handler = _chat_handler(build_app(engine, loaded[2], GenerationArguments(max_length=64, temperature=0.0)))
     expected = _greedy(loaded, FIRST)
     assert len(expected.split()) >= 6, f"the tiny model's greedy answer is too short to show streaming: {expected!r}"
 
@@ -105,9 +115,9 @@ def test_handler_streams_growing_partial_answers_and_keeps_history(loaded):
 
 
 @pytest.fixture
-def app_url(loaded):
+def app_url(loaded, engine):
     model, tokenizer, template = loaded
-    app = build_app(model, tokenizer, template, GenerationArguments(max_length=64, temperature=0.0))
+    app = build_app(engine, template, GenerationArguments(max_length=64, temperature=0.0))
     port = free_port()
     launch(app, "127.0.0.1", port, block=False)
     yield f"http://127.0.0.1:{port}", (model, tokenizer, template)

@@ -1,12 +1,15 @@
 """Generation shared by chat, predict, web, serve and THUDM's `chat`/`stream_chat` API.
 
 - `build_prompt`: query + history -> prompt text through the run's template.
-- `generate_kwargs`: the one place where decoding settings become `model.generate` arguments.
-- `generate_ids` / `generate_batch`: several prompts at once, left padded; new token ids per
-  row, or one decoded `Completion` per prompt.
-- `stream_generate`: one prompt, text pieces as they are decoded; `stream_token_ids`: one prompt,
-  the new token ids of every step. Both run `generate` on a background thread and are
-  cancellable: leaving the loop early stops the generation after the current token.
+- `generate_batch`: one decoded `Completion` per prompt, through the batching engine
+  (`instructglm.infer.engine`, which also runs `serve`, `web`, `predict` and `eval`).
+- `generate_kwargs`: the one place where decoding settings become `model.generate` arguments,
+  for THUDM's chat API, which takes any further `generate` argument (beams, logits processors):
+  `generate_ids` (several prompts, left padded), `stream_generate` (one prompt, text pieces as
+  they are decoded) and `stream_token_ids` (one prompt, the new token ids of every step). The
+  streams run `generate` on a background thread and are cancellable: leaving the loop early
+  stops the generation after the current token. The engine decodes with the same processing
+  (greedy; temperature and top_p with top_k 0), so both give the same greedy answers.
 
 Decoding settings come from `GenerationArguments`, which every command exposes as flags.
 """
@@ -60,6 +63,29 @@ class GenerationArguments:
     def samples(self) -> bool:
         """Whether these settings sample (else: greedy decoding)."""
         return self.do_sample and self.temperature >= MIN_SAMPLING_TEMPERATURE
+
+
+@dataclass
+class EngineArguments:
+    """How the batching engine (`instructglm.infer.engine`) runs, for the commands that serve many prompts."""
+
+    max_batch_size: int = field(default=8, metadata={"help": "Requests decoded together in one batch (the rest wait)."})
+    cuda_graphs: bool = field(
+        default=True,
+        metadata={
+            "help": "On a GPU, decode with a static KV cache and torch.compile(mode='reduce-overhead') (CUDA graphs), "
+            "falling back to the dynamic cache if compiling fails; false: always the dynamic cache."
+        },
+    )
+
+    def __post_init__(self):
+        if self.max_batch_size < 1:
+            raise BadValue(f"--max_batch_size must be at least 1, got {self.max_batch_size}")
+
+    @property
+    def decode(self) -> str:
+        """The engine's `decode` mode for these flags."""
+        return "auto" if self.cuda_graphs else "dynamic"
 
 
 @dataclass
@@ -172,14 +198,18 @@ def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[str], settings: G
 
 
 def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str], settings: GenerationArguments) -> list[Completion]:
-    """One `Completion` per prompt, generated in one left-padded batch.
+    """One `Completion` per prompt, all prompts decoded together by the batching engine
+    (`instructglm.infer.engine`): greedy answers are the one-at-a-time answers.
 
-    With `--max_length` (no `--max_new_tokens`), the budget is max_length minus the longest
-    prompt of the batch, the same for every row.
+    With `--max_length` (no `--max_new_tokens`), each answer's budget is max_length minus its own
+    prompt's length, as one at a time.
+
+    Raises:
+        BadValue: a prompt leaves no room for an answer under `--max_length`.
     """
-    rows, lengths, budget = generate_ids(model, tokenizer, prompts, settings)
-    eos = eos_ids(model, tokenizer)
-    return [_completion(tokenizer, ids, n, eos, budget, False) for ids, n in zip(rows, lengths)]
+    from instructglm.infer.engine import generate_all
+
+    return generate_all(model, tokenizer, prompts, settings, max_batch_size=max(1, len(prompts)))
 
 
 class _Cancelled:
