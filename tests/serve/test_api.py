@@ -16,30 +16,15 @@ from instructglm.infer.engine import BatchEngine, StopScanner
 from instructglm.infer.generate import build_prompt
 from instructglm.infer.load import load_model
 from instructglm.serve.api import APIError, create_app, messages_to_chat
-from tests.infer.helpers import free_port, reference_completion
+from tests.infer.helpers import reference_completion, serve_in_thread
 
 KEY = "test-key"
-QUESTIONS = ["What is two plus three?", "hi", "Reverse the word cat", "你好"]
+QUESTIONS = ["What is two plus three?", "hi", "Reverse the word cat", "你好", "say hello"]
 
 
 @pytest.fixture(scope="module")
 def loaded(llama_dir, llama_adapter):
     return load_model(str(llama_dir), adapter=str(llama_adapter), device="cpu")
-
-
-def run_server(app):
-    """Serve `app` with uvicorn on a free loopback port, on a thread; returns (url, server, thread)."""
-    import uvicorn
-
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", srv, thread
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +36,7 @@ def engine(loaded):
 @pytest.fixture(scope="module")
 def server(loaded, engine):
     app = create_app(engine, loaded[2], model_id="tiny", api_key=KEY, max_tokens_limit=64, max_request_bytes=20_000)
-    url, srv, thread = run_server(app)
+    url, srv, thread = serve_in_thread(app)
     yield url
     srv.should_exit = True
     thread.join(timeout=30)
@@ -237,7 +222,7 @@ def test_tiny_temperatures_answer_greedily(server, loaded):
 @pytest.mark.parametrize("param, value", [
     ("max_tokens", True), ("max_tokens", "5"), ("max_tokens", 5.5), ("max_tokens", 5.0), ("max_completion_tokens", False),
     ("n", True), ("n", "1"), ("top_p", "0.5"), ("top_p", True), ("temperature", "0"), ("temperature", False),
-    ("stream", "true"), ("stream", 1), ("stream", None),
+    ("stream", "true"), ("stream", 1), ("stream", None), ("seed", "1"), ("seed", 1.5), ("seed", True),
 ])
 def test_parameters_are_not_coerced(server, param, value):
     r = httpx.post(server + "/v1/chat/completions", headers=AUTH,
@@ -346,3 +331,121 @@ def test_streaming_client_that_disconnects_frees_its_row_at_once(server, engine,
     r = httpx.post(server + "/v1/chat/completions", headers=AUTH, timeout=60,
                    json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == greedy(loaded, "hi", max_tokens=4).text
+
+
+# --- issue 12: batching -------------------------------------------------------------------------
+
+
+def test_concurrent_requests_of_different_lengths_get_the_one_at_a_time_answers(server, engine, loaded, monkeypatch):
+    """Requests that arrive while others decode join the running batch; each gets its `generate`-alone answer."""
+    questions = ["What is two plus three?", "hi", "The quick brown fox jumps over the lazy dog again and again", "say hello",
+                 "你好，世界。一二三", "Reverse the word cat"]
+    expected = {q: greedy(loaded, q, max_tokens=12) for q in questions}
+    slowed(monkeypatch, 0.01)
+    client = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    widest = []
+
+    def ask(i):
+        time.sleep(0.03 * i)  # staggered: rows join at different decode steps
+        q = questions[i]
+        if i % 2:
+            stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": q}], temperature=0,
+                                                    max_tokens=12, stream=True)
+            text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        else:
+            text = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": q}], temperature=0,
+                                                  max_tokens=12).choices[0].message.content
+        widest.append(engine.running)
+        return q, text
+
+    with ThreadPoolExecutor(len(questions)) as pool:
+        answers = list(pool.map(ask, range(len(questions)), timeout=120))
+    assert all(text == expected[q].text for q, text in answers), [(t, expected[q].text) for q, t in answers]
+    assert max(widest) > 1  # they really were decoded together
+
+
+def test_the_queue_limit_answers_503_in_openai_shape(loaded, monkeypatch):
+    model, tokenizer, template = loaded
+    small = BatchEngine(model, tokenizer, max_batch_size=1, max_queue=1)
+    url, srv, thread = serve_in_thread(create_app(small, template, max_tokens_limit=64))
+    gate = threading.Event()
+    real = BatchEngine._decode
+    monkeypatch.setattr(BatchEngine, "_decode", lambda self: gate.wait(30) and real(self))
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(httpx.post, url + "/v1/chat/completions", json=body, timeout=60)
+            assert wait_for(lambda: small.running == 1, 10)
+            waiting = pool.submit(httpx.post, url + "/v1/chat/completions", json=body, timeout=60)
+            assert wait_for(lambda: small.waiting == 1, 10)
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+            with pytest.raises(openai.InternalServerError) as info:
+                client.chat.completions.create(model="tiny", messages=body["messages"], max_tokens=4)
+            assert info.value.status_code == 503
+            error = _error(info.value)
+            assert error["type"] == "server_error" and error["code"] == "overloaded" and "retry" in error["message"]
+            gate.set()
+            answers = [f.result(timeout=60) for f in (running, waiting)]
+        expected = greedy(loaded, "hi", max_tokens=4).text
+        assert [r.status_code for r in answers] == [200, 200]
+        assert [r.json()["choices"][0]["message"]["content"] for r in answers] == [expected, expected]
+    finally:
+        gate.set()
+        srv.should_exit = True
+        thread.join(timeout=30)
+
+
+POISON = "thanks thanks thanks"  # a prompt (in the tiny vocabulary) whose forward the test makes fail
+
+
+def test_a_request_that_errors_does_not_disturb_its_batch(server, engine, loaded, monkeypatch, caplog):
+    from instructglm.infer.engine import encode_prompt
+
+    model, tokenizer, template = loaded
+    poison = encode_prompt(tokenizer, build_prompt(template, POISON, ()))
+    assert all(encode_prompt(tokenizer, build_prompt(template, q, ())) != poison for q in QUESTIONS)
+    real = BatchEngine._prefill_cache
+
+    def prefill(self, prompt_ids):
+        if list(prompt_ids) == poison:
+            raise RuntimeError("secret-detail: this prompt's forward failed")
+        return real(self, prompt_ids)
+
+    monkeypatch.setattr(BatchEngine, "_prefill_cache", prefill)
+    slowed(monkeypatch, 0.02)
+    questions = ["What is two plus three?", "hi", "say hello"]
+    assert set(questions) <= set(QUESTIONS) | {"say hello"}
+    expected = [greedy(loaded, q, max_tokens=12).text for q in questions]
+
+    def ask(question, stream):
+        body = {"messages": [{"role": "user", "content": question}], "max_tokens": 12, "temperature": 0, "stream": stream}
+        r = httpx.post(server + "/v1/chat/completions", headers=AUTH, json=body, timeout=60)
+        if not stream:
+            return r.status_code, r.json()
+        chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        return r.status_code, "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+
+    with ThreadPoolExecutor(5) as pool:
+        good = [pool.submit(ask, q, i == 1) for i, q in enumerate(questions)]
+        assert wait_for(lambda: engine.running >= 2, 10)  # the batch is running
+        bad_plain, bad_stream = pool.submit(ask, POISON, False), pool.submit(ask, POISON, True)
+        status, body = bad_plain.result(timeout=60)
+        assert status == 500 and "secret" not in json.dumps(body) and body["error"]["type"] == "server_error"
+        status, text = bad_stream.result(timeout=60)
+        assert status == 200 and "secret" not in text
+        results = [f.result(timeout=60) for f in good]
+    assert [r[0] for r in results] == [200, 200, 200]
+    assert [results[0][1]["choices"][0]["message"]["content"], results[1][1], results[2][1]["choices"][0]["message"]["content"]] == expected
+    assert any("secret-detail" in str(rec.exc_info[1]) for rec in caplog.records if rec.exc_info)
+
+
+def test_a_seed_makes_a_sampled_answer_reproducible(client, loaded):
+    def ask(seed):
+        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=12,
+                                              temperature=1.0, top_p=0.95, seed=seed).choices[0].message.content
+
+    with ThreadPoolExecutor(4) as pool:
+        first, second, third, other = pool.map(ask, [11, 11, 11, 12])
+    assert first == second == third
+    assert other != first
+    assert first != greedy(loaded, "hi", max_tokens=12).text  # it did sample
