@@ -208,21 +208,25 @@ class StopScanner:
 
 
 class IncrementalText:
-    """The text of a growing answer, one settled piece per new token, in O(1) decodes per token.
+    """The text of a growing answer, one settled piece per new token, in about one decode per token.
 
-    Each step decodes the last token together with the one or more before it (the window since the last
-    emitted piece), so a tokenizer's context-dependent spacing (sentencepiece drops the space of a first
-    piece) comes out as in a decode of the whole answer; a piece ending in an incomplete character (U+FFFD)
-    waits for the next token. `finish` reconciles with a decode of the whole answer, so the pieces add up
-    to it; then a stop string cuts them (`StopScanner`).
+    Each step decodes a window of the answer: the tokens since an anchor a few tokens back, so a
+    tokenizer's context-dependent spacing (sentencepiece drops the space of a window's first piece)
+    comes out as in a decode of the whole answer, and the piece is what the window's text gained. The
+    window's text of the previous step is kept, and the anchor moves up every `WINDOW` tokens (one extra
+    decode then). A piece ending in an incomplete character (U+FFFD) waits for the next token. `finish`
+    reconciles with a decode of the whole answer, so the pieces add up to it; a stop string cuts them
+    (`StopScanner`).
     """
+
+    WINDOW = 6  # tokens a window may grow to before its anchor moves up
+    CONTEXT = 2  # tokens before the newest that a moved window keeps
 
     def __init__(self, tokenizer: Any, stops: Sequence[str]):
         self.tokenizer = tokenizer
         self.scanner = StopScanner(stops)
-        self.prefix_offset = 0
-        self.read_offset = 0
-        self.raw_length = 0  # characters of the decoder's pieces so far
+        self.anchor = 0  # first token of the window
+        self.settled = ""  # the window's text up to the last emitted piece
         self.raw_pieces: list[str] = []
         self.emitted: list[str] = []
 
@@ -231,14 +235,15 @@ class IncrementalText:
 
     def feed(self, ids: Sequence[int]) -> str:
         """The text the latest token of `ids` (the answer so far) settles, cut at any stop string."""
-        before = self._decode(ids[self.prefix_offset : self.read_offset])
-        now = self._decode(ids[self.prefix_offset :])
-        if len(now) <= len(before) or now.endswith("\ufffd"):
+        now = self._decode(ids[self.anchor :])
+        if len(now) <= len(self.settled) or now.endswith("\ufffd"):
             return ""
-        piece = now[len(before) :]
-        self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+        piece = now[len(self.settled) :]
+        self.settled = now
+        if len(ids) - self.anchor > self.WINDOW:
+            self.anchor = len(ids) - self.CONTEXT
+            self.settled = self._decode(ids[self.anchor :])
         self.raw_pieces.append(piece)
-        self.raw_length += len(piece)
         return self._emit(self.scanner.feed(piece))
 
     def finish(self, ids: Sequence[int]) -> str:
@@ -617,6 +622,9 @@ class BatchEngine:
         self._stopping = False
         self._batching_checked = False
         self.steps = 0  # decode forwards run
+        # Called on the engine's thread after every step, once its events are all sent (e.g. to wake an
+        # event loop once for all of them rather than once per token).
+        self.step_listeners: list[Callable[[], None]] = []
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -674,12 +682,19 @@ class BatchEngine:
 
     def step(self) -> bool:
         """Admit what fits, run one decode forward, retire finished rows; True while work remains."""
-        with self._grad_context():
-            self._retire([i for i, row in enumerate(self._rows) if row.handle.cancelled], "cancelled")
-            self._admit()
-            if self._rows:
-                self._decode()
+        try:
+            with self._grad_context():
+                self._retire([i for i, row in enumerate(self._rows) if row.handle.cancelled], "cancelled")
+                self._admit()
+                if self._rows:
+                    self._decode()
+        finally:
+            self._notify()
         return bool(self._rows or self._waiting)
+
+    def _notify(self) -> None:
+        for listener in list(self.step_listeners):
+            listener()
 
     def run_until_idle(self) -> None:
         """Step until every submitted request has finished (offline use; not with `start`)."""
@@ -706,6 +721,7 @@ class BatchEngine:
             self._retire(list(range(len(self._rows))), "cancelled")
         while self._waiting:
             self._finish_unstarted(self._waiting.popleft(), "cancelled")
+        self._notify()
 
     def _serve(self) -> None:
         while True:
@@ -719,6 +735,7 @@ class BatchEngine:
             except Exception as error:  # a bug in a batched step: fail the batch, keep serving
                 logger.exception("generation step failed; failing the %d request(s) in the batch", len(self._rows))
                 self._fail_batch(error)
+                self._notify()
 
     def warmup(self) -> None:
         """Compile the decode step for every batch bucket now rather than on the first requests."""

@@ -45,6 +45,7 @@ only that id.
 # run time, and `Request` is imported inside `create_app`, not at module level.
 import asyncio
 import base64
+import collections
 import hmac
 import json
 import logging
@@ -80,6 +81,9 @@ class ServeArguments:
     max_request_bytes: int = field(default=1_000_000, metadata={"help": "Largest request body in bytes."})
     max_queue: int = field(default=256, metadata={"help": "Requests allowed to wait for a batch row; more get 503."})
     web: bool = field(default=False, metadata={"help": f"Also serve the Gradio chat at {WEB_PATH}/, from the same loaded model and batch."})
+
+
+ARGUMENTS = (ModelArguments, ServeArguments, EngineArguments, GenerationArguments)
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -226,18 +230,46 @@ def messages_to_chat(messages: list) -> tuple[str, list[tuple[str, str]]]:
 # --- one request on the engine ------------------------------------------------------------------
 
 
-class Job:
-    """A request's events, handed from the engine's thread to the event loop of its handler."""
+class LoopDispatch:
+    """Hands events from the engine's thread to one event loop, waking it once per engine step: a decode
+    step gives every running request a token, and one wake-up (not one per token) delivers them all."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
+        self.pending: collections.deque = collections.deque()
+
+    def put(self, queue: asyncio.Queue, event: Any) -> None:
+        """Called on the engine's thread, during a step."""
+        if self.loop.is_closed():
+            raise RuntimeError("the event loop is closed")
+        self.pending.append((queue, event))
+
+    def flush(self) -> None:
+        """Called on the engine's thread after each step."""
+        if self.pending:
+            try:
+                self.loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop closed (server shutting down): nobody listens any more
+                self.pending.clear()
+
+    def _deliver(self) -> None:
+        while self.pending:
+            queue, event = self.pending.popleft()
+            queue.put_nowait(event)
+
+
+class Job:
+    """A request's events, handed from the engine's thread to the event loop of its handler."""
+
+    def __init__(self, dispatch: LoopDispatch):
+        self.dispatch = dispatch
         self.events: asyncio.Queue = asyncio.Queue()
         self.handle: Any = None
 
     def sink(self, event: Any) -> None:
         """Called on the engine's thread."""
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            self.dispatch.put(self.events, event)
         except RuntimeError:
             # The event loop is gone (server shutting down); nobody is listening any more.
             if self.handle is not None:
@@ -400,6 +432,14 @@ def create_app(
         finally:
             waiting.cancel()
 
+    dispatches: dict = {}
+
+    def dispatch_for(loop: asyncio.AbstractEventLoop) -> LoopDispatch:
+        if loop not in dispatches:
+            dispatches[loop] = LoopDispatch(loop)
+            engine.step_listeners.append(dispatches[loop].flush)
+        return dispatches[loop]
+
     def failed(ident: str, event: Any) -> APIError:
         logger.error("request %s: generation failed", ident, exc_info=event.error)
         return internal_error(ident)
@@ -411,7 +451,7 @@ def create_app(
         prompt_ids = encode_prompt(tokenizer, build_prompt(template, query, history))
         generation = engine_request(req, prompt_ids)
         ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        job = Job(asyncio.get_running_loop())
+        job = Job(dispatch_for(asyncio.get_running_loop()))
         handle = submit(engine, generation, job)
 
         if not req.stream:
@@ -446,24 +486,37 @@ def create_app(
                 body["usage"] = None
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+        # A content chunk is this with the text's JSON string in the middle (built once: one per token).
+        before, after = chunk({"content": "\0"}).split(json.dumps("\0"))
+
+        def content(text: str) -> str:
+            return before + json.dumps(text, ensure_ascii=False) + after
+
+        def close(event: Any) -> str:
+            """The last chunks: the finish reason, the usage if asked, [DONE]; or the error."""
+            if event.kind == "error":
+                return f"data: {json.dumps(failed(ident, event).body())}\n\ndata: [DONE]\n\n"
+            out = chunk({}, event.completion.finish_reason)
+            if include_usage:
+                body = {"id": ident, "object": "chat.completion.chunk", "created": now, "model": model_id, "choices": [], "usage": usage(event.completion)}
+                out += f"data: {json.dumps(body)}\n\n"
+            return out + "data: [DONE]\n\n"
+
         async def events():
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 while True:
-                    event = await job.events.get()
-                    if event.kind == "tokens":
-                        if event.text:
-                            yield chunk({"content": event.text})
-                    elif event.kind == "error":
-                        yield f"data: {json.dumps(failed(ident, event).body())}\n\n"
+                    # Every event already here goes out in one write (when the loop fell behind the engine).
+                    batch = [await job.events.get()]
+                    while not job.events.empty():
+                        batch.append(job.events.get_nowait())
+                    out = "".join(content(e.text) for e in batch if e.kind == "tokens" and e.text)
+                    last = batch[-1]
+                    if last.kind != "tokens":
+                        yield out + close(last)
                         break
-                    else:
-                        yield chunk({}, event.completion.finish_reason)
-                        if include_usage:
-                            body = {"id": ident, "object": "chat.completion.chunk", "created": now, "model": model_id, "choices": [], "usage": usage(event.completion)}
-                            yield f"data: {json.dumps(body)}\n\n"
-                        break
-                yield "data: [DONE]\n\n"
+                    if out:
+                        yield out
             finally:
                 handle.cancel()  # client disconnected mid-stream: free its row at once
 
