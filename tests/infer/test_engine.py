@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 
 import pytest
 import torch
@@ -153,10 +154,14 @@ def test_seeded_sampling_is_reproducible_whatever_runs_beside_it_each_family(eac
 
 def test_queue_and_context_bounds(each_family):
     model, tokenizer, _ = each_family
-    engine = BatchEngine(model, tokenizer, max_batch_size=1, max_queue=2, max_seq_len=40)
-    engine.submit(greedy(tokenizer, "hi"))
-    engine.submit(greedy(tokenizer, "hi"))
-    with pytest.raises(QueueFull, match="--max_queue 2"):
+    engine = BatchEngine(model, tokenizer, max_batch_size=2, max_queue=1, max_seq_len=40)
+    for _ in range(3):  # two for the free rows, one waiting
+        engine.submit(greedy(tokenizer, "hi"))
+    with pytest.raises(QueueFull, match="1 requests are already waiting .--max_queue 1"):
+        engine.submit(greedy(tokenizer, "hi"))
+    engine.step()  # two rows running, one waiting: still full
+    assert engine.running == 2 and engine.waiting == 1
+    with pytest.raises(QueueFull):
         engine.submit(greedy(tokenizer, "hi"))
     with pytest.raises(BadValue, match="context"):
         engine.submit(greedy(tokenizer, "hi", tokens=40))
@@ -220,3 +225,14 @@ def test_a_server_thread_serves_submissions_from_other_threads(each_family):
     finally:
         engine.stop()
     assert [results[i] for i in range(len(PROMPTS))] == references
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="torch.compile on the CPU needs a C++ compiler")
+def test_the_compiled_static_decode_step_gives_the_one_at_a_time_answers_each_family(each_family):
+    """The decode step `torch.compile`d over the static slots (CUDA graphs on a GPU; inductor alone here)
+    traces through the model and gives the same greedy answers, in batch buckets with blank rows."""
+    model, tokenizer, references = each_family
+    engine = BatchEngine(model, tokenizer, max_batch_size=3, max_seq_len=96, decode="compiled")
+    handles = generate_requests(engine, [greedy(tokenizer, p) for p in PROMPTS])
+    assert engine.mode == "compiled", "compiling failed and the engine fell back (see the log)"
+    assert [h.completion for h in handles] == references

@@ -658,12 +658,15 @@ class BatchEngine:
         if self.max_seq_len is not None and total > self.max_seq_len:
             raise BadValue(
                 f"the prompt has {len(request.prompt_ids)} tokens and max_new_tokens is {request.max_new_tokens}: "
-                f"{total} exceed the {self.max_seq_len} tokens of the model's context; shorten the prompt or ask for fewer tokens"
+                f"{total} exceed the {self.max_seq_len} tokens a request may hold (the model's context unless set otherwise); "
+                "shorten the prompt or ask for fewer tokens"
             )
         handle = RequestHandle(request, sink)
         with self._lock:
-            if self.max_queue is not None and len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting (--max_queue {self.max_queue})")
+            # Requests that will get a free row at the next step do not count as waiting.
+            free_rows = max(0, self.max_batch_size - len(self._rows))
+            if self.max_queue is not None and len(self._waiting) >= self.max_queue + free_rows:
+                raise QueueFull(f"{len(self._waiting) - free_rows} requests are already waiting (--max_queue {self.max_queue})")
             self._waiting.append(handle)
             self._lock.notify()
         return handle
@@ -702,7 +705,9 @@ class BatchEngine:
             pass
 
     def start(self) -> None:
-        """Serve submitted requests on a background thread until `stop`."""
+        """Serve submitted requests on a background thread until `stop`. A compiled engine first compiles
+        its decode step there (`warmup`): CUDA graphs belong to the thread that records them, so every
+        compiled call happens on this one thread; requests submitted meanwhile wait."""
         if self._thread is None:
             self._stopping = False
             self._thread = threading.Thread(target=self._serve, name="instructglm-engine", daemon=True)
@@ -724,6 +729,10 @@ class BatchEngine:
         self._notify()
 
     def _serve(self) -> None:
+        try:
+            self.warmup()
+        except Exception:  # compiling is an optimisation: serve on without it
+            logger.exception("warming up the compiled decode step failed")
         while True:
             with self._lock:
                 while not self._stopping and not self._rows and not self._waiting:
@@ -738,7 +747,8 @@ class BatchEngine:
                 self._notify()
 
     def warmup(self) -> None:
-        """Compile the decode step for every batch bucket now rather than on the first requests."""
+        """Compile the decode step for every batch bucket now rather than on the first requests (on the
+        thread that will decode: `start` calls it on its own)."""
         if self.mode != "compiled":
             return
         with self._grad_context():
@@ -876,10 +886,7 @@ class BatchEngine:
             return self._static_forward(ids, positions)
         try:
             if self._compiled is None:
-                import torch._dynamo
-
-                # one compiled graph per batch bucket, plus room for a LoRA adapter swapped in
-                torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(batch_buckets(self.max_batch_size)))
+                _allow_recompiles(4 * len(batch_buckets(self.max_batch_size)))
                 self._compiled = torch.compile(self._static_forward, mode="reduce-overhead", dynamic=False)
             torch.compiler.cudagraph_mark_step_begin()
             return self._compiled(ids, positions).clone()
@@ -1001,6 +1008,17 @@ class BatchEngine:
         self._rows = []
         self._batch = self._new_layout()
         self._compiled = None
+
+
+def _allow_recompiles(graphs: int) -> None:
+    """Let dynamo keep `graphs` compiled versions of one function (one per batch bucket, more for adapters
+    swapped in); the setting is `recompile_limit` in recent torch, `cache_size_limit` before."""
+    from torch import _dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(_dynamo.config, name):
+            setattr(_dynamo.config, name, max(getattr(_dynamo.config, name), graphs))
+            return
 
 
 # A tuple instead of a `ModelOutput` dataclass, whose construction costs a noticeable share of a tiny model's step.

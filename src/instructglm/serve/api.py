@@ -540,7 +540,6 @@ def main(model_args: ModelArguments, args: ServeArguments, engine_args: EngineAr
 
     model, tokenizer, template = load_from_args(model_args)
     engine = BatchEngine(model, tokenizer, max_batch_size=engine_args.max_batch_size, max_queue=args.max_queue, decode=engine_args.decode)
-    engine.warmup()  # compiles the decode step before the first request, when it is compiled
     app = create_app(
         engine,
         template,

@@ -143,7 +143,6 @@ def main(model_args: ModelArguments, args: WebArguments, engine_args: EngineArgu
 
     model, tokenizer, template = load_from_args(model_args)
     engine = BatchEngine(model, tokenizer, max_batch_size=engine_args.max_batch_size, decode=engine_args.decode)
-    engine.warmup()
     engine.start()
     try:
         launch(build_app(engine, template, defaults), args.host, args.port)
