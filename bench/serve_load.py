@@ -18,7 +18,8 @@ not sent and are counted as skipped), loopback only.
 Profile (`--profile`): tokens/s at batch 1 through the engine and through `model.generate`, and the
 functions where a decode step's time goes (cProfile, by own time) in each.
 
-GPU (`--device cuda --real-shape`): random fp16 weights at ChatGLM-6B's shape (28 x 4096): decode tokens/s
+GPU (`--device cuda --real-shape`; `--decode` for a dry run on the CPU at a small shape): random fp16
+weights at ChatGLM-6B's shape (28 x 4096): decode tokens/s
 at batch 1 through `generate` and through the engine (static KV cache + torch.compile with CUDA graphs)
 with a LoRA adapter unmerged and merged; then aggregate tokens/s with 1, 8 and 32 requests submitted at
 once to the engine (merged). Each measurement that fails prints FAILED with its reason in the table.
@@ -355,16 +356,18 @@ def run_profile(args) -> str:
 # --- GPU: the real shape ------------------------------------------------------------------------
 
 REAL_6B = {"hidden_size": 4096, "num_layers": 28, "num_attention_heads": 32, "inner_hidden_size": 16384, "vocab_size": 130528}
+# the same table on a small model (a dry run of this section on the CPU: --decode --device cpu)
+SMALL = {"hidden_size": 256, "num_layers": 4, "num_attention_heads": 8, "inner_hidden_size": 1024, "vocab_size": 4096}
 
 
-def build_real_shape(device: str, dtype):
+def build_shape(shape: dict, device: str, dtype):
     import torch
 
     import instructglm  # noqa: F401  (registers ChatGLM)
     from instructglm.models.chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
 
-    v = REAL_6B["vocab_size"]
-    config = ChatGLMConfig(**REAL_6B, max_sequence_length=2048, bos_token_id=v - 2, eos_token_id=v - 1, pad_token_id=3,
+    v = shape["vocab_size"]
+    config = ChatGLMConfig(**shape, max_sequence_length=2048, bos_token_id=v - 2, eos_token_id=v - 1, pad_token_id=3,
                            mask_token_id=v - 4, gmask_token_id=v - 3)
     torch.manual_seed(0)
     with torch.device(device):
@@ -383,10 +386,13 @@ def random_prompt(config, length: int, seed: int) -> list[int]:
 def timed(fn, device: str) -> float:
     import torch
 
-    torch.cuda.synchronize(device)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     fn()
-    torch.cuda.synchronize(device)
+    if cuda:
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 
@@ -418,24 +424,28 @@ def generate_tokens_per_s(model, config, args, device: str) -> float:
     return args.new_tokens / min(timed(run, device) for _ in range(args.repeats))
 
 
-def run_gpu(args) -> str:
+def run_decode(args) -> str:
     import copy
 
     import torch
     from peft import LoraConfig, get_peft_model
 
     device = args.device
-    dtype = getattr(torch, args.dtype or "float16")
-    if not args.real_shape:
-        raise SystemExit("the GPU section runs at the real shape: pass --real-shape")
-    base = build_real_shape(device, dtype)
+    cuda = device.startswith("cuda")
+    dtype = getattr(torch, args.dtype or ("float16" if cuda else "float32"))
+    shape = REAL_6B if args.real_shape else SMALL
+    base = build_shape(shape, device, dtype)
     config = base.config
     lora = LoraConfig(r=8, lora_alpha=32, target_modules=["query_key_value"], init_lora_weights=False)
     merged = get_peft_model(copy.deepcopy(base), lora).merge_and_unload().eval()
     unmerged = get_peft_model(base, lora).eval()  # the base itself, wrapped: no third copy of 12 GB
-    title = (f"ChatGLM-6B shape (28 x 4096, vocab 130528), random {dtype} weights, {torch.cuda.get_device_name(device)}; "
-             f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, best of {args.repeats}")
+    where = torch.cuda.get_device_name(device) if cuda else machine()
+    title = (f"ChatGLM-6B architecture {config.num_layers} x {config.hidden_size} (vocab {config.vocab_size}), random {dtype} "
+             f"weights, {where}; prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, best of {args.repeats}")
     lines = [title, "", "| decode | requests at once | tokens/s | first run (compile + warm-up) s |", "|---|---:|---:|---:|"]
+    # Rows go to stdout as they are measured, so a run cut short by a time limit still shows them.
+    print("\n".join(lines), flush=True)
+    compiled = "static cache + torch.compile (CUDA graphs)" if cuda else "static cache + torch.compile (no CUDA graphs on a CPU)"
 
     def row(label: str, batch: int, measure) -> None:
         try:
@@ -444,16 +454,16 @@ def run_gpu(args) -> str:
             lines.append(f"| {label} | {batch} | {speed:.1f} | {'' if first is None else f'{first:.0f}'} |")
         except Exception as error:  # one failed measurement must not hide the others
             lines.append(f"| {label} | {batch} | FAILED: {type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''} | |")
-        print(lines[-1], file=sys.stderr, flush=True)
+        print(lines[-1], flush=True)
 
-    for name, model in (("LoRA unmerged", unmerged), ("LoRA merged", merged)):
+    # The most wanted first: batch-1 decode through the compiled engine, then what it is compared with.
+    for name, model in (("LoRA merged", merged), ("LoRA unmerged", unmerged)):
+        row(f"engine, {compiled}, {name}", 1, lambda: engine_tokens_per_s(model, config, 1, args, device, "compiled"))
+    for batch in (int(b) for b in args.concurrency.split(",") if int(b) != 1):
+        row(f"engine, {compiled}, LoRA merged", batch, lambda: engine_tokens_per_s(merged, config, batch, args, device, "compiled"))
+    for name, model in (("LoRA merged", merged), ("LoRA unmerged", unmerged)):
         row(f"`generate`, {name}", 1, lambda: generate_tokens_per_s(model, config, args, device))
         row(f"engine, dynamic cache, {name}", 1, lambda: engine_tokens_per_s(model, config, 1, args, device, "dynamic"))
-        row(f"engine, static cache + CUDA graphs, {name}", 1, lambda: engine_tokens_per_s(model, config, 1, args, device, "compiled"))
-    for batch in (int(b) for b in args.concurrency.split(",")):
-        if batch == 1:
-            continue  # measured above
-        row("engine, static cache + CUDA graphs, LoRA merged", batch, lambda: engine_tokens_per_s(merged, config, batch, args, device, "compiled"))
     return "\n".join(lines)
 
 
@@ -462,6 +472,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu (load test or --profile) or cuda (the GPU section)")
     parser.add_argument("--real-shape", action="store_true", help="GPU: the 6B shape (28 x 4096)")
     parser.add_argument("--profile", action="store_true", help="CPU: profile one decode step, engine vs generate")
+    parser.add_argument("--decode", action="store_true", help="the decode table (the default on cuda); on the CPU a dry run at a small shape")
     parser.add_argument("--family", default="chatglm", choices=["chatglm", "llama"], help="the tiny model (CPU)")
     parser.add_argument("--clients", default="1,4,8,16", help="concurrent clients per level")
     parser.add_argument("--requests", type=int, default=6, help="requests per client per level and round")
@@ -469,22 +480,20 @@ def main(argv=None) -> None:
     parser.add_argument("--max_tokens", type=int, default=64, help="max_tokens per request (CPU)")
     parser.add_argument("--max_batch_size", type=int, default=16, help="the batching server's --max_batch_size")
     parser.add_argument("--time_limit", type=float, default=300, help="seconds per level and server before no new request starts")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (profile, GPU)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (profile, decode table)")
     parser.add_argument("--top", type=int, default=15, help="functions listed per profile")
     parser.add_argument("--dtype", default=None, help="GPU dtype (default float16)")
     parser.add_argument("--prompt_len", type=int, default=32, help="GPU: prompt tokens")
-    parser.add_argument("--new_tokens", type=int, default=128, help="GPU: new tokens per request")
+    parser.add_argument("--new_tokens", type=int, default=64, help="GPU: new tokens per request")
     parser.add_argument("--concurrency", default="1,8,32", help="GPU: requests submitted at once")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO / "src"))
-    if args.device.startswith("cuda"):
-        table = run_gpu(args)
-    elif args.profile:
-        table = run_profile(args)
+    if args.device.startswith("cuda") or args.decode:
+        table = run_decode(args)  # printed row by row
     else:
-        table = run_load(args)
-    print(table)
+        table = run_profile(args) if args.profile else run_load(args)
+        print(table)
     if args.out:
         Path(args.out).write_text(table + "\n", encoding="utf-8")
 

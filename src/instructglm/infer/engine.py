@@ -48,13 +48,14 @@ a request that would run past it is refused at `submit`. The waiting line is bou
 from __future__ import annotations
 
 import collections
+import dataclasses
 import inspect
 import logging
 import math
+import queue
 import threading
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -672,6 +673,11 @@ class BatchEngine:
         return handle
 
     @property
+    def serving(self) -> bool:
+        """Whether the engine's own thread (`start`) runs the steps."""
+        return self._thread is not None
+
+    @property
     def running(self) -> int:
         """Rows in the batch now."""
         return len(self._rows)
@@ -726,6 +732,17 @@ class BatchEngine:
             self._retire(list(range(len(self._rows))), "cancelled")
         while self._waiting:
             self._finish_unstarted(self._waiting.popleft(), "cancelled")
+        self._notify()
+
+    def reset(self) -> None:
+        """Finish every running and waiting request as cancelled and empty the batch (after a step was
+        interrupted half-way, e.g. by Ctrl-C, when its state cannot be trusted). Not with `start`."""
+        for row in self._rows:
+            self._finish_unstarted(row.handle, "cancelled")
+        while self._waiting:
+            self._finish_unstarted(self._waiting.popleft(), "cancelled")
+        self._rows = []
+        self._batch.keep([])
         self._notify()
 
     def _serve(self) -> None:
@@ -1058,6 +1075,75 @@ def generate_requests(
         handles[i] = engine.submit(requests[i], sink_for(i))
     engine.run_until_idle()
     return handles  # type: ignore[return-value]
+
+
+class GenerationFailed(Exception):
+    """The engine reported an error for this request (logged there with its traceback)."""
+
+
+def stream_text(engine: BatchEngine, request: GenerationRequest) -> Iterator[str]:
+    """The text of `request`'s answer, piece by piece as `engine` decodes it (`request.stream` is implied).
+
+    With the engine's thread running (`start`) this waits for its pieces; otherwise it steps the engine
+    itself. Leaving the loop early (break, an exception, closing the generator) cancels the request and
+    frees its row; an interruption in the middle of a step (Ctrl-C) resets the engine.
+
+    Raises:
+        QueueFull: the engine's queue is full.
+        GenerationFailed: the engine failed this request.
+    """
+    if not request.stream:
+        request = dataclasses.replace(request, stream=True)
+    events: queue.Queue = queue.Queue()
+    handle = engine.submit(request, events.put)
+    driving = not engine.serving
+    try:
+        while True:
+            while driving and events.empty():
+                engine.step()
+            event = events.get()
+            if event.kind == "tokens":
+                if event.text:
+                    yield event.text
+            elif event.kind == "error":
+                raise GenerationFailed("generating the answer failed; the log has the details") from event.error
+            else:
+                return
+    except (GeneratorExit, GenerationFailed):
+        raise
+    except BaseException:
+        if driving:  # raised inside a step: the batch may be half updated
+            engine.reset()
+        raise
+    finally:
+        if not handle.finished.is_set():
+            handle.cancel()
+            if driving:
+                engine.step()  # frees the row now
+
+
+def stream_answer(engine: BatchEngine, template: Any, query: str, history: Sequence[tuple[str, str]], settings: GenerationArguments) -> Iterator[str]:
+    """`stream_text` of a chat turn: `query` after `history` through `template`, decoded by `settings`, the
+    answer budget cut to what the model's context leaves (a `--max_length` may be larger).
+
+    Raises:
+        BadValue: the prompt leaves no room for an answer (under `--max_length`, or in the context).
+        QueueFull, GenerationFailed: see `stream_text`.
+    """
+    from instructglm.infer.generate import build_prompt
+
+    prompt_ids = encode_prompt(engine.tokenizer, build_prompt(template, query, list(history)))
+    request = request_for(prompt_ids, settings, stream=True)
+    if engine.max_seq_len is not None:
+        room = engine.max_seq_len - len(prompt_ids)
+        if room < 1:
+            raise BadValue(
+                f"the conversation has {len(prompt_ids)} tokens and the model's context is {engine.max_seq_len}: "
+                "clear the history or ask a shorter question"
+            )
+        if request.max_new_tokens > room:
+            request = dataclasses.replace(request, max_new_tokens=room)
+    return stream_text(engine, request)
 
 
 def generate_all(

@@ -16,13 +16,11 @@ visitors are answered together, sharing each forward pass, and the rest queue. W
 
 from __future__ import annotations
 
-import dataclasses
-import queue
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from instructglm.errors import BadValue
-from instructglm.infer.generate import EngineArguments, GenerationArguments, build_prompt
+from instructglm.infer.generate import EngineArguments, GenerationArguments
 from instructglm.infer.load import ModelArguments, load_from_args
 
 TITLE = "InstructGLM: Streaming Chatbot with Gradio"
@@ -37,49 +35,11 @@ class WebArguments:
 ARGUMENTS = (ModelArguments, WebArguments, EngineArguments, GenerationArguments)
 
 
-class GenerationFailed(Exception):
-    """The engine reported an error for this answer (logged there with its traceback)."""
-
-
-def stream_answer(engine: Any, template: Any, query: str, history: list, settings: GenerationArguments) -> Iterator[str]:
-    """The answer to `query` after `history`, piece by piece as the engine decodes it; leaving the loop
-    early frees the request's row.
-
-    Raises:
-        BadValue: the prompt leaves no room for an answer under the Maximum length.
-        GenerationFailed: the engine failed this request (the engine's log has why).
-    """
-    from instructglm.infer.engine import encode_prompt, request_for
-
-    prompt_ids = encode_prompt(engine.tokenizer, build_prompt(template, query, history))
-    request = request_for(prompt_ids, settings, stream=True)
-    if engine.max_seq_len is not None:  # the Maximum length slider may exceed the model's context
-        room = engine.max_seq_len - len(prompt_ids)
-        if room < 1:
-            raise BadValue(f"the conversation has {len(prompt_ids)} tokens, the model's context {engine.max_seq_len}: clear the history")
-        if request.max_new_tokens > room:
-            request = dataclasses.replace(request, max_new_tokens=room)
-    events: queue.Queue = queue.Queue()
-    handle = engine.submit(request, events.put)
-    try:
-        while True:
-            event = events.get()
-            if event.kind == "tokens":
-                if event.text:
-                    yield event.text
-            elif event.kind == "error":
-                raise GenerationFailed("generating the answer failed; the server log has the details")
-            else:
-                return
-    finally:
-        handle.cancel()
-
-
 def build_app(engine: Any, template: Any, defaults: GenerationArguments | None = None):
     """The Gradio Blocks app over a running `BatchEngine` (not launched)."""
     import gradio as gr
 
-    from instructglm.infer.engine import QueueFull
+    from instructglm.infer.engine import GenerationFailed, QueueFull, stream_answer
 
     defaults = defaults or GenerationArguments()
 
