@@ -12,8 +12,11 @@ sends `--requests` streaming chat completions (greedy, `--max_tokens` each, prom
 lengths) through the official `openai` client, the two servers taking turns at each level. Reported
 per server and level: aggregate completion tokens/s (all clients' tokens / wall time), p50/p95 time to
 first token and latency, failed requests; and whether every answer equals the one-at-a-time server's.
-Bounded: `--requests` per client, `--time_limit` seconds per level (requests not started by then are
-not sent and are counted as skipped), loopback only.
+Each level runs `--rounds` times, the two servers alternating; the fastest round of each is reported,
+with the median of the per-round ratios (each round's pair ran back to back, so a burst of load from
+other work on a shared machine hits both) and tokens per second of server CPU time (what other work on
+the machine cannot inflate). Bounded: `--requests` per client, `--time_limit` seconds per level and
+round (requests not started by then are not sent and are counted as skipped), loopback only.
 
 Profile (`--profile`): tokens/s at batch 1 through the engine and through `model.generate`, and the
 functions where a decode step's time goes (cProfile, by own time) in each.
@@ -125,7 +128,16 @@ def one_request(client, prompt: str, max_tokens: int) -> dict:
             "latency": time.perf_counter() - start}
 
 
-def run_level(url: str, clients: int, requests: int, max_tokens: int, time_limit: float) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc), 0 elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_level(url: str, clients: int, requests: int, max_tokens: int, time_limit: float, server_pid: int = 0) -> dict:
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=max(60.0, time_limit))
@@ -145,13 +157,15 @@ def run_level(url: str, clients: int, requests: int, max_tokens: int, time_limit
             with lock:
                 results.append(result)
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds(server_pid)
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(worker, range(clients)))
     wall = time.perf_counter() - start
+    server_cpu = cpu_seconds(server_pid) - cpu_start
     done = [r for r in results if "error" not in r]
     return {
         "wall": wall,
+        "tokens_per_cpu_s": sum(r["tokens"] for r in done) / server_cpu if server_cpu > 0 else float("nan"),
         "tokens": sum(r["tokens"] for r in done),
         "tokens_per_s": sum(r["tokens"] for r in done) / wall,
         "ttft": [r["ttft"] for r in done],
@@ -198,10 +212,13 @@ def run_load(args) -> str:
                 wait_ready(urls[name], processes[name])
                 run_level(urls[name], 1, 1, 4, 60)  # warm-up: first forward, first tokenizer calls
             results = {name: {} for name in servers}
+            ratios: dict[int, list[float]] = {clients: [] for clients in levels}
             for clients in levels:
                 for round_ in range(args.rounds):
+                    speeds = {}
                     for name in servers:  # turns at each level, so machine-load drift hits both alike
-                        r = run_level(urls[name], clients, args.requests, args.max_tokens, args.time_limit)
+                        r = run_level(urls[name], clients, args.requests, args.max_tokens, args.time_limit, processes[name].pid)
+                        speeds[name] = r["tokens_per_s"]
                         print(f"  {name:14s} {clients:3d} clients, round {round_ + 1}: {r['tokens_per_s']:8.1f} tok/s, "
                               f"{len(r['errors'])} errors", file=sys.stderr)
                         best = results[name].get(clients)
@@ -216,6 +233,7 @@ def run_load(args) -> str:
                         else:
                             r["mismatch"] = []
                         results[name][clients] = r
+                    ratios[clients].append(speeds["batching"] / speeds["one at a time"])
         finally:
             for process in processes.values():
                 process.terminate()
@@ -233,16 +251,18 @@ def run_load(args) -> str:
         f"{args.requests} requests per client, fastest of {args.rounds} interleaved rounds (failures and answers: all rounds); "
         f"batching server --max_batch_size {args.max_batch_size}",
         "",
-        "| clients | server | tokens/s | vs one at a time | TTFT p50 / p95 (ms) | latency p50 / p95 (ms) | failed | skipped | answers = one at a time |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---|",
+        "| clients | server | tokens/s | vs one at a time (best / median of paired rounds) | tokens per server CPU s "
+        "| TTFT p50 / p95 (ms) | latency p50 / p95 (ms) | failed | skipped | answers = one at a time |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for clients in levels:
         single = results["one at a time"][clients]["tokens_per_s"]
         for name in servers:
             r = results[name][clients]
             same = not r["mismatch"] and all(reference.get(p) == text for p, text in r["answers"].items())
+            versus = f"{r['tokens_per_s'] / single:.2f}x / {statistics.median(ratios[clients]):.2f}x" if name == "batching" else "1.00x"
             lines.append(
-                f"| {clients} | {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / single:.2f}x | "
+                f"| {clients} | {name} | {r['tokens_per_s']:.0f} | {versus} | {r['tokens_per_cpu_s']:.0f} | "
                 f"{1000 * percentile(r['ttft'], 0.5):.0f} / {1000 * percentile(r['ttft'], 0.95):.0f} | "
                 f"{1000 * percentile(r['latency'], 0.5):.0f} / {1000 * percentile(r['latency'], 0.95):.0f} | "
                 f"{len(r['errors'])} | {r['skipped']} | {'yes' if same else 'NO'} ({len(r['answers'])} distinct prompts) |"
@@ -400,8 +420,9 @@ def engine_tokens_per_s(model, config, batch: int, args, device: str, decode: st
     """(decode tokens/s with `batch` requests submitted at once, seconds the first run took: compile + warm-up)."""
     from instructglm.infer.engine import BatchEngine, GenerationRequest, generate_requests
 
+    options = {"backend": "cudagraphs"} if args.compile_backend == "cudagraphs" else {"mode": "reduce-overhead"}
     engine = BatchEngine(model, None, max_batch_size=batch, max_queue=None, max_seq_len=args.prompt_len + args.new_tokens,
-                         decode=decode, stop_ids=[])
+                         decode=decode, stop_ids=[], compile_options=options)
     requests = [GenerationRequest(random_prompt(config, args.prompt_len, i), args.new_tokens) for i in range(batch)]
     first = timed(lambda: generate_requests(engine, requests), device)
     if engine.mode != decode:
@@ -441,7 +462,8 @@ def run_decode(args) -> str:
     unmerged = get_peft_model(base, lora).eval()  # the base itself, wrapped: no third copy of 12 GB
     where = torch.cuda.get_device_name(device) if cuda else machine()
     title = (f"ChatGLM-6B architecture {config.num_layers} x {config.hidden_size} (vocab {config.vocab_size}), random {dtype} "
-             f"weights, {where}; prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, best of {args.repeats}")
+             f"weights, {where}; prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, best of {args.repeats}; "
+             f"compiled with {args.compile_backend}; torch {torch.__version__}")
     lines = [title, "", "| decode | requests at once | tokens/s | first run (compile + warm-up) s |", "|---|---:|---:|---:|"]
     # Rows go to stdout as they are measured, so a run cut short by a time limit still shows them.
     print("\n".join(lines), flush=True)
@@ -476,7 +498,7 @@ def main(argv=None) -> None:
     parser.add_argument("--family", default="chatglm", choices=["chatglm", "llama"], help="the tiny model (CPU)")
     parser.add_argument("--clients", default="1,4,8,16", help="concurrent clients per level")
     parser.add_argument("--requests", type=int, default=6, help="requests per client per level and round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per level (the fastest is reported)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per level (the fastest is reported)")
     parser.add_argument("--max_tokens", type=int, default=64, help="max_tokens per request (CPU)")
     parser.add_argument("--max_batch_size", type=int, default=16, help="the batching server's --max_batch_size")
     parser.add_argument("--time_limit", type=float, default=300, help="seconds per level and server before no new request starts")
@@ -486,6 +508,8 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt_len", type=int, default=32, help="GPU: prompt tokens")
     parser.add_argument("--new_tokens", type=int, default=64, help="GPU: new tokens per request")
     parser.add_argument("--concurrency", default="1,8,32", help="GPU: requests submitted at once")
+    parser.add_argument("--compile_backend", default="inductor", choices=["inductor", "cudagraphs"],
+                        help="GPU: torch.compile(mode='reduce-overhead') (inductor + CUDA graphs), or backend='cudagraphs' (faster to compile)")
     parser.add_argument("--out", default=None, help="also write the table to this file")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO / "src"))

@@ -349,8 +349,14 @@ def position_rule_for(model: Any) -> PositionRule:
 
 
 def unwrap(model: Any) -> Any:
-    """The transformers model inside a `PeftModel` (its LoRA layers are injected there), else the model."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    """The model to call forward on: inside a `PeftModel` with LoRA-style adapters, the transformers model
+    (the adapter layers are injected there, and `PeftModel.forward` only adds Python overhead per step);
+    a prompt-learning adapter (virtual tokens) needs `PeftModel.forward`, so the model itself."""
+    if not hasattr(model, "get_base_model"):
+        return model
+    if any(getattr(config, "is_prompt_learning", False) for config in getattr(model, "peft_config", {}).values()):
+        return model
+    return model.get_base_model()
 
 
 # --- KV cache layouts ---------------------------------------------------------------------------
@@ -582,6 +588,9 @@ class BatchEngine:
         decode: "auto" (compiled static cache on CUDA, else dynamic), "dynamic", "static" (static slots, not
             compiled: the layout alone, e.g. for tests on the CPU) or "compiled".
         stop_ids: ids that end an answer when a request names none; default the model's eos ids.
+        compile_options: `torch.compile` arguments for the "compiled" decode step; default
+            `{"mode": "reduce-overhead"}` (inductor + CUDA graphs); `{"backend": "cudagraphs"}` records CUDA
+            graphs of the eager kernels, compiling much faster.
     """
 
     def __init__(
@@ -594,6 +603,7 @@ class BatchEngine:
         max_seq_len: Any = "auto",
         decode: str = "auto",
         stop_ids: Optional[Iterable[int]] = None,
+        compile_options: Optional[dict] = None,
     ):
         if max_batch_size < 1:
             raise BadValue(f"--max_batch_size must be at least 1, got {max_batch_size}")
@@ -608,14 +618,17 @@ class BatchEngine:
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.max_seq_len = context_limit(self.network) if max_seq_len == "auto" else max_seq_len
-        self.stop_ids = frozenset(stop_ids) if stop_ids is not None else frozenset(eos_ids(model, tokenizer) if tokenizer is not None else _config_eos(self.network))
+        if stop_ids is None:
+            stop_ids = eos_ids(model, tokenizer) if tokenizer is not None else _config_eos(self.network)
+        self.stop_ids = frozenset(stop_ids)
         parameters = inspect.signature(self.network.forward).parameters
-        # transformers 5.x renames `past_key_values` to `cache`; the native ChatGLM-6B keeps the old name.
+        # transformers 5.24 renames `past_key_values` to `cache` (5.17 knows only the old name): the forward says.
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self._prefill_options = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
         self.mode = self._choose_mode(decode)
         self._batch: Any = self._new_layout()
         self._compiled: Any = None
+        self.compile_options = dict(compile_options or {"mode": "reduce-overhead"})
         self._rows: list[_Row] = []
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._lock = threading.Condition()
@@ -904,7 +917,7 @@ class BatchEngine:
         try:
             if self._compiled is None:
                 _allow_recompiles(4 * len(batch_buckets(self.max_batch_size)))
-                self._compiled = torch.compile(self._static_forward, mode="reduce-overhead", dynamic=False)
+                self._compiled = torch.compile(self._static_forward, dynamic=False, **self.compile_options)
             torch.compiler.cudagraph_mark_step_begin()
             return self._compiled(ids, positions).clone()
         except Exception as error:
