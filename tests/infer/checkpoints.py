@@ -1,7 +1,8 @@
 """Session fixtures: tiny base checkpoints and adapters, for the inference and the serving tests.
 
 Both `tests/infer/conftest.py` and `tests/serve/conftest.py` import these, so the two suites use
-the same models (built once per session in each directory).
+the same models (built once per session in each directory). `FAMILIES` is the table of model
+families every `family`-parametrized test runs on: adding a family is one entry there.
 """
 
 from __future__ import annotations
@@ -10,30 +11,50 @@ import pytest
 
 from tests.infer.helpers import tiny_adapter, tiny_chatglm, tiny_llama
 
-
-@pytest.fixture(scope="session")
-def llama_dir(tmp_path_factory):
-    return tiny_llama(tmp_path_factory.mktemp("llama") / "base")
-
-
-@pytest.fixture(scope="session")
-def llama_adapter(llama_dir, tmp_path_factory):
-    return tiny_adapter(llama_dir, tmp_path_factory.mktemp("llama") / "run")
+# name -> (builder of a tiny base checkpoint at a path, the adapter's template, its LoRA targets)
+FAMILIES = {
+    "chatglm": (tiny_chatglm, "chatglm", ("query_key_value",)),  # ChatGLM-6B's architecture
+    "llama": (tiny_llama, "alpaca", ("q_proj", "v_proj")),  # a generic transformers causal LM
+}
 
 
 @pytest.fixture(scope="session")
-def glm_dir(tmp_path_factory):
-    return tiny_chatglm(tmp_path_factory.mktemp("chatglm") / "base")
+def checkpoints(tmp_path_factory):
+    """name -> (base dir, adapter dir) of a family in `FAMILIES`, each built once."""
+    built: dict[str, tuple] = {}
+
+    def get(name: str) -> tuple:
+        if name not in built:
+            build, template, targets = FAMILIES[name]
+            root = tmp_path_factory.mktemp(name)
+            base = build(root / "base")
+            built[name] = (base, tiny_adapter(base, root / "run", template=template, targets=targets))
+        return built[name]
+
+    return get
 
 
 @pytest.fixture(scope="session")
-def glm_adapter(glm_dir, tmp_path_factory):
-    return tiny_adapter(glm_dir, tmp_path_factory.mktemp("chatglm") / "run", template="chatglm", targets=("query_key_value",))
+def llama_dir(checkpoints):
+    return checkpoints("llama")[0]
 
 
-@pytest.fixture(scope="session", params=["chatglm", "llama"])
-def family(request):
-    """(name, base dir, adapter dir) of each model family: ChatGLM-6B's architecture and a generic causal LM."""
-    name = request.param
-    prefix = "glm" if name == "chatglm" else "llama"
-    return name, request.getfixturevalue(f"{prefix}_dir"), request.getfixturevalue(f"{prefix}_adapter")
+@pytest.fixture(scope="session")
+def llama_adapter(checkpoints):
+    return checkpoints("llama")[1]
+
+
+@pytest.fixture(scope="session")
+def glm_dir(checkpoints):
+    return checkpoints("chatglm")[0]
+
+
+@pytest.fixture(scope="session")
+def glm_adapter(checkpoints):
+    return checkpoints("chatglm")[1]
+
+
+@pytest.fixture(scope="session", params=list(FAMILIES))
+def family(request, checkpoints):
+    """(name, base dir, adapter dir) of each model family in `FAMILIES`."""
+    return (request.param, *checkpoints(request.param))

@@ -1,3 +1,3 @@
 """Tiny checkpoints shared by the inference tests (built once per session; see checkpoints.py)."""
 
-from tests.infer.checkpoints import family, glm_adapter, glm_dir, llama_adapter, llama_dir  # noqa: F401  (fixtures)
+from tests.infer.checkpoints import checkpoints, family, glm_adapter, glm_dir, llama_adapter, llama_dir  # noqa: F401  (fixtures)

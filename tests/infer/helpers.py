@@ -47,6 +47,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_in_thread(app):
+    """Serve an ASGI `app` with uvicorn on a free loopback port, on a thread; returns (url, server, thread).
+    Stop it with `server.should_exit = True; thread.join()`."""
+    import threading
+    import time
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{port}", server, thread
+
+
 def cli_env() -> dict:
     """Environment for `python -m instructglm.cli` subprocesses: one thread, repo sources first."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
@@ -56,3 +75,19 @@ def cli_env() -> dict:
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "instructglm.cli", *args]
+
+
+def reference_completion(model, tokenizer, prompt: str, max_new_tokens: int):
+    """The reference answer: transformers' `generate`, greedy, on `prompt` alone (no batching engine).
+
+    Returns a `Completion` (text decoded without special tokens, cut at the first eos).
+    """
+    from instructglm.infer.generate import Completion, GenerationArguments, eos_ids, generate_ids
+
+    settings = GenerationArguments(max_new_tokens=max_new_tokens, do_sample=False)
+    (ids,), (prompt_tokens,), _ = generate_ids(model, tokenizer, [prompt], settings)
+    eos = eos_ids(model, tokenizer)
+    stop = next((i for i, t in enumerate(ids) if t in eos), None)
+    kept = ids if stop is None else ids[:stop]
+    reason = "stop" if stop is not None else "length"
+    return Completion(tokenizer.decode(kept, skip_special_tokens=True), prompt_tokens, len(kept), reason)

@@ -45,7 +45,8 @@ def deprecations(glm_dir, glm_adapter, tmp_path_factory):
     from instructglm.infer.load import load_model
     from instructglm.infer.merge import merge
     from instructglm.infer.predict import predict_rows
-    from instructglm.serve.api import Engine, create_app
+    from instructglm.infer.engine import BatchEngine
+    from instructglm.serve.api import create_app
 
     found: set[tuple[str, str]] = set()
 
@@ -79,7 +80,7 @@ def deprecations(glm_dir, glm_adapter, tmp_path_factory):
                          GenerationArguments(max_new_tokens=3, do_sample=False), batch_size=2)
             merge(str(glm_dir), str(glm_adapter), tmp / "merged")
             load_model(str(tmp / "merged"), device="cpu")
-            with TestClient(create_app(Engine(model, tokenizer, template))) as client:
+            with TestClient(create_app(BatchEngine(model, tokenizer), template)) as client:
                 body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
                 assert client.post("/v1/chat/completions", json=body).status_code == 200
                 assert client.post("/v1/chat/completions", json={**body, "stream": True}).status_code == 200

@@ -6,8 +6,10 @@ import threading
 
 import pytest
 
-from instructglm.infer.generate import GenerationArguments, build_prompt, generate_batch, stream_generate, stream_reply
+from instructglm.infer.engine import BatchEngine, stream_answer
+from instructglm.infer.generate import GenerationArguments, build_prompt, generate_batch
 from instructglm.infer.load import load_model
+from tests.infer.helpers import reference_completion
 
 GREEDY = GenerationArguments(max_new_tokens=10, do_sample=False)
 PROMPTS = ["What is two plus three?", "hi", "Reverse the word cat: ", "你好，世界。一二三"]
@@ -27,7 +29,7 @@ def each_family(family):
 def test_batched_greedy_equals_one_at_a_time(each_family):
     model, tokenizer, _ = each_family
     batched = generate_batch(model, tokenizer, PROMPTS, GREEDY)
-    single = [generate_batch(model, tokenizer, [p], GREEDY)[0] for p in PROMPTS]
+    single = [reference_completion(model, tokenizer, p, GREEDY.max_new_tokens) for p in PROMPTS]  # `generate`, alone
     assert [c.text for c in batched] == [c.text for c in single]
     assert [c.completion_tokens for c in batched] == [c.completion_tokens for c in single]
     assert [c.prompt_tokens for c in batched] == [c.prompt_tokens for c in single]
@@ -56,21 +58,40 @@ def test_stream_pieces_add_up_to_the_batch_answer(tuned):
     history = [("hi", "hello world")]
     prompt = build_prompt(template, "say hello", history)
     assert prompt.startswith("Instruction: hi\nAnswer: hello world\n")  # the run's alpaca template
-    stream = stream_reply(model, tokenizer, template, "say hello", history, GREEDY)
-    pieces = list(stream)
-    expected = generate_batch(model, tokenizer, [prompt], GREEDY)[0]
-    assert "".join(pieces) == expected.text
-    assert stream.completion == expected
+    pieces = list(stream_answer(BatchEngine(model, tokenizer), template, "say hello", history, GREEDY))
+    assert len(pieces) > 1
+    assert "".join(pieces) == generate_batch(model, tokenizer, [prompt], GREEDY)[0].text
 
 
-def test_leaving_a_stream_early_stops_generation(tuned):
-    model, tokenizer, _ = tuned
-    stream = stream_generate(model, tokenizer, "hi", GenerationArguments(max_new_tokens=200, do_sample=False))
-    before = threading.active_count()
+def test_leaving_a_stream_early_frees_its_row(tuned):
+    model, tokenizer, template = tuned
+    engine = BatchEngine(model, tokenizer)
+    stream = stream_answer(engine, template, "hi", [], GenerationArguments(max_new_tokens=200, do_sample=False))
     for _ in stream:
+        assert engine.running == 1
         break
-    assert stream.cancel_event.is_set()
-    assert threading.active_count() <= before  # the generation thread was joined
+    stream.close()
+    assert engine.running == 0 and engine.waiting == 0
+
+
+def test_an_interrupted_step_resets_the_engine(tuned, monkeypatch):
+    """Ctrl-C inside a decode step (chat): the engine is emptied and answers the next question normally."""
+    model, tokenizer, template = tuned
+    engine = BatchEngine(model, tokenizer)
+    real, steps = BatchEngine._decode, []
+
+    def interrupted(self):
+        steps.append(1)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(BatchEngine, "_decode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        list(stream_answer(engine, template, "hi", [], GREEDY))
+    assert engine.running == 0 and engine.waiting == 0
+    expected = generate_batch(model, tokenizer, [build_prompt(template, "hi")], GREEDY)[0].text
+    assert "".join(stream_answer(engine, template, "hi", [], GREEDY)) == expected
 
 
 def test_sampling_settings_run(tuned):

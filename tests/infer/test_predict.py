@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from instructglm.infer import predict as predict_module
 from instructglm.infer.generate import GenerationArguments
 from instructglm.infer.load import load_model
 from instructglm.infer.predict import predict_rows, read_rows
@@ -53,27 +52,60 @@ def test_batched_equals_one_at_a_time(each_family, rows, tmp_path):
 
 
 def test_interrupted_run_resumes_without_duplicates(tuned, rows, tmp_path, monkeypatch):
+    from instructglm.infer.engine import BatchEngine
+
     model, tokenizer, _ = tuned
     data = read_rows(rows)
     reference = tmp_path / "ref.jsonl"
     predict_rows(model, tokenizer, data, reference, GREEDY, batch_size=2)
 
-    real, calls = predict_module.generate_batch, []
+    real, calls = BatchEngine.step, []
 
-    def failing(*args, **kwargs):
+    def counting(self):
         calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # as a Ctrl-C in the third batch would
-        return real(*args, **kwargs)
+        return real(self)
+
+    monkeypatch.setattr(BatchEngine, "step", counting)
+    predict_rows(model, tokenizer, data, tmp_path / "counted.jsonl", GREEDY, batch_size=2)
+    steps, calls[:] = len(calls), []
+
+    def failing(self):
+        calls.append(1)
+        if len(calls) == steps - 3:
+            raise KeyboardInterrupt  # as a Ctrl-C during the last rows would
+        return real(self)
 
     out = tmp_path / "out.jsonl"
-    monkeypatch.setattr(predict_module, "generate_batch", failing)
+    monkeypatch.setattr(BatchEngine, "step", failing)
     with pytest.raises(KeyboardInterrupt):
         predict_rows(model, tokenizer, data, out, GREEDY, batch_size=2)
-    assert len(_lines(out)) == 4
-    monkeypatch.setattr(predict_module, "generate_batch", real)
-    assert predict_rows(model, tokenizer, data, out, GREEDY, batch_size=2).written == 3
+    done = len(_lines(out))
+    assert 0 < done < len(CONTEXTS)
+    assert _lines(out) == _lines(reference)[:done]
+    monkeypatch.setattr(BatchEngine, "step", real)
+    assert predict_rows(model, tokenizer, data, out, GREEDY, batch_size=2).written == len(CONTEXTS) - done
     assert _lines(out) == _lines(reference)
+
+
+def test_predictions_are_the_one_at_a_time_answers(each_family, rows, tmp_path):
+    from tests.infer.helpers import reference_completion
+
+    model, tokenizer, _ = each_family
+    predict_rows(model, tokenizer, read_rows(rows), tmp_path / "out.jsonl", GREEDY, batch_size=3)
+    expected = [reference_completion(model, tokenizer, c, GREEDY.max_new_tokens).text for c in CONTEXTS]
+    assert [r["prediction"] for r in _lines(tmp_path / "out.jsonl")] == expected
+
+
+def test_sampled_rows_do_not_depend_on_batch_size_or_resume(tuned, rows, tmp_path):
+    model, tokenizer, _ = tuned
+    data = read_rows(rows)
+    sampled = GenerationArguments(max_new_tokens=8, do_sample=True, temperature=1.0, top_p=0.9)
+    predict_rows(model, tokenizer, data, tmp_path / "b3.jsonl", sampled, batch_size=3, seed=5)
+    predict_rows(model, tokenizer, data[:2], tmp_path / "b1.jsonl", sampled, batch_size=1, seed=5)
+    predict_rows(model, tokenizer, data, tmp_path / "b1.jsonl", sampled, batch_size=1, seed=5)  # resumes at row 3
+    assert _lines(tmp_path / "b3.jsonl") == _lines(tmp_path / "b1.jsonl")
+    predict_rows(model, tokenizer, data, tmp_path / "other.jsonl", sampled, batch_size=3, seed=6)
+    assert _lines(tmp_path / "other.jsonl") != _lines(tmp_path / "b3.jsonl")
 
 
 def test_partial_last_line_is_dropped_and_redone(tuned, rows, tmp_path):
@@ -185,19 +217,22 @@ def test_prompt_longer_than_the_context_is_skipped_not_generated(tuned, tmp_path
     model, tokenizer, _ = tuned  # the tiny Llama's context is 256 tokens
     huge = "hello " * 200_000  # 1.2 MB: generating it would try to allocate the attention of 200k tokens
     data = [{"context": "hi"}, {"context": huge}, {"context": "hello " * 253}, {"context": "say hello"}]
+    from instructglm.infer.engine import BatchEngine, encode_prompt
+    from instructglm.infer.generate import generate_batch
+
     generated = []
-    real = predict_module.generate_batch
-    monkeypatch.setattr(predict_module, "generate_batch", lambda m, t, prompts, s: generated.extend(prompts) or real(m, t, prompts, s))
+    real = BatchEngine.submit
+    monkeypatch.setattr(BatchEngine, "submit", lambda self, request, *a: generated.append(list(request.prompt_ids)) or real(self, request, *a))
     out = tmp_path / "out.jsonl"
     result = predict_rows(model, tokenizer, data, out, GREEDY, batch_size=2)
     assert result == (4, 2)
-    assert generated == ["hi", "say hello"]  # the long ones never reached generate
+    assert generated == [encode_prompt(tokenizer, "hi"), encode_prompt(tokenizer, "say hello")]  # the long ones never reached the engine
     lines = _lines(out)
     assert [r["context"] for r in lines] == [r["context"] for r in data]
     assert lines[1]["prediction"] is None and "200001 prompt tokens + --max_new_tokens 6" in lines[1]["skipped"]
     assert "context of 256 tokens" in lines[1]["skipped"]
     assert lines[2]["prediction"] is None and "skipped" in lines[2]  # 254 + 6 > 256
-    assert lines[0]["prediction"] == real(model, tokenizer, ["hi"], GREEDY)[0].text and "skipped" not in lines[0]
+    assert lines[0]["prediction"] == generate_batch(model, tokenizer, ["hi"], GREEDY)[0].text and "skipped" not in lines[0]
     assert predict_rows(model, tokenizer, data, out, GREEDY, batch_size=2) == (0, 0)  # a rerun resumes past them
     # with --max_length instead of --max_new_tokens, a prompt that leaves no room is skipped the same way
     settings = GenerationArguments(max_length=8, do_sample=False)

@@ -12,13 +12,14 @@ import httpx
 import openai
 import pytest
 
-from instructglm.infer.generate import GenerationArguments, build_prompt, generate_batch
+from instructglm.infer.engine import BatchEngine, StopScanner
+from instructglm.infer.generate import build_prompt
 from instructglm.infer.load import load_model
-from instructglm.serve.api import APIError, Engine, StopScanner, create_app, messages_to_chat
-from tests.infer.helpers import free_port
+from instructglm.serve.api import APIError, create_app, messages_to_chat
+from tests.infer.helpers import reference_completion, serve_in_thread
 
 KEY = "test-key"
-QUESTIONS = ["What is two plus three?", "hi", "Reverse the word cat", "你好"]
+QUESTIONS = ["What is two plus three?", "hi", "Reverse the word cat", "你好", "say hello"]
 
 
 @pytest.fixture(scope="module")
@@ -27,21 +28,16 @@ def loaded(llama_dir, llama_adapter):
 
 
 @pytest.fixture(scope="module")
-def server(loaded):
-    import uvicorn
+def engine(loaded):
+    model, tokenizer, _ = loaded
+    return BatchEngine(model, tokenizer, max_batch_size=4, max_queue=128)
 
-    model, tokenizer, template = loaded
-    app = create_app(Engine(model, tokenizer, template, max_queue=128), model_id="tiny", api_key=KEY,
-                     max_tokens_limit=64, max_request_bytes=20_000)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
+
+@pytest.fixture(scope="module")
+def server(loaded, engine):
+    app = create_app(engine, loaded[2], model_id="tiny", api_key=KEY, max_tokens_limit=64, max_request_bytes=20_000)
+    url, srv, thread = serve_in_thread(app)
+    yield url
     srv.should_exit = True
     thread.join(timeout=30)
 
@@ -52,9 +48,9 @@ def client(server):
 
 
 def greedy(loaded, question, history=(), max_tokens=8):
+    """The one-at-a-time answer (transformers' `generate` alone on this prompt)."""
     model, tokenizer, template = loaded
-    prompt = build_prompt(template, question, history)
-    return generate_batch(model, tokenizer, [prompt], GenerationArguments(max_new_tokens=max_tokens, do_sample=False))[0]
+    return reference_completion(model, tokenizer, build_prompt(template, question, history), max_tokens)
 
 
 def test_models(client):
@@ -226,7 +222,7 @@ def test_tiny_temperatures_answer_greedily(server, loaded):
 @pytest.mark.parametrize("param, value", [
     ("max_tokens", True), ("max_tokens", "5"), ("max_tokens", 5.5), ("max_tokens", 5.0), ("max_completion_tokens", False),
     ("n", True), ("n", "1"), ("top_p", "0.5"), ("top_p", True), ("temperature", "0"), ("temperature", False),
-    ("stream", "true"), ("stream", 1), ("stream", None),
+    ("stream", "true"), ("stream", 1), ("stream", None), ("seed", "1"), ("seed", 1.5), ("seed", True),
 ])
 def test_parameters_are_not_coerced(server, param, value):
     r = httpx.post(server + "/v1/chat/completions", headers=AUTH,
@@ -242,7 +238,7 @@ def test_deeply_nested_json_is_a_400(server, loaded):
     model, tokenizer, template = loaded
     from fastapi.testclient import TestClient
 
-    app = create_app(Engine(model, tokenizer, template), max_request_bytes=1_000_000)
+    app = create_app(BatchEngine(model, tokenizer), template, max_request_bytes=1_000_000)
     with TestClient(app) as local:
         for body in (b"[" * 200_000, b'{"messages": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"):
             r = local.post("/v1/chat/completions", content=body)
@@ -251,8 +247,6 @@ def test_deeply_nested_json_is_a_400(server, loaded):
 
 def test_internal_errors_are_logged_not_returned(loaded, monkeypatch, caplog):
     from fastapi.testclient import TestClient
-
-    import instructglm.serve.api as api
 
     model, tokenizer, _ = loaded
 
@@ -264,7 +258,7 @@ def test_internal_errors_are_logged_not_returned(loaded, monkeypatch, caplog):
         raise RuntimeError("secret-detail from generate")
 
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    with TestClient(create_app(Engine(model, tokenizer, BrokenTemplate())), raise_server_exceptions=False) as local:
+    with TestClient(create_app(BatchEngine(model, tokenizer), BrokenTemplate()), raise_server_exceptions=False) as local:
         r = local.post("/v1/chat/completions", json=body)
     assert r.status_code == 500 and "secret" not in r.text
     request_id = r.json()["error"]["message"].split("request id ")[1].split(")")[0]
@@ -272,8 +266,8 @@ def test_internal_errors_are_logged_not_returned(loaded, monkeypatch, caplog):
     assert logged and logged[0].exc_info and "secret-detail /home/me" in str(logged[0].exc_info[1])
 
     caplog.clear()
-    monkeypatch.setattr(api, "stream_generate", broken_generation)
-    with TestClient(create_app(Engine(model, tokenizer, loaded[2])), raise_server_exceptions=False) as local:
+    monkeypatch.setattr(BatchEngine, "_prefill_cache", broken_generation)
+    with TestClient(create_app(BatchEngine(model, tokenizer), loaded[2]), raise_server_exceptions=False) as local:
         plain = local.post("/v1/chat/completions", json=body)
         streamed = local.post("/v1/chat/completions", json={**body, "stream": True})
     assert plain.status_code == 500 and "secret" not in plain.text and "chatcmpl-" in plain.text
@@ -281,31 +275,177 @@ def test_internal_errors_are_logged_not_returned(loaded, monkeypatch, caplog):
     assert any(rec.exc_info and "secret-detail from generate" in str(rec.exc_info[1]) for rec in caplog.records)
 
 
-def test_plain_client_that_disconnects_stops_its_generation(server, loaded, monkeypatch):
-    """A non-streaming request abandoned by its client must not keep the model busy to max_tokens."""
-    import socket
+def slowed(monkeypatch, seconds=0.05):
+    """Make every decode step of every engine take at least `seconds`."""
+    real = BatchEngine._decode
 
-    import instructglm.infer.generate as generate
+    def slow(self):
+        time.sleep(seconds)
+        return real(self)
+
+    monkeypatch.setattr(BatchEngine, "_decode", slow)
+
+
+def wait_for(condition, timeout):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_plain_client_that_disconnects_frees_its_row(server, engine, loaded, monkeypatch):
+    """A non-streaming request abandoned by its client must not keep its batch row to max_tokens."""
+    import socket
 
     question = "What is two plus three?"
     assert greedy(loaded, question, max_tokens=64).finish_reason == "length"  # it would run the full 64 tokens
-    real = generate._Cancelled.__call__
-
-    def slow(self, *args, **kwargs):  # 50 ms per token: 64 tokens take over 3 s
-        time.sleep(0.05)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(generate._Cancelled, "__call__", slow)
+    slowed(monkeypatch)  # 50 ms per token: 64 tokens take over 3 s
     host, port = server.removeprefix("http://").split(":")
     body = json.dumps({"messages": [{"role": "user", "content": question}], "max_tokens": 64, "temperature": 0}).encode()
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        time.sleep(0.5)  # generating now
+        assert wait_for(lambda: engine.running == 1, 5)  # generating now
     started = time.monotonic()
+    # freed within a disconnect poll (0.25 s) and a step, not after ~3 s more
+    assert wait_for(lambda: engine.running == 0 and engine.waiting == 0, 1.5), time.monotonic() - started
+
+
+def test_streaming_client_that_disconnects_frees_its_row_at_once(server, engine, loaded, monkeypatch):
+    question = "What is two plus three?"
+    slowed(monkeypatch)
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": 64, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, headers=AUTH, timeout=60) as r:
+        contents = []
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"content"' in line:
+                contents.append(line)
+                if len(contents) >= 3:
+                    break
+        assert engine.running == 1
+    started = time.monotonic()
+    assert wait_for(lambda: engine.running == 0, 1.0), time.monotonic() - started
+    # the row is free: the next request is answered at once, and correctly
     r = httpx.post(server + "/v1/chat/completions", headers=AUTH, timeout=60,
-                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
-    waited = time.monotonic() - started
-    assert r.status_code == 200
-    # queued behind the abandoned job: it must have stopped within a poll (0.25 s) and a token, not run ~2.7 s more
-    assert waited < 1.5, waited
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == greedy(loaded, "hi", max_tokens=4).text
+
+
+# --- issue 12: batching -------------------------------------------------------------------------
+
+
+def test_concurrent_requests_of_different_lengths_get_the_one_at_a_time_answers(server, engine, loaded, monkeypatch):
+    """Requests that arrive while others decode join the running batch; each gets its `generate`-alone answer."""
+    questions = ["What is two plus three?", "hi", "The quick brown fox jumps over the lazy dog again and again", "say hello",
+                 "你好，世界。一二三", "Reverse the word cat"]
+    expected = {q: greedy(loaded, q, max_tokens=12) for q in questions}
+    slowed(monkeypatch, 0.01)
+    client = openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    widest = []
+
+    def ask(i):
+        time.sleep(0.03 * i)  # staggered: rows join at different decode steps
+        q = questions[i]
+        if i % 2:
+            stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": q}], temperature=0,
+                                                    max_tokens=12, stream=True)
+            text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        else:
+            text = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": q}], temperature=0,
+                                                  max_tokens=12).choices[0].message.content
+        widest.append(engine.running)
+        return q, text
+
+    with ThreadPoolExecutor(len(questions)) as pool:
+        answers = list(pool.map(ask, range(len(questions)), timeout=120))
+    assert all(text == expected[q].text for q, text in answers), [(t, expected[q].text) for q, t in answers]
+    assert max(widest) > 1  # they really were decoded together
+
+
+def test_the_queue_limit_answers_503_in_openai_shape(loaded, monkeypatch):
+    model, tokenizer, template = loaded
+    small = BatchEngine(model, tokenizer, max_batch_size=1, max_queue=1)
+    url, srv, thread = serve_in_thread(create_app(small, template, max_tokens_limit=64))
+    gate = threading.Event()
+    real = BatchEngine._decode
+    monkeypatch.setattr(BatchEngine, "_decode", lambda self: gate.wait(30) and real(self))
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(httpx.post, url + "/v1/chat/completions", json=body, timeout=60)
+            assert wait_for(lambda: small.running == 1, 10)
+            waiting = pool.submit(httpx.post, url + "/v1/chat/completions", json=body, timeout=60)
+            assert wait_for(lambda: small.waiting == 1, 10)
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+            with pytest.raises(openai.InternalServerError) as info:
+                client.chat.completions.create(model="tiny", messages=body["messages"], max_tokens=4)
+            assert info.value.status_code == 503
+            error = _error(info.value)
+            assert error["type"] == "server_error" and error["code"] == "overloaded" and "retry" in error["message"]
+            gate.set()
+            answers = [f.result(timeout=60) for f in (running, waiting)]
+        expected = greedy(loaded, "hi", max_tokens=4).text
+        assert [r.status_code for r in answers] == [200, 200]
+        assert [r.json()["choices"][0]["message"]["content"] for r in answers] == [expected, expected]
+    finally:
+        gate.set()
+        srv.should_exit = True
+        thread.join(timeout=30)
+
+
+POISON = "thanks thanks thanks"  # a prompt (in the tiny vocabulary) whose forward the test makes fail
+
+
+def test_a_request_that_errors_does_not_disturb_its_batch(server, engine, loaded, monkeypatch, caplog):
+    from instructglm.infer.engine import encode_prompt
+
+    model, tokenizer, template = loaded
+    poison = encode_prompt(tokenizer, build_prompt(template, POISON, ()))
+    assert all(encode_prompt(tokenizer, build_prompt(template, q, ())) != poison for q in QUESTIONS)
+    real = BatchEngine._prefill_cache
+
+    def prefill(self, prompt_ids):
+        if list(prompt_ids) == poison:
+            raise RuntimeError("secret-detail: this prompt's forward failed")
+        return real(self, prompt_ids)
+
+    monkeypatch.setattr(BatchEngine, "_prefill_cache", prefill)
+    slowed(monkeypatch, 0.02)
+    questions = ["What is two plus three?", "hi", "say hello"]
+    assert set(questions) <= set(QUESTIONS) | {"say hello"}
+    expected = [greedy(loaded, q, max_tokens=12).text for q in questions]
+
+    def ask(question, stream):
+        body = {"messages": [{"role": "user", "content": question}], "max_tokens": 12, "temperature": 0, "stream": stream}
+        r = httpx.post(server + "/v1/chat/completions", headers=AUTH, json=body, timeout=60)
+        if not stream:
+            return r.status_code, r.json()
+        chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        return r.status_code, "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
+
+    with ThreadPoolExecutor(5) as pool:
+        good = [pool.submit(ask, q, i == 1) for i, q in enumerate(questions)]
+        assert wait_for(lambda: engine.running >= 2, 10)  # the batch is running
+        bad_plain, bad_stream = pool.submit(ask, POISON, False), pool.submit(ask, POISON, True)
+        status, body = bad_plain.result(timeout=60)
+        assert status == 500 and "secret" not in json.dumps(body) and body["error"]["type"] == "server_error"
+        status, text = bad_stream.result(timeout=60)
+        assert status == 200 and "secret" not in text
+        results = [f.result(timeout=60) for f in good]
+    assert [r[0] for r in results] == [200, 200, 200]
+    assert [results[0][1]["choices"][0]["message"]["content"], results[1][1], results[2][1]["choices"][0]["message"]["content"]] == expected
+    assert any("secret-detail" in str(rec.exc_info[1]) for rec in caplog.records if rec.exc_info)
+
+
+def test_a_seed_makes_a_sampled_answer_reproducible(client, loaded):
+    def ask(seed):
+        return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=12,
+                                              temperature=1.0, top_p=0.95, seed=seed).choices[0].message.content
+
+    with ThreadPoolExecutor(4) as pool:
+        first, second, third, other = pool.map(ask, [11, 11, 11, 12])
+    assert first == second == third
+    assert other != first
+    assert first != greedy(loaded, "hi", max_tokens=12).text  # it did sample

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from instructglm.infer.engine import BatchEngine
 from instructglm.infer.generate import GenerationArguments, build_prompt, generate_batch
 from instructglm.infer.load import load_model
 from instructglm.serve.web import TITLE, build_app, launch
@@ -56,6 +57,15 @@ def loaded(llama_dir, llama_adapter):
     return load_model(str(llama_dir), adapter=str(llama_adapter), device="cpu")
 
 
+@pytest.fixture
+def engine(loaded):
+    model, tokenizer, _ = loaded
+    engine = BatchEngine(model, tokenizer, max_batch_size=4)
+    engine.start()
+    yield engine
+    engine.stop()
+
+
 def _greedy(loaded, query, history=()):
     model, tokenizer, template = loaded
     return generate_batch(model, tokenizer, [build_prompt(template, query, history)], GREEDY)[0].text
@@ -80,8 +90,8 @@ def _run_turn(handler, query, messages, history):
     return shown, histories, messages
 
 
-def test_handler_streams_growing_partial_answers_and_keeps_history(loaded):
-    handler = _chat_handler(build_app(*loaded, GenerationArguments(max_length=64, temperature=0.0)))
+def test_handler_streams_growing_partial_answers_and_keeps_history(loaded, engine):
+    handler = _chat_handler(build_app(engine, loaded[2], GenerationArguments(max_length=64, temperature=0.0)))
     expected = _greedy(loaded, FIRST)
     assert len(expected.split()) >= 6, f"the tiny model's greedy answer is too short to show streaming: {expected!r}"
 
@@ -105,9 +115,9 @@ def test_handler_streams_growing_partial_answers_and_keeps_history(loaded):
 
 
 @pytest.fixture
-def app_url(loaded):
+def app_url(loaded, engine):
     model, tokenizer, template = loaded
-    app = build_app(model, tokenizer, template, GenerationArguments(max_length=64, temperature=0.0))
+    app = build_app(engine, template, GenerationArguments(max_length=64, temperature=0.0))
     port = free_port()
     launch(app, "127.0.0.1", port, block=False)
     yield f"http://127.0.0.1:{port}", (model, tokenizer, template)
@@ -169,3 +179,45 @@ def test_two_questions_stream_answers_into_the_page_with_history(browser, app_ur
     wait.until(lambda d: not _bot_texts(d))
     time.sleep(0.2)
     assert not _bot_texts(browser)
+
+
+def test_serve_web_mounts_the_chat_beside_the_api_on_one_engine_behind_the_key(browser, loaded, engine):
+    """`serve --web`: the page at /web/ asks a browser for the key (HTTP Basic), the API keeps its bearer
+    key, and both are answered by the same engine."""
+    import httpx
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from instructglm.serve.api import create_app
+    from tests.infer.helpers import reference_completion, serve_in_thread
+
+    key = "web-key"
+    app = create_app(engine, loaded[2], api_key=key, defaults=GenerationArguments(max_length=64, temperature=0.0), web=True)
+    url, server, thread = serve_in_thread(app)
+    try:
+        r = httpx.get(url + "/web/")
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Basic")
+        assert httpx.get(url + "/web/", auth=("anyone", "wrong")).status_code == 401
+        assert httpx.get(url + "/v1/models").headers["www-authenticate"] == "Bearer"
+        page = httpx.get(url + "/web/", auth=("anyone", key))
+        assert page.status_code == 200 and "InstructGLM" in page.text
+        r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                       json={"messages": [{"role": "user", "content": FIRST}], "max_tokens": 8, "temperature": 0})
+        model, tokenizer, template = loaded
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["message"]["content"] == reference_completion(model, tokenizer, build_prompt(template, FIRST), 8).text
+        expected = _greedy(loaded, FIRST)
+
+        # Credentials in a URL log the browser in (as typing them into its login prompt would), but the page's
+        # own fetch() refuses URLs that carry them: open it again at its plain address, logged in.
+        browser.get(url.replace("http://", f"http://anyone:{key}@") + "/web/")
+        browser.get(url + "/web/")
+        wait = WebDriverWait(browser, 60, ignored_exceptions=(StaleElementReferenceException,))
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#query textarea")))
+        _ask(browser, FIRST)
+        wait.until(lambda d: _bot_texts(d) and _bot_texts(d)[-1].split() == expected.split())
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -2,8 +2,9 @@
 
     instructglm chat --model_name_or_path THUDM/chatglm-6b --adapter output/alpaca
 
-Type a message and press Enter; the answer streams as it is generated. `/clear` forgets the
-history, `/exit` (or Ctrl-D) quits, Ctrl-C stops the current answer.
+Type a message and press Enter; the answer streams as it is generated (by the batching engine,
+`instructglm.infer.engine`, as in `serve` and `web`). `/clear` forgets the history, `/exit` (or
+Ctrl-D) quits, Ctrl-C stops the current answer.
 
 `chat(model, tokenizer, query, history)` and `stream_chat(...)` keep the observable behaviour of
 THUDM's `model.chat` / `model.stream_chat` for ChatGLM-6B (the model's methods delegate here):
@@ -19,20 +20,26 @@ from __future__ import annotations
 
 import re
 import sys
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, TextIO
 
 from instructglm.errors import BadValue
-from instructglm.infer.generate import (
-    GenerationArguments,
-    build_prompt,
-    eos_ids,
-    generate_ids,
-    stream_reply,
-    stream_token_ids,
-)
+from instructglm.infer.generate import GenerationArguments, build_prompt, eos_ids, generate_ids, stream_token_ids
 from instructglm.infer.load import ModelArguments, load_from_args
 
-ARGUMENTS = (ModelArguments, GenerationArguments)
+
+@dataclass
+class ChatArguments:
+    cuda_graphs: bool = field(
+        default=True,
+        metadata={
+            "help": "On a GPU, decode with a static KV cache and torch.compile (CUDA graphs; compiled before the first "
+            "answer); false: the dynamic cache."
+        },
+    )
+
+
+ARGUMENTS = (ModelArguments, ChatArguments, GenerationArguments)
 
 BANNER = "InstructGLM chat: type a message; /clear forgets the history, /exit quits."
 USER, BOT = "User: ", "InstructGLM: "
@@ -181,9 +188,22 @@ def stream_chat(
 
 
 def chat_loop(
-    model, tokenizer, template, settings: GenerationArguments, read: Callable[[str], str] = input, out: TextIO = sys.stdout
+    model,
+    tokenizer,
+    template,
+    settings: GenerationArguments,
+    read: Callable[[str], str] = input,
+    out: TextIO = sys.stdout,
+    engine: Any = None,
 ) -> History:
-    """Run the conversation until /exit or end of input; returns the final history."""
+    """Run the conversation until /exit or end of input; returns the final history.
+
+    Answers come from the batching engine (`engine`, else one of a single row made here), driven on
+    this thread, so Ctrl-C stops an answer at once.
+    """
+    from instructglm.infer.engine import BatchEngine, stream_answer
+
+    engine = engine or BatchEngine(model, tokenizer, max_batch_size=1, max_queue=None)
     history: History = []
     print(BANNER, file=out, flush=True)
     while True:
@@ -201,25 +221,28 @@ def chat_loop(
             print("(history cleared)", file=out, flush=True)
             continue
         print(BOT, end="", file=out, flush=True)
-        stream = stream_reply(model, tokenizer, template, query, history, settings)
         answer = ""
         try:
-            for piece in stream:
+            for piece in stream_answer(engine, template, query, history, settings):
                 answer += piece
                 print(piece, end="", file=out, flush=True)
         except KeyboardInterrupt:
-            # The stream cancels itself when left; the cut answer is not kept in the history.
+            # Leaving the stream cancels the answer; the cut answer is not kept in the history.
             print("\n(stopped)", file=out, flush=True)
             continue
         except BadValue as err:
-            # The history outgrew --max_length: say so and let the user /clear.
+            # The history outgrew --max_length or the context: say so and let the user /clear.
             print(f"\n(error: {err})", file=out, flush=True)
             continue
         print(file=out, flush=True)
         history.append((query, answer))
 
 
-def main(model_args: ModelArguments, settings: GenerationArguments) -> int:
+def main(model_args: ModelArguments, chat_args: ChatArguments, settings: GenerationArguments) -> int:
+    from instructglm.infer.engine import BatchEngine
+
     model, tokenizer, template = load_from_args(model_args)
-    chat_loop(model, tokenizer, template, settings)
+    engine = BatchEngine(model, tokenizer, max_batch_size=1, max_queue=None, decode="auto" if chat_args.cuda_graphs else "dynamic")
+    engine.warmup()
+    chat_loop(model, tokenizer, template, settings, engine=engine)
     return 0

@@ -1,12 +1,15 @@
 """Generation shared by chat, predict, web, serve and THUDM's `chat`/`stream_chat` API.
 
 - `build_prompt`: query + history -> prompt text through the run's template.
-- `generate_kwargs`: the one place where decoding settings become `model.generate` arguments.
-- `generate_ids` / `generate_batch`: several prompts at once, left padded; new token ids per
-  row, or one decoded `Completion` per prompt.
-- `stream_generate`: one prompt, text pieces as they are decoded; `stream_token_ids`: one prompt,
-  the new token ids of every step. Both run `generate` on a background thread and are
-  cancellable: leaving the loop early stops the generation after the current token.
+- `generate_batch`: one decoded `Completion` per prompt, through the batching engine
+  (`instructglm.infer.engine`, which also runs `serve`, `web`, `predict` and `eval`).
+- `generate_kwargs`: the one place where decoding settings become `model.generate` arguments,
+  for THUDM's chat API (`instructglm.infer.chat.chat` / `stream_chat`), which takes any further
+  `generate` argument (beams, logits processors): `generate_ids` (several prompts, left padded)
+  and `stream_token_ids` (one prompt, the new token ids of every step, from `generate` on a
+  background thread; leaving the loop early stops the generation after the current token). The
+  engine decodes with the same processing (greedy; temperature and top_p with top_k 0), so both
+  give the same greedy answers.
 
 Decoding settings come from `GenerationArguments`, which every command exposes as flags.
 """
@@ -63,6 +66,29 @@ class GenerationArguments:
 
 
 @dataclass
+class EngineArguments:
+    """How the batching engine (`instructglm.infer.engine`) runs, for the commands that serve many prompts."""
+
+    max_batch_size: int = field(default=8, metadata={"help": "Requests decoded together in one batch (the rest wait)."})
+    cuda_graphs: bool = field(
+        default=True,
+        metadata={
+            "help": "On a GPU, decode with a static KV cache and torch.compile(mode='reduce-overhead') (CUDA graphs), "
+            "falling back to the dynamic cache if compiling fails; false: always the dynamic cache."
+        },
+    )
+
+    def __post_init__(self):
+        if self.max_batch_size < 1:
+            raise BadValue(f"--max_batch_size must be at least 1, got {self.max_batch_size}")
+
+    @property
+    def decode(self) -> str:
+        """The engine's `decode` mode for these flags."""
+        return "auto" if self.cuda_graphs else "dynamic"
+
+
+@dataclass
 class Completion:
     text: str
     prompt_tokens: int
@@ -74,11 +100,6 @@ class Completion:
 def build_prompt(template: Any, query: str, history: Sequence[tuple[str, str]] = ()) -> str:
     """The prompt for `query` after the (query, answer) rounds of `history`."""
     return template.render(query, "", list(history))
-
-
-def prompt_length(tokenizer: Any, prompt: str) -> int:
-    """Tokens the model sees for `prompt`, special tokens included (ChatGLM's `[gMASK] <sop>`)."""
-    return len(tokenizer(prompt)["input_ids"])
 
 
 def context_limit(model: Any) -> int | None:
@@ -172,14 +193,18 @@ def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[str], settings: G
 
 
 def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str], settings: GenerationArguments) -> list[Completion]:
-    """One `Completion` per prompt, generated in one left-padded batch.
+    """One `Completion` per prompt, all prompts decoded together by the batching engine
+    (`instructglm.infer.engine`): greedy answers are the one-at-a-time answers.
 
-    With `--max_length` (no `--max_new_tokens`), the budget is max_length minus the longest
-    prompt of the batch, the same for every row.
+    With `--max_length` (no `--max_new_tokens`), each answer's budget is max_length minus its own
+    prompt's length, as one at a time.
+
+    Raises:
+        BadValue: a prompt leaves no room for an answer under `--max_length`.
     """
-    rows, lengths, budget = generate_ids(model, tokenizer, prompts, settings)
-    eos = eos_ids(model, tokenizer)
-    return [_completion(tokenizer, ids, n, eos, budget, False) for ids, n in zip(rows, lengths)]
+    from instructglm.infer.engine import generate_all
+
+    return generate_all(model, tokenizer, prompts, settings, max_batch_size=max(1, len(prompts)))
 
 
 class _Cancelled:
@@ -217,47 +242,32 @@ class _TokenIdQueue:
             yield ids
 
 
-class _Stream:
-    """Runs `generate` for one prompt on a background thread and yields what its streamer gives.
+class TokenIdStream:
+    """Runs `generate` for one prompt on a background thread; iterate to get the new token ids of
+    every generation step (a list of one id per step).
 
     `.completion` is set once the iteration has finished. Leaving the loop early (break,
     exception, closed generator) cancels the generation and waits for the thread, so an
     abandoned stream never keeps the model busy.
     """
 
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        prompt: str,
-        settings: GenerationArguments,
-        timeout: float | None = None,
-        cancel_event: threading.Event | None = None,
-        extra: dict | None = None,
-    ):
+    def __init__(self, model: Any, tokenizer: Any, prompt: str, settings: GenerationArguments, extra: dict | None = None):
         self.model, self.tokenizer, self.prompt, self.settings = model, tokenizer, prompt, settings
-        self.timeout = timeout
-        self.cancel_event = cancel_event or threading.Event()
+        self.cancel_event = threading.Event()
         self.extra = dict(extra or {})
         self.completion: Completion | None = None
 
     def cancel(self) -> None:
         self.cancel_event.set()
 
-    def _streamer(self) -> Any:
-        raise NotImplementedError
-
-    def _pieces(self, streamer: Any) -> Iterator[Any]:
-        raise NotImplementedError
-
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[list[int]]:
         import torch
         from transformers import StoppingCriteriaList
 
         inputs, width, kwargs = _prepare(self.model, self.tokenizer, [self.prompt], self.settings, self.extra)
         criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
         criteria.append(_Cancelled(self.cancel_event))
-        streamer = self._streamer()
+        streamer = _TokenIdQueue()
         result: dict = {}
 
         def run() -> None:
@@ -272,7 +282,7 @@ class _Stream:
         thread.start()
         finished = False
         try:
-            yield from self._pieces(streamer)
+            yield from streamer
             finished = True
         finally:
             if not finished:
@@ -290,50 +300,6 @@ class _Stream:
         )
 
 
-class TextStream(_Stream):
-    """Iterate to get the answer's text pieces as they are decoded (special tokens skipped)."""
-
-    def _streamer(self) -> Any:
-        from transformers import TextIteratorStreamer
-
-        return TextIteratorStreamer(self.tokenizer, skip_prompt=True, timeout=self.timeout, skip_special_tokens=True)
-
-    def _pieces(self, streamer: Any) -> Iterator[str]:
-        for piece in streamer:
-            if piece:
-                yield piece
-
-
-class TokenIdStream(_Stream):
-    """Iterate to get the new token ids of every generation step (a list of one id per step)."""
-
-    def _streamer(self) -> Any:
-        return _TokenIdQueue(self.timeout)
-
-    def _pieces(self, streamer: Any) -> Iterator[list[int]]:
-        yield from streamer
-
-
-def stream_generate(
-    model: Any,
-    tokenizer: Any,
-    prompt: str,
-    settings: GenerationArguments,
-    timeout: float | None = None,
-    cancel_event: threading.Event | None = None,
-) -> TextStream:
-    """A `TextStream` for `prompt`; nothing runs until it is iterated. Setting `cancel_event`
-    (from any thread) stops the generation after the current token."""
-    return TextStream(model, tokenizer, prompt, settings, timeout, cancel_event)
-
-
 def stream_token_ids(model: Any, tokenizer: Any, prompt: str, settings: GenerationArguments, **extra: Any) -> TokenIdStream:
     """A `TokenIdStream` for `prompt` with further `generate` arguments `extra` (see `generate_kwargs`)."""
     return TokenIdStream(model, tokenizer, prompt, settings, extra=extra)
-
-
-def stream_reply(
-    model: Any, tokenizer: Any, template: Any, query: str, history: Sequence[tuple[str, str]], settings: GenerationArguments
-) -> TextStream:
-    """`stream_generate` for a chat turn: the prompt is built from `query` and `history` through `template`."""
-    return stream_generate(model, tokenizer, build_prompt(template, query, history), settings)

@@ -1,6 +1,7 @@
 """OpenAI-compatible API: `GET /v1/models` and `POST /v1/chat/completions` (plain and SSE streaming).
 
     instructglm serve --model_name_or_path THUDM/chatglm-6b --adapter output/alpaca --port 8000
+    instructglm serve ... --web true          # the Gradio chat too, at /web/, on the same loaded model
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
@@ -11,48 +12,58 @@ come from the user and is the query; earlier user/assistant messages pair up int
 rounds (consecutive messages of one role are joined with a newline). The model has no system
 role, so `system` (and `developer`) messages are joined and put before the first user message
 of the conversation, separated by a blank line: the instruction reaches the model once, at the
-start, as it would if a user had typed it. The prompt is then the run's template.
+start, as it would if a user had typed it. The prompt is then the run's template, and its token
+ids are what the engine generates from.
 
-One model, one worker thread: requests queue and are generated one at a time, in arrival order
-(`--max_queue` bounds the waiting line; beyond it requests get a 503 that clients retry). A
-client that disconnects, streaming or not, stops its generation at once (a waiting plain request
-checks for it every quarter second). `model` in a request is not checked: every name is answered
-by the loaded model, so clients with a hard-coded name work.
+Concurrent requests share the model's forward passes (`instructglm.infer.engine.BatchEngine`):
+a new request joins the running batch at the next decode step, up to `--max_batch_size` rows;
+beyond that, requests wait, in arrival order, and `--max_queue` bounds the waiting line (503
+past it, which clients retry). Every request is answered as if it ran alone: greedy answers are
+the one-at-a-time answers, and a `seed` makes a sampled answer reproducible whatever else runs
+beside it. A client that disconnects, streaming or not, frees its row before the next decode
+step (a waiting plain request checks for it every quarter second); a request that fails (its
+prompt's forward, its sampling, its text) gets a 500 and the rest of its batch goes on.
+`model` in a request is not checked: every name is answered by the loaded model, so clients
+with a hard-coded name work.
 
-Parameters are checked strictly: `max_tokens`, `max_completion_tokens` and `n` must be JSON
-integers (not `true`, `"5"` or `5.5`), `temperature` and `top_p` numbers, `stream` a boolean;
-anything else is a 400 naming the parameter. A temperature below 1e-5 (0 included) decodes
-greedily (see `MIN_SAMPLING_TEMPERATURE`).
+Parameters are checked strictly: `max_tokens`, `max_completion_tokens`, `n` and `seed` must be
+JSON integers (not `true`, `"5"` or `5.5`), `temperature` and `top_p` numbers, `stream` a
+boolean; anything else is a 400 naming the parameter. A temperature below 1e-5 (0 included)
+decodes greedily (see `MIN_SAMPLING_TEMPERATURE`).
 
 Limits and errors: `--api_key` (or INSTRUCTGLM_API_KEY) requires `Authorization: Bearer <key>`
-on every route — `/openapi.json` and unknown paths included — (401 otherwise); bodies over
-`--max_request_bytes` get 413, bodies nested too deeply to parse 400; `max_tokens` over
-`--max_tokens_limit`, or a prompt plus `max_tokens` longer than the model's context, get 400.
-Every error has OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`; an internal
-error is logged with its traceback and a request id, and the client gets only that id.
+on every route — `/openapi.json`, `/web/` and unknown paths included — (401 otherwise); a
+browser opening `/web/` is asked for a login instead, any user name with the key as password
+(HTTP Basic). Bodies over `--max_request_bytes` get 413, bodies nested too deeply to parse 400;
+`max_tokens` over `--max_tokens_limit`, or a prompt plus `max_tokens` longer than the model's
+context, get 400. Every error has OpenAI's shape, `{"error": {"message", "type", "param",
+"code"}}`; an internal error is logged with its traceback and a request id, and the client gets
+only that id.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at
 # run time, and `Request` is imported inside `create_app`, not at module level.
 import asyncio
+import base64
+import collections
 import hmac
 import json
 import logging
 import os
-import queue
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-from instructglm.infer.generate import GenerationArguments, build_prompt, context_limit, prompt_length, stream_generate
+from instructglm.infer.generate import EngineArguments, GenerationArguments, build_prompt, context_limit
 from instructglm.infer.load import ModelArguments, load_from_args
 
 logger = logging.getLogger(__name__)
 
 # How often a plain (non-streaming) request that waits for its answer checks that its client is still there.
 DISCONNECT_POLL_SECONDS = 0.25
+# Where `--web` mounts the Gradio chat.
+WEB_PATH = "/web"
 
 
 @dataclass
@@ -68,10 +79,11 @@ class ServeArguments:
     )
     max_tokens_limit: int = field(default=2048, metadata={"help": "Largest `max_tokens` a request may ask for."})
     max_request_bytes: int = field(default=1_000_000, metadata={"help": "Largest request body in bytes."})
-    max_queue: int = field(default=256, metadata={"help": "Requests allowed to wait for the model; more get 503."})
+    max_queue: int = field(default=256, metadata={"help": "Requests allowed to wait for a batch row; more get 503."})
+    web: bool = field(default=False, metadata={"help": f"Also serve the Gradio chat at {WEB_PATH}/, from the same loaded model and batch."})
 
 
-ARGUMENTS = (ModelArguments, ServeArguments, GenerationArguments)
+ARGUMENTS = (ModelArguments, ServeArguments, EngineArguments, GenerationArguments)
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -102,8 +114,12 @@ def _unauthorized() -> APIError:
 
 
 class RequireKey:
-    """ASGI middleware: every HTTP request needs `Authorization: Bearer <key>`, before any routing, so
-    no route (the OpenAPI schema, unknown paths, and any added later) answers without it."""
+    """ASGI middleware: every HTTP request needs the key, before any routing, so no route (the OpenAPI
+    schema, unknown paths, the web chat, and any added later) answers without it.
+
+    The key comes as `Authorization: Bearer <key>` (API clients) or as the password of HTTP Basic
+    (browsers, which cannot add a bearer header to a page load: under `/web/` a 401 asks them to log in).
+    """
 
     def __init__(self, app: Any, api_key: str):
         self.app = app
@@ -112,15 +128,29 @@ class RequireKey:
     def authorized(self, scope: dict) -> bool:
         given = next((value for name, value in scope.get("headers", []) if name == b"authorization"), b"")
         scheme, _, token = given.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
+        scheme, token = scheme.lower(), token.strip()
+        if scheme == b"basic":
+            try:
+                token = base64.b64decode(token, validate=True).partition(b":")[2]
+            except ValueError:
+                return False
+        elif scheme != b"bearer":
+            return False
+        return hmac.compare_digest(token, self.api_key)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or self.authorized(scope):
+        if scope["type"] not in ("http", "websocket") or self.authorized(scope):
             await self.app(scope, receive, send)
             return
         from fastapi.responses import JSONResponse
 
-        response = JSONResponse(_unauthorized().body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        path = scope.get("path", "")
+        web = path == WEB_PATH or path.startswith(WEB_PATH + "/")
+        challenge = 'Basic realm="instructglm", charset="UTF-8"' if web else "Bearer"
+        response = JSONResponse(_unauthorized().body(), status_code=401, headers={"WWW-Authenticate": challenge})
         await response(scope, receive, send)
 
 
@@ -159,6 +189,7 @@ def _schemas():
         stream: bool = False
         stream_options: Optional[StreamOptions] = None
         stop: Union[str, list[str], None] = None
+        seed: Optional[int] = None
 
     return ChatCompletionRequest
 
@@ -196,131 +227,84 @@ def messages_to_chat(messages: list) -> tuple[str, list[tuple[str, str]]]:
     return turns[-1][1], history
 
 
-# --- stop strings -------------------------------------------------------------------------------
+# --- one request on the engine ------------------------------------------------------------------
 
 
-class StopScanner:
-    """Cuts streamed text at the first stop string. Text that could be the start of a stop string
-    is held back until the next piece shows whether it is."""
+class LoopDispatch:
+    """Hands events from the engine's thread to one event loop, waking it once per engine step: a decode
+    step gives every running request a token, and one wake-up (not one per token) delivers them all."""
 
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-        self.stopped = False
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.pending: collections.deque = collections.deque()
 
-    def feed(self, piece: str) -> str:
-        if self.stopped:
-            return ""  # pieces decoded before the cancelled generation noticed
-        if not self.stops:
-            return piece
-        self.pending += piece
-        hits = [self.pending.find(s) for s in self.stops]
-        found = [h for h in hits if h >= 0]
-        if found:
-            self.stopped = True
-            out, self.pending = self.pending[: min(found)], ""
-            return out
-        keep = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        out = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(out) :]
-        return out
+    def put(self, queue: asyncio.Queue, event: Any) -> None:
+        """Called on the engine's thread, during a step."""
+        if self.loop.is_closed():
+            raise RuntimeError("the event loop is closed")
+        self.pending.append((queue, event))
 
-    def flush(self) -> str:
-        out, self.pending = ("" if self.stopped else self.pending), ""
-        return out
+    def flush(self) -> None:
+        """Called on the engine's thread after each step."""
+        if self.pending:
+            try:
+                self.loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the loop closed (server shutting down): nobody listens any more
+                self.pending.clear()
+
+    def _deliver(self) -> None:
+        while self.pending:
+            queue, event = self.pending.popleft()
+            queue.put_nowait(event)
 
 
-# --- the worker ---------------------------------------------------------------------------------
-
-
-@dataclass
 class Job:
-    request_id: str
-    prompt: str
-    settings: GenerationArguments
-    stops: list[str]
-    loop: asyncio.AbstractEventLoop
-    events: asyncio.Queue
-    cancel: threading.Event = field(default_factory=threading.Event)
+    """A request's events, handed from the engine's thread to the event loop of its handler."""
 
-    def emit(self, kind: str, value: Any) -> None:
+    def __init__(self, dispatch: LoopDispatch):
+        self.dispatch = dispatch
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.handle: Any = None
+
+    def sink(self, event: Any) -> None:
+        """Called on the engine's thread."""
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+            self.dispatch.put(self.events, event)
         except RuntimeError:
             # The event loop is gone (server shutting down); nobody is listening any more.
-            self.cancel.set()
+            if self.handle is not None:
+                self.handle.cancel()
 
 
-class Engine:
-    """Owns the model; one thread runs the queued jobs one after another."""
+def submit(engine: Any, request: Any, job: Job) -> Any:
+    """Queue `request` for `job`; a full queue is a 503, a request past the context a 400."""
+    from instructglm.errors import BadValue
+    from instructglm.infer.engine import QueueFull
 
-    _STOP = object()
-
-    def __init__(self, model: Any, tokenizer: Any, template: Any, max_queue: int = 256):
-        self.model, self.tokenizer, self.template = model, tokenizer, template
-        self.jobs: queue.Queue = queue.Queue(maxsize=max_queue)
-        self.thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self.thread is None:
-            self.thread = threading.Thread(target=self._work, name="instructglm-engine", daemon=True)
-            self.thread.start()
-
-    def stop(self) -> None:
-        if self.thread is not None:
-            self.jobs.put(self._STOP)
-            self.thread.join()
-            self.thread = None
-
-    def submit(self, job: Job) -> None:
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise APIError(503, "the server is busy: too many requests waiting; retry shortly", type="server_error", code="overloaded") from None
-
-    def _work(self) -> None:
-        while True:
-            job = self.jobs.get()
-            if job is self._STOP:
-                return
-            if job.cancel.is_set():
-                continue
-            try:
-                self._run(job)
-            except Exception as err:  # reported to that request (by id only); the worker keeps serving
-                logger.exception("request %s: generation failed", job.request_id)
-                job.emit("error", err)
-
-    def _run(self, job: Job) -> None:
-        scanner = StopScanner(job.stops)
-        stream = stream_generate(self.model, self.tokenizer, job.prompt, job.settings, cancel_event=job.cancel)
-        for piece in stream:
-            text = scanner.feed(piece)
-            if text:
-                job.emit("delta", text)
-            if scanner.stopped:
-                job.cancel.set()
-        tail = scanner.flush()
-        if tail:
-            job.emit("delta", tail)
-        completion = stream.completion
-        if scanner.stopped or completion.finish_reason == "cancelled":
-            completion.finish_reason = "stop"
-        job.emit("done", completion)
+    try:
+        job.handle = engine.submit(request, job.sink)
+    except QueueFull:
+        raise APIError(503, "the server is busy: too many requests waiting; retry shortly", type="server_error", code="overloaded") from None
+    except BadValue as err:
+        raise APIError(400, str(err), param="messages", code="context_length_exceeded") from None
+    return job.handle
 
 
 # --- the app ------------------------------------------------------------------------------------
 
 
 def create_app(
-    engine: Engine,
+    engine: Any,
+    template: Any,
     model_id: str = "instructglm",
     api_key: str | None = None,
     defaults: GenerationArguments | None = None,
     max_tokens_limit: int = 2048,
     max_request_bytes: int = 1_000_000,
+    web: bool = False,
 ):
-    """The FastAPI app; the engine's worker starts and stops with it."""
+    """The FastAPI app over a `BatchEngine` (whose thread starts and stops with the app); `template`
+    turns a conversation into the prompt; `web` mounts the Gradio chat at /web/ on the same engine."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -328,10 +312,13 @@ def create_app(
     from pydantic import ValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    from instructglm.infer.engine import GenerationRequest, encode_prompt
+
     defaults = defaults or GenerationArguments()
     ChatCompletionRequest = _schemas()
     created = int(time.time())
     limit = context_limit(engine.model)
+    tokenizer = engine.tokenizer
 
     @asynccontextmanager
     async def lifespan(app):
@@ -342,8 +329,6 @@ def create_app(
             await asyncio.to_thread(engine.stop)
 
     app = FastAPI(title="InstructGLM OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None)
-    if api_key is not None:
-        app.add_middleware(RequireKey, api_key=api_key)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError):
@@ -400,7 +385,9 @@ def create_app(
             param = ".".join(str(part) for part in first["loc"]) or None
             raise APIError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
 
-    def settings_for(req, prompt_tokens: int) -> GenerationArguments:
+    def engine_request(req, prompt_ids: list[int]) -> GenerationRequest:
+        """The engine request: the asked (or the largest fitting) budget, sampling settings, stops, seed."""
+        prompt_tokens = len(prompt_ids)
         asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         if asked is not None and asked > max_tokens_limit:
@@ -415,17 +402,23 @@ def create_app(
                 code="context_length_exceeded",
             )
         temperature = defaults.temperature if req.temperature is None else req.temperature
-        return GenerationArguments(
+        settings = GenerationArguments(
             max_new_tokens=asked or room,
             top_p=defaults.top_p if req.top_p is None else req.top_p,
             temperature=temperature,
             do_sample=defaults.do_sample and temperature > 0,
         )
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p} if settings.samples else {}
+        return GenerationRequest(
+            prompt_ids=prompt_ids, max_new_tokens=settings.max_new_tokens, stop_strings=tuple(stops),
+            seed=req.seed, stream=req.stream, **sampling,
+        )
 
     def usage(c) -> dict:
         return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens, "total_tokens": c.prompt_tokens + c.completion_tokens}
 
-    async def next_event(job: Job, request: Request) -> tuple[str, Any] | None:
+    async def next_event(job: Job, request: Request) -> Any:
         """The job's next event; None once the client has disconnected (the job is then cancelled)."""
         waiting = asyncio.ensure_future(job.events.get())
         try:
@@ -434,46 +427,54 @@ def create_app(
                 if done:
                     return waiting.result()
                 if await request.is_disconnected():
-                    job.cancel.set()
+                    job.handle.cancel()
                     return None
         finally:
             waiting.cancel()
+
+    dispatches: dict = {}
+
+    def dispatch_for(loop: asyncio.AbstractEventLoop) -> LoopDispatch:
+        if loop not in dispatches:
+            dispatches[loop] = LoopDispatch(loop)
+            engine.step_listeners.append(dispatches[loop].flush)
+        return dispatches[loop]
+
+    def failed(ident: str, event: Any) -> APIError:
+        logger.error("request %s: generation failed", ident, exc_info=event.error)
+        return internal_error(ident)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = parse(await read_body(request))
         query, history = messages_to_chat(req.messages)
-        prompt = build_prompt(engine.template, query, history)
-        settings = settings_for(req, prompt_length(engine.tokenizer, prompt))
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        prompt_ids = encode_prompt(tokenizer, build_prompt(template, query, history))
+        generation = engine_request(req, prompt_ids)
         ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        job = Job(ident, prompt, settings, stops, asyncio.get_running_loop(), asyncio.Queue())
-        engine.submit(job)
+        job = Job(dispatch_for(asyncio.get_running_loop()))
+        handle = submit(engine, generation, job)
 
         if not req.stream:
-            parts = []
             try:
                 while True:
                     event = await next_event(job, request)
                     if event is None:
                         # Nobody reads this any more; 499 is nginx's "client closed request".
                         return Response(status_code=499)
-                    kind, value = event
-                    if kind == "delta":
-                        parts.append(value)
-                    elif kind == "error":
-                        raise internal_error(ident)
-                    else:
+                    if event.kind == "error":
+                        raise failed(ident, event)
+                    if event.kind == "done":
                         break
             finally:
-                job.cancel.set()  # no-op when finished; stops the work if the handler is left early
+                handle.cancel()  # no-op when finished; stops the work if the handler is left early
+            completion = event.completion
             return {
                 "id": ident,
                 "object": "chat.completion",
                 "created": now,
                 "model": model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)}, "finish_reason": value.finish_reason}],
-                "usage": usage(value),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text}, "finish_reason": completion.finish_reason}],
+                "usage": usage(completion),
             }
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -485,43 +486,69 @@ def create_app(
                 body["usage"] = None
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+        # A content chunk is this with the text's JSON string in the middle (built once: one per token).
+        before, after = chunk({"content": "\0"}).split(json.dumps("\0"))
+
+        def content(text: str) -> str:
+            return before + json.dumps(text, ensure_ascii=False) + after
+
+        def close(event: Any) -> str:
+            """The last chunks: the finish reason, the usage if asked, [DONE]; or the error."""
+            if event.kind == "error":
+                return f"data: {json.dumps(failed(ident, event).body())}\n\ndata: [DONE]\n\n"
+            out = chunk({}, event.completion.finish_reason)
+            if include_usage:
+                body = {"id": ident, "object": "chat.completion.chunk", "created": now, "model": model_id, "choices": [], "usage": usage(event.completion)}
+                out += f"data: {json.dumps(body)}\n\n"
+            return out + "data: [DONE]\n\n"
+
         async def events():
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 while True:
-                    kind, value = await job.events.get()
-                    if kind == "delta":
-                        yield chunk({"content": value})
-                    elif kind == "error":
-                        yield f"data: {json.dumps(internal_error(ident).body())}\n\n"
+                    # Every event already here goes out in one write (when the loop fell behind the engine).
+                    batch = [await job.events.get()]
+                    while not job.events.empty():
+                        batch.append(job.events.get_nowait())
+                    out = "".join(content(e.text) for e in batch if e.kind == "tokens" and e.text)
+                    last = batch[-1]
+                    if last.kind != "tokens":
+                        yield out + close(last)
                         break
-                    else:
-                        yield chunk({}, value.finish_reason)
-                        if include_usage:
-                            body = {"id": ident, "object": "chat.completion.chunk", "created": now, "model": model_id, "choices": [], "usage": usage(value)}
-                            yield f"data: {json.dumps(body)}\n\n"
-                        break
-                yield "data: [DONE]\n\n"
+                    if out:
+                        yield out
             finally:
-                job.cancel.set()  # client disconnected mid-stream: stop generating for it
+                handle.cancel()  # client disconnected mid-stream: free its row at once
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
+    if web:
+        import gradio as gr
+
+        from instructglm.serve.web import build_app
+
+        gr.mount_gradio_app(app, build_app(engine, template, defaults), path=WEB_PATH)
+    if api_key is not None:
+        app.add_middleware(RequireKey, api_key=api_key)
     return app
 
 
-def main(model_args: ModelArguments, args: ServeArguments, defaults: GenerationArguments) -> int:
+def main(model_args: ModelArguments, args: ServeArguments, engine_args: EngineArguments, defaults: GenerationArguments) -> int:
     import uvicorn
 
+    from instructglm.infer.engine import BatchEngine
+
     model, tokenizer, template = load_from_args(model_args)
-    engine = Engine(model, tokenizer, template, args.max_queue)
+    engine = BatchEngine(model, tokenizer, max_batch_size=engine_args.max_batch_size, max_queue=args.max_queue, decode=engine_args.decode)
     app = create_app(
         engine,
+        template,
         model_id=args.model_id or "instructglm",
         api_key=args.api_key or os.environ.get("INSTRUCTGLM_API_KEY") or None,
         defaults=defaults,
         max_tokens_limit=args.max_tokens_limit,
         max_request_bytes=args.max_request_bytes,
+        web=args.web,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

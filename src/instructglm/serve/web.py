@@ -1,12 +1,17 @@
 """Gradio streaming chat, laid out like the seed's web demo.
 
     instructglm web --model_name_or_path THUDM/chatglm-6b --adapter output/alpaca --port 7860
+    instructglm serve ... --web true      # the same page at /web/ beside the OpenAI API, one loaded model
 
 Answers stream into the chat as they are generated; the conversation so far is the history of
 the next question; "Clear History" starts over; the Maximum length, Top P and Temperature
-sliders set the decoding of each answer (temperature 0 decodes greedily). The app binds
-127.0.0.1 unless `--host` says otherwise and never creates a public share link. One answer is
-generated at a time; other visitors queue.
+sliders set the decoding of each answer (temperature 0 decodes greedily; Maximum length counts
+prompt and answer, and never runs past the model's context). The app binds 127.0.0.1 unless
+`--host` says otherwise and never creates a public share link.
+
+Answers come from the batching engine (`instructglm.infer.engine`): up to `--max_batch_size`
+visitors are answered together, sharing each forward pass, and the rest queue. With `serve
+--web` the page and the API share one engine, so their requests batch together too.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from instructglm.errors import BadValue
-from instructglm.infer.generate import GenerationArguments, stream_reply
+from instructglm.infer.generate import EngineArguments, GenerationArguments
 from instructglm.infer.load import ModelArguments, load_from_args
 
 TITLE = "InstructGLM: Streaming Chatbot with Gradio"
@@ -27,12 +32,14 @@ class WebArguments:
     port: int = field(default=7860, metadata={"help": "TCP port."})
 
 
-ARGUMENTS = (ModelArguments, WebArguments, GenerationArguments)
+ARGUMENTS = (ModelArguments, WebArguments, EngineArguments, GenerationArguments)
 
 
-def build_app(model: Any, tokenizer: Any, template: Any, defaults: GenerationArguments | None = None):
-    """The Gradio Blocks app for one loaded model (not launched)."""
+def build_app(engine: Any, template: Any, defaults: GenerationArguments | None = None):
+    """The Gradio Blocks app over a running `BatchEngine` (not launched)."""
     import gradio as gr
+
+    from instructglm.infer.engine import GenerationFailed, QueueFull, stream_answer
 
     defaults = defaults or GenerationArguments()
 
@@ -48,11 +55,15 @@ def build_app(model: Any, tokenizer: Any, template: Any, defaults: GenerationArg
         answer = ""
         yield messages, history, ""
         try:
-            for piece in stream_reply(model, tokenizer, template, query, [tuple(h) for h in history], settings):
+            for piece in stream_answer(engine, template, query, [tuple(h) for h in history], settings):
                 answer += piece
                 messages[-1] = {"role": "assistant", "content": answer}
                 yield messages, history, ""
         except BadValue as err:  # prompt longer than Maximum length
+            raise gr.Error(str(err)) from None
+        except QueueFull:
+            raise gr.Error("the server is busy: too many requests waiting; try again shortly") from None
+        except GenerationFailed as err:
             raise gr.Error(str(err)) from None
         yield messages, list(history) + [(query, answer)], ""
 
@@ -74,8 +85,9 @@ def build_app(model: Any, tokenizer: Any, template: Any, defaults: GenerationArg
                 temperature = gr.Slider(0, 1, value=defaults.temperature, step=0.01, label="Temperature", interactive=True)
         inputs = [query, chatbot, history, max_length, top_p, temperature]
         outputs = [chatbot, history, query]
-        submit.click(respond, inputs, outputs, concurrency_limit=1)
-        query.submit(respond, inputs, outputs, concurrency_limit=1)
+        # As many visitors at once as the engine batches; the rest wait in Gradio's queue.
+        submit.click(respond, inputs, outputs, concurrency_limit=engine.max_batch_size, concurrency_id="chat")
+        query.submit(respond, inputs, outputs, concurrency_limit=engine.max_batch_size, concurrency_id="chat")
         clear_button.click(clear, None, outputs)
     return app
 
@@ -86,7 +98,14 @@ def launch(app, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
     return app.launch(server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=not block, quiet=not block)
 
 
-def main(model_args: ModelArguments, args: WebArguments, defaults: GenerationArguments) -> int:
+def main(model_args: ModelArguments, args: WebArguments, engine_args: EngineArguments, defaults: GenerationArguments) -> int:
+    from instructglm.infer.engine import BatchEngine
+
     model, tokenizer, template = load_from_args(model_args)
-    launch(build_app(model, tokenizer, template, defaults), args.host, args.port)
+    engine = BatchEngine(model, tokenizer, max_batch_size=engine_args.max_batch_size, decode=engine_args.decode)
+    engine.start()
+    try:
+        launch(build_app(engine, template, defaults), args.host, args.port)
+    finally:
+        engine.stop()
     return 0
