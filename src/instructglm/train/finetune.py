@@ -221,7 +221,7 @@ def build_trainer(model, tokenizer, data: TrainData, training_args: TrainingArgu
     if record is not None:
         callbacks.append(RunRecordCallback(record))
     # the config object, not its model_type: "chatglm" alone would be ChatGLM-6B's family for every version
-    collator = RowLabelsCollator(collator_for(tokenizer, model.config))
+    collator = collator_for(tokenizer, model.config)  # rows with a `labels` column keep their own
     return Trainer(
         model=model,
         args=training_args,
@@ -419,33 +419,6 @@ def _check_dataset_family(path: str, family, flag: str) -> None:
             f"{flag} {path} was tokenized for the {recorded} family, but the model is {family.name}: its rows are in "
             f"another chat format; re-run `instructglm tokenize` with this model's --model_name_or_path"
         )
-
-
-class RowLabelsCollator:
-    """The family's collator, with each row's own `labels` where the dataset has that column.
-
-    Rows of the role-token families carry labels (-100 where no loss: user turns, tool results, the
-    prompt); the collator pads them with -100 like the rest of the batch. Rows without labels keep the
-    collator's seq_len rule.
-    """
-
-    def __init__(self, collate):
-        self.collate = collate
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = self.collate(features)
-        for row, feature in enumerate(features):
-            labels = feature.get("labels")
-            if labels is None:
-                continue
-            if len(labels) != len(feature["input_ids"]):
-                raise BadValue(
-                    f"row {row} of the batch has {len(labels)} labels for {len(feature['input_ids'])} input ids; "
-                    "re-run `instructglm tokenize`"
-                )
-            batch["labels"][row] = -100
-            batch["labels"][row, : len(labels)] = torch.as_tensor(labels, dtype=torch.long)
-        return batch
 
 
 def _data_meta(dataset_path: str) -> dict | None:
