@@ -1,6 +1,6 @@
-"""Model families: native implementations (chatglm/) and the registry that tells the pipeline how
-each family joins prompt and target, which modules LoRA targets, and which chat template it uses."""
+"""Model families: native implementations (chatglm/, chatglm3/), the registry that tells the pipeline how
+each family builds prompts and labels, which modules LoRA targets and which ids stop generation
+(`instructglm.models.registry`), their registration with the Auto classes, and the one loader.
 
-from instructglm.models.registry import ModelFamily, family_for, register_family
-
-__all__ = ["ModelFamily", "family_for", "register_family"]
+Nothing is imported here, so loading a model file does not load the registry and its chat formats.
+"""
