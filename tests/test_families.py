@@ -65,9 +65,8 @@ def _mean_loss(model, tokenizer, dataset) -> float:
     import torch
 
     from instructglm.train.collator import collator_for
-    from instructglm.train.finetune import RowLabelsCollator
 
-    collate = RowLabelsCollator(collator_for(tokenizer, model.config))
+    collate = collator_for(tokenizer, model.config)
     with torch.no_grad():
         return float(model(**collate([dataset[i] for i in range(6)])).loss)
 

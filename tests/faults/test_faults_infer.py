@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.infer.checkpoints import llama_adapter, llama_dir  # noqa: F401  (fixtures)
+from tests.infer.checkpoints import checkpoints, llama_adapter, llama_dir  # noqa: F401  (fixtures)
 from tests.infer.helpers import cli, cli_env
 
 pytestmark = pytest.mark.slow

@@ -268,9 +268,8 @@ def test_phases_one_by_one_give_what_finetune_gives(tiny_llama_dir, llama_datase
 def test_rows_with_labels_are_trained_on_those_labels():
     from instructglm.errors import BadValue
     from instructglm.train.collator import CausalLMCollator
-    from instructglm.train.finetune import RowLabelsCollator
 
-    collate = RowLabelsCollator(CausalLMCollator(pad_token_id=0))
+    collate = CausalLMCollator(pad_token_id=0)
     rows = [
         {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, -100, 8, 9], "seq_len": 1},
         {"input_ids": [5, 6, 7], "labels": [-100, -100, 7], "seq_len": 2},
