@@ -269,8 +269,9 @@ def test_prefix_lm_positions_by_hand():
         ]
     )
     mask = (ids != PAD).long()
-    positions, context = prefix_lm_positions(ids, mask, config)
-    assert context.tolist() == [5, 4, 8]
+    positions, sop_index = prefix_lm_positions(ids, mask, config)
+    # each token's row <sop> index (8 = none: all context); padding is a row of its own, without <sop>
+    assert sop_index.tolist() == [[8, 8, 5, 5, 5, 5, 5, 5], [4, 4, 4, 4, 4, 4, 8, 8], [8] * 8]
     assert positions[0].tolist() == [[0, 0, 0, 1, 2, 2, 2, 2], [0, 0, 0, 0, 0, 1, 2, 3]]
     assert positions[1].tolist() == [[0, 1, 2, 3, 3, 3, 0, 0], [0, 0, 0, 0, 1, 2, 0, 0]]
     assert positions[2].tolist() == [list(range(8)), [0] * 8]
