@@ -71,6 +71,19 @@ CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseMode
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flex_attention")
 
 
+def check_flex_attention_device(implementation: str, device: torch.device, training: bool) -> None:
+    """FlexAttention trains on GPUs only: torch has no FlexAttention backward on the CPU (its forward runs there).
+
+    Raises:
+        BadValue: training with attn_implementation="flex_attention" on the CPU, naming the backend to use there.
+    """
+    if implementation == "flex_attention" and training and torch.is_grad_enabled() and device.type == "cpu":
+        raise BadValue(
+            f"attn_implementation='flex_attention' cannot train on the CPU (torch {torch.__version__} has no "
+            "FlexAttention backward there): use attn_implementation='sdpa' on the CPU, flex_attention on a GPU"
+        )
+
+
 def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
     """The cache passed under either name (`cache`, or the older `past_key_values`), silently."""
     if cache is not None and past_key_values is not None:
@@ -199,8 +212,10 @@ def prefix_lm_mask(
     if implementation == "flex_attention":
         from torch.nn.attention.flex_attention import create_block_mask
 
+        rows = segments.shape[0]  # 1 after a cache without a padding mask: the same pattern for every sequence
+
         def mask_mod(b, h, q, k):
-            q = q + past_length
+            b, q = b % rows, q + past_length
             return prefix_lm_allowed(segments[b, q], segments[b, k], q, k, sop_index[b, q])
 
         return create_block_mask(mask_mod, segments.shape[0], None, query_length, total, device=segments.device)
@@ -241,7 +256,7 @@ def _dense_as_block_mask(allowed: torch.BoolTensor):
     from torch.nn.attention.flex_attention import create_block_mask
 
     batch, _, queries, keys = allowed.shape
-    return create_block_mask(lambda b, h, q, k: allowed[b, 0, q, k], batch, None, queries, keys, device=allowed.device)
+    return create_block_mask(lambda b, h, q, k: allowed[b % batch, 0, q, k], batch, None, queries, keys, device=allowed.device)
 
 
 def prefix_lm_inputs(
@@ -586,6 +601,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)  # (B, T, C)
+        check_flex_attention_device(self.config._attn_implementation, inputs_embeds.device, self.training)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         past_length = cache.get_seq_length() if cache is not None else 0
@@ -780,7 +796,10 @@ __all__ = [
     "ChatGLMModel",
     "ChatGLMPreTrainedModel",
     "GLMBlock",
+    "check_segment_ids",
     "eager_attention_forward",
+    "first_in_segment",
+    "prefix_lm_allowed",
     "prefix_lm_inputs",
     "prefix_lm_positions",
 ]

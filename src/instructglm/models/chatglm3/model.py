@@ -51,7 +51,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from instructglm.errors import BadValue
-from instructglm.models.chatglm.model import check_segment_ids, first_in_segment
+from instructglm.models.chatglm.model import check_flex_attention_device, check_segment_ids, first_in_segment
 from instructglm.models.chatglm3.config import ChatGLM3Config
 
 # transformers renamed the outputs' `past_key_values` to `cache` (5.2x); write whichever this version has.
@@ -134,8 +134,10 @@ def chatglm_attention_mask(
     if implementation == "flex_attention":
         from torch.nn.attention.flex_attention import create_block_mask
 
+        rows = segments.shape[0]  # 1 without a padding mask: the same pattern for every sequence
+
         def mask_mod(b, h, q, k):
-            q = q + past_length
+            b, q = b % rows, q + past_length
             return causal_rows_allowed(segments[b, q], segments[b, k], q, k, pad_query_sees_all)
 
         return create_block_mask(mask_mod, segments.shape[0], None, query_length, total, device=device)
@@ -546,6 +548,7 @@ class ChatGLM3Model(ChatGLM3PreTrainedModel):
         implementation = self.config._attn_implementation or "eager"
         if output_attentions:
             implementation = "eager"  # only the eager path materialises the probabilities
+        check_flex_attention_device(implementation, inputs_embeds.device, self.training)
         mask = chatglm_attention_mask(
             attention_mask, past_length, length, implementation, inputs_embeds.dtype, inputs_embeds.device
         )
@@ -658,6 +661,7 @@ __all__ = [
     "ChatGLM3Model",
     "ChatGLM3PreTrainedModel",
     "GLMBlock",
+    "causal_rows_allowed",
     "chatglm_attention_mask",
     "position_ids_from_mask",
 ]
