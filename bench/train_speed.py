@@ -94,7 +94,7 @@ def tokenized_rows(args: argparse.Namespace, save_path: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
     rows = synthetic_rows(args.rows, load_corpus(args.corpus), args.seed)
     encoder = RowEncoder(tokenizer, args.max_seq_length, model_type="chatglm")
-    table, counts = encoder.encode_batch([r["context"] for r in rows], [r["target"] for r in rows])
+    table, counts, _ = encoder.encode_batch([r["context"] for r in rows], [r["target"] for r in rows])
     dataset = datasets.Dataset(datasets.table.InMemoryTable(table))
     dataset.save_to_disk(str(save_path))
     lengths = np.array([len(ids) for ids in dataset["input_ids"]])

@@ -110,6 +110,13 @@ def random_model(seed: int = 0, attn: str = "eager", **overrides) -> ChatGLM3For
         return ChatGLM3ForConditionalGeneration(config).eval()
 
 
+def _cache_of(output):
+    """The KV cache of an output, under this transformers' field name (`cache` from 5.24, else `past_key_values`)."""
+    from instructglm.models.chatglm3.model import _CACHE_FIELD
+
+    return getattr(output, _CACHE_FIELD)
+
+
 def _padded(rows: list[list[int]], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
     width = max(map(len, rows))
     ids = [([0] * (width - len(r)) + r) if side == "left" else (r + [0] * (width - len(r))) for r in rows]
@@ -360,10 +367,10 @@ def test_cache_continued_by_several_tokens(attn):
     cache = DynamicCache(config=model.config)
     split = 10
     first = model(input_ids=ids[:, :split], attention_mask=mask[:, :split], cache=cache, use_cache=True)
-    second = model(input_ids=ids[:, split:], attention_mask=mask, cache=first.cache, use_cache=True)
+    second = model(input_ids=ids[:, split:], attention_mask=mask, cache=_cache_of(first), use_cache=True)
     real = mask.bool()
     assert_close(torch.cat((first.logits, second.logits), dim=1)[real], full[real], atol=1e-5, rtol=0)
-    assert second.cache.get_seq_length() == ids.shape[1]
+    assert _cache_of(second).get_seq_length() == ids.shape[1]
 
 
 @torch.no_grad()
@@ -492,7 +499,7 @@ def test_packed_rows_give_their_alone_logits(attn):
             assert_close(logits[b, start : start + len(rows[i])], alone, atol=1e-5, rtol=0)
             start += len(rows[i])
     with pytest.raises(ValueError, match="cannot continue a KV cache"):
-        model(input_ids=ids[:, -1:], attention_mask=segments, cache=model(input_ids=ids[:, :-1], use_cache=True).cache)
+        model(input_ids=ids[:, -1:], attention_mask=segments, cache=_cache_of(model(input_ids=ids[:, :-1], use_cache=True)))
 
 
 @pytest.mark.parametrize("batching", ["left", "right", "packed", "none"])
