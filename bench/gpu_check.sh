@@ -10,9 +10,13 @@
 # The whole script keeps to GPU_CHECK_SECONDS (default 470): each step gets at most its own limit and what
 # is left; gpu_train.py gets a time budget of its own and lists what it skipped.
 #
-# Run through the device tool from the repo root, carrying the goldens (../shared does not travel):
+# Run through the device tool from the repo root, carrying the goldens (../shared does not travel) and the
+# sentencepiece wheels (`import instructglm` registers the native tokenizers, which import sentencepiece; the GPU
+# image may not have it; /.whl/ is git-ignored):
 #   mkdir -p .shared && cp -r ../shared/fixtures .shared/ && echo /.shared/ >> .git/info/exclude
-#   device run: carry [".shared"], command "bash bench/gpu_check.sh", timeout_s 540
+#   for v in 3.10 3.11 3.12; do pip download 'sentencepiece>=0.2' --only-binary=:all: --no-deps \
+#     --python-version $v --platform manylinux2014_x86_64 -d .whl; done
+#   device run: carry [".shared", ".whl"], command "bash bench/gpu_check.sh", timeout_s 540
 # Dry run on a CPU (every step starts and finishes at tiny shapes; for typos, not numbers):
 #   GPU_CHECK_DEVICE=cpu OUT=/tmp/gpu_check bash bench/gpu_check.sh
 # The GPU image lacks `datasets`; nothing here imports it.
@@ -32,6 +36,18 @@ table="$OUT/gpu_check.md"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi (device $DEVICE)"
   $PY -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| accelerate', accelerate.__version__)"
 } > "$table"
+
+# sentencepiece from the carried wheels when the image lacks it, into a temporary dir (not the image's Python)
+if ! $PY -c "import sentencepiece" 2> /dev/null; then
+  DEPS=$(mktemp -d)
+  trap 'rm -rf "$DEPS"' EXIT
+  if $PY -m pip install --quiet --no-index --find-links .whl --target "$DEPS" sentencepiece > "$OUT/deps.log" 2>&1; then
+    export PYTHONPATH="$DEPS:$PYTHONPATH"
+    echo "sentencepiece installed from .whl/ for this run" >> "$table"
+  else
+    echo "sentencepiece is missing and .whl/ has none for this Python (see deps.log): steps importing instructglm fail" >> "$table"
+  fi
+fi
 
 left() { echo $((BUDGET - (SECONDS - START))); }
 
