@@ -10,13 +10,12 @@ Chinese instructions, the seed's BELLE template), tokenized with the real ChatGL
 `--max_seq_length` 320 the way `instructglm tokenize` does. Variants, each in its own subprocess
 (so its peak RSS is its own), each over its own first `--warmup + --steps` batches:
 - padded: today's batches: a seeded shuffle, `--batch` rows padded to the longest (`CausalLMCollator`);
-- group_by_length: transformers' `LengthGroupedSampler` (what `--group_by_length` uses), same collator;
+- group_by_length: transformers' `LengthGroupedSampler` (what `--train_sampling_strategy group_by_length` uses), same collator;
 - packing: `PackedDataset` packs of up to `--max_seq_length` tokens, `--batch` packs per step;
 - packing + labelled-only logits: the same batches, loss from `labelled_only_loss` (chunked head + CE);
 - padded + labelled-only logits: today's batches with only the loss changed (its memory effect alone).
-The v1 ChatGLM-6B model does not read segment ids yet, so the packed variants go through a shim
-here: `chatglm_packed_inputs` turns the segment ids into the 4-D bool prefix-LM mask and [b, 2, T]
-positions the model already accepts (THUDM's input form).
+The packed batches go to the model as they are: the native ChatGLM-6B reads the segment ids of the
+packed `attention_mask` and builds each row's block-diagonal prefix-LM mask and 2-D positions itself.
 
 Real tokens/s counts non-pad tokens. Peak memory is the worker's peak RSS (`ru_maxrss`), and
 "training" is that minus the RSS just before the first step (model, optimizer, data loaded). At
@@ -43,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("INSTRUCTGLM_SHARED", REPO.parent / "shared"))
 VARIANTS = {
     "padded": "padded batches (today)",
-    "group_by_length": "`--group_by_length`",
+    "group_by_length": "`--train_sampling_strategy group_by_length`",
     "packing": "packing",
     "packing_labelled": "packing + labelled-only logits",
     "padded_labelled": "padded + labelled-only logits",
@@ -94,7 +93,7 @@ def tokenized_rows(args: argparse.Namespace, save_path: Path) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
     rows = synthetic_rows(args.rows, load_corpus(args.corpus), args.seed)
     encoder = RowEncoder(tokenizer, args.max_seq_length, model_type="chatglm")
-    table, counts = encoder.encode_batch([r["context"] for r in rows], [r["target"] for r in rows])
+    table, counts, _ = encoder.encode_batch([r["context"] for r in rows], [r["target"] for r in rows])
     dataset = datasets.Dataset(datasets.table.InMemoryTable(table))
     dataset.save_to_disk(str(save_path))
     lengths = np.array([len(ids) for ids in dataset["input_ids"]])
@@ -144,7 +143,7 @@ def batches(args: argparse.Namespace, variant: str, rows, config):
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
     from instructglm.train.collator import CausalLMCollator
-    from instructglm.train.packing import PackedCollator, PackedDataset, chatglm_packed_inputs
+    from instructglm.train.packing import PackedCollator, PackedDataset
 
     count = args.warmup + args.steps
     generator = torch.Generator().manual_seed(args.seed)
@@ -154,14 +153,7 @@ def batches(args: argparse.Namespace, variant: str, rows, config):
         order = torch.randperm(len(packed), generator=generator).tolist()
         for step in range(count):
             batch = collate([packed[i] for i in order[step * args.batch : (step + 1) * args.batch]])
-            segments = batch["attention_mask"]
-            # the shim: segment ids -> the 4-D bool prefix-LM mask and 2-D positions the v1 model accepts
-            masked, position_ids = chatglm_packed_inputs(
-                segments, batch["input_ids"], config.bos_token_id, config.gmask_token_id, config.mask_token_id
-            )
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": masked, "position_ids": position_ids,
-                      "labels": batch["labels"]}
-            yield inputs, int((segments > 0).sum())
+            yield batch, int((batch["attention_mask"] > 0).sum())  # segment ids: 0 on padding
         return
     collate = CausalLMCollator(pad_token_id=config.pad_token_id, labelled_prompt_tail=1)
     if variant == "group_by_length":

@@ -29,6 +29,7 @@ from instructglm.models.chatglm3.model import (
     position_ids_from_mask,
 )
 from tests.conftest import _need
+from tests.models.test_chatglm_model import uncompiled_flex  # noqa: F401  (the fixture, shared with ChatGLM-6B's tests)
 
 ATTENTION = ("eager", "sdpa")
 LAYOUTS = ("tiny", "tiny_sharded", "tiny_safetensors")
@@ -107,6 +108,13 @@ def random_model(seed: int = 0, attn: str = "eager", **overrides) -> ChatGLM3For
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return ChatGLM3ForConditionalGeneration(config).eval()
+
+
+def _cache_of(output):
+    """The KV cache of an output, under this transformers' field name (`cache` from 5.24, else `past_key_values`)."""
+    from instructglm.models.chatglm3.model import _CACHE_FIELD
+
+    return getattr(output, _CACHE_FIELD)
 
 
 def _padded(rows: list[list[int]], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
@@ -359,10 +367,10 @@ def test_cache_continued_by_several_tokens(attn):
     cache = DynamicCache(config=model.config)
     split = 10
     first = model(input_ids=ids[:, :split], attention_mask=mask[:, :split], cache=cache, use_cache=True)
-    second = model(input_ids=ids[:, split:], attention_mask=mask, cache=first.cache, use_cache=True)
+    second = model(input_ids=ids[:, split:], attention_mask=mask, cache=_cache_of(first), use_cache=True)
     real = mask.bool()
     assert_close(torch.cat((first.logits, second.logits), dim=1)[real], full[real], atol=1e-5, rtol=0)
-    assert second.cache.get_seq_length() == ids.shape[1]
+    assert _cache_of(second).get_seq_length() == ids.shape[1]
 
 
 @torch.no_grad()
@@ -463,3 +471,70 @@ def test_unsupported_options_are_refused():
     for field, value in (("quantization_bit", 4), ("pre_seq_len", 16), ("tie_word_embeddings", True)):
         with pytest.raises(BadValue, match=field):
             random_model(**{field: value})
+
+
+# -- packed rows and FlexAttention (the GPU path, checked here with torch's unfused FlexAttention) ------------------------
+
+
+def _packed(rows: list[list[int]], groups: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, segment ids) with rows packed as `groups` (lists of row indices), right-padded with 0."""
+    from instructglm.train.packing import PackedCollator
+
+    packs = [{"rows": [{"input_ids": rows[i], "seq_len": 1} for i in group]} for group in groups]
+    batch = PackedCollator(pad_token_id=0, attention="segment_ids")(packs)
+    return batch["input_ids"], batch["attention_mask"]
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+@torch.no_grad()
+def test_packed_rows_give_their_alone_logits(attn):
+    model = random_model(attn=attn)
+    rows = _prompts(5, (6, 13, 9))
+    ids, segments = _packed(rows, [[0, 2], [1]])
+    logits = model(input_ids=ids, attention_mask=segments).logits
+    for b, group in enumerate([[0, 2], [1]]):
+        start = 0
+        for i in group:
+            alone = model(input_ids=torch.tensor([rows[i]])).logits[0]
+            assert_close(logits[b, start : start + len(rows[i])], alone, atol=1e-5, rtol=0)
+            start += len(rows[i])
+    with pytest.raises(ValueError, match="cannot continue a KV cache"):
+        model(input_ids=ids[:, -1:], attention_mask=segments, cache=_cache_of(model(input_ids=ids[:, :-1], use_cache=True)))
+
+
+@pytest.mark.parametrize("batching", ["left", "right", "packed", "none"])
+@torch.no_grad()
+def test_flex_attention_block_mask_and_logits_match_sdpa(uncompiled_flex, batching):
+    from torch.nn.attention.flex_attention import BlockMask, create_mask
+
+    rows = _prompts(6, (6, 13, 9))
+    ids, mask = {
+        "left": lambda: _padded(rows, "left"),
+        "right": lambda: _padded(rows, "right"),
+        "packed": lambda: _packed(rows, [[0, 2], [1]]),
+        "none": lambda: (torch.tensor(rows[1:2]), None),
+    }[batching]()
+    length = ids.shape[1]
+    block_mask = chatglm_attention_mask(mask, 0, length, "flex_attention", torch.float32, torch.device("cpu"))
+    dense = chatglm_attention_mask(mask, 0, length, "eager", torch.float32, torch.device("cpu")) == 0
+    assert isinstance(block_mask, BlockMask), "flex has no causal flag: even without padding there is a BlockMask"
+    assert torch.equal(create_mask(block_mask.mask_mod, ids.shape[0], 1, length, length), dense.expand(ids.shape[0], -1, -1, -1))
+    expected = random_model(attn="sdpa")(input_ids=ids, attention_mask=mask).logits
+    got = random_model(attn="flex_attention")(input_ids=ids, attention_mask=mask).logits
+    assert_close(got, expected, atol=1e-5, rtol=0)  # every position: pad queries follow THUDM's rule in both
+
+
+@torch.no_grad()
+def test_flex_attention_loads_reproduces_goldens_and_generates(fixtures, goldens, uncompiled_flex):
+    g = goldens[1]
+    model = _fresh(fixtures / "tiny", "flex_attention").eval()
+    assert model.config._attn_implementation == "flex_attention"
+    out = model(input_ids=g["forward.input_ids"], attention_mask=g["forward.attention_mask"], position_ids=g["forward.position_ids"])
+    assert_close(out.logits, g["forward.logits"], atol=LOGITS_TOLERANCE, rtol=0)
+    assert_close(model(input_ids=g["forward.input_ids"]).logits, g["forward_default.logits"], atol=LOGITS_TOLERANCE, rtol=0)
+    generated = model.generate(
+        input_ids=g["generate.input_ids"], attention_mask=g["generate.attention_mask"], max_new_tokens=20, do_sample=False
+    )
+    assert torch.equal(generated, g["generate.sequences"])
+    with torch.enable_grad(), pytest.raises(BadValue, match="cannot train on the CPU"):
+        model.train()(input_ids=g["forward.input_ids"])

@@ -269,8 +269,9 @@ def test_prefix_lm_positions_by_hand():
         ]
     )
     mask = (ids != PAD).long()
-    positions, context = prefix_lm_positions(ids, mask, config)
-    assert context.tolist() == [5, 4, 8]
+    positions, sop_index = prefix_lm_positions(ids, mask, config)
+    # each token's row <sop> index (8 = none: all context); padding is a row of its own, without <sop>
+    assert sop_index.tolist() == [[8, 8, 5, 5, 5, 5, 5, 5], [4, 4, 4, 4, 4, 4, 8, 8], [8] * 8]
     assert positions[0].tolist() == [[0, 0, 0, 1, 2, 2, 2, 2], [0, 0, 0, 0, 0, 1, 2, 3]]
     assert positions[1].tolist() == [[0, 1, 2, 3, 3, 3, 0, 0], [0, 0, 0, 0, 1, 2, 0, 0]]
     assert positions[2].tolist() == [list(range(8)), [0] * 8]
@@ -573,3 +574,91 @@ def test_stream_chat_reraises_generation_errors(chat_model, chatglm6b_tokenizer)
     _infer_chat()
     with pytest.raises(ValueError):
         list(chat_model.stream_chat(chatglm6b_tokenizer, "你好", do_sample=False, max_new_tokens=-3))
+
+
+# -- FlexAttention (the GPU path), checked here with torch's unfused FlexAttention ----------------------------------------
+
+
+@pytest.fixture
+def uncompiled_flex(monkeypatch):
+    """transformers' `flex_attention_forward` as on a GPU, but calling torch's unfused FlexAttention.
+
+    transformers always `torch.compile`s FlexAttention (about 20 s per shape on this CPU); the unfused kernel
+    computes the same attention from the same `BlockMask`, so the mask, the call and the rule are the GPU path's.
+    """
+    import warnings
+
+    import transformers.integrations.flex_attention as integration
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def unfused(query, key, value, training=False, **kwargs):
+        return flex_attention(query, key, value, **kwargs)
+
+    monkeypatch.setattr(integration, "compile_friendly_flex_attention", unfused)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        yield
+
+
+def _right_padded_and_packed(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, attention_mask) of the same rows left-padded, right-padded and packed two to a sequence."""
+    from instructglm.train.packing import PackedCollator
+
+    rows, left_ids, left_mask = _mixed_batch(seed)
+    right = [r + [PAD] * (left_ids.shape[1] - len(r)) for r in rows]
+    packed = PackedCollator(pad_token_id=PAD, attention="segment_ids")(
+        [{"rows": [{"input_ids": rows[0], "seq_len": 1}, {"input_ids": rows[2], "seq_len": 1}]}, {"input_ids": rows[1], "seq_len": 1}]
+    )
+    return {
+        "left": (left_ids, left_mask),
+        "right": (torch.tensor(right), (torch.tensor(right) != PAD).long()),
+        "packed": (packed["input_ids"], packed["attention_mask"]),
+    }
+
+
+@pytest.mark.parametrize("batching", ["left", "right", "packed"])
+@torch.no_grad()
+def test_flex_attention_block_mask_and_logits_match_sdpa(uncompiled_flex, batching):
+    from torch.nn.attention.flex_attention import BlockMask, create_mask
+
+    from instructglm.models.chatglm.model import prefix_lm_inputs
+
+    ids, mask = _right_padded_and_packed(12)[batching]
+    sdpa, flex = random_chatglm(12, "sdpa"), random_chatglm(12, "flex_attention")
+    dense, positions = prefix_lm_inputs(ids, mask, None, 0, ids.shape[1], sdpa.config)
+    block_mask, flex_positions = prefix_lm_inputs(ids, mask, None, 0, ids.shape[1], sdpa.config, "flex_attention")
+    assert isinstance(block_mask, BlockMask) and torch.equal(flex_positions, positions)
+    assert torch.equal(create_mask(block_mask.mask_mod, ids.shape[0], 1, ids.shape[1], ids.shape[1]), dense)
+    real = mask.bool()
+    expected = sdpa(input_ids=ids, attention_mask=mask).logits
+    got = flex(input_ids=ids, attention_mask=mask).logits
+    assert_close(got[real], expected[real], atol=1e-5, rtol=0)
+    assert torch.isfinite(got).all()
+
+
+@torch.no_grad()
+def test_flex_attention_loads_reproduces_goldens_and_generates(chatglm6b_fixtures, uncompiled_flex):
+    from transformers import AutoModelForCausalLM
+
+    _, g = goldens(chatglm6b_fixtures)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(chatglm6b_fixtures / "tiny"), attn_implementation="flex_attention", dtype=torch.float32
+    ).eval()
+    assert model.config._attn_implementation == "flex_attention"
+    ids, valid = g["forward.input_ids"], g["forward.valid"]
+    logits = model(input_ids=ids, attention_mask=(ids != PAD).long()).logits
+    assert_close(logits[valid], g["forward.logits"][valid], atol=1e-4, rtol=0)
+    # THUDM's own 4-D mask becomes a BlockMask too
+    logits = model(input_ids=ids, attention_mask=g["forward.attention_mask"], position_ids=g["forward.position_ids"]).logits
+    assert_close(logits[valid], g["forward.logits"][valid], atol=1e-4, rtol=0)
+    # through the KV cache: a BlockMask over the cached keys at every step
+    generated = model.generate(input_ids=ids, attention_mask=(ids != PAD).long(), max_new_tokens=20, do_sample=False)
+    assert torch.equal(generated, g["generate.sequences"])
+
+
+def test_flex_attention_refuses_to_train_on_the_cpu():
+    from instructglm.errors import BadValue
+
+    model = random_chatglm(13, "flex_attention").train()
+    with pytest.raises(BadValue, match="cannot train on the CPU.*'sdpa'"):
+        model(input_ids=torch.tensor([random_prompt(torch.Generator().manual_seed(13), 5)]))

@@ -1,8 +1,9 @@
 """Packing: which rows go together, the packed batch, and rows that stay apart inside a pack.
 
-The models are the training tests' tiny Llama (transformers' own masks, eager and sdpa) and tiny
-native ChatGLM-6B (through the 4-D prefix-LM mask and 2-D positions `chatglm_packed_inputs`
-builds from segment ids). A packed row must give the loss and gradients it has alone.
+The models are the training tests' tiny Llama (transformers' own masks, eager and sdpa), the tiny
+native ChatGLM-6B and a tiny native ChatGLM3 (both read the segment ids of a packed `attention_mask`
+and build their block-diagonal masks and per-row positions). A packed row must give the loss and
+gradients it has alone.
 """
 
 from __future__ import annotations
@@ -14,13 +15,7 @@ import torch.nn.functional as F
 
 from instructglm.errors import BadValue
 from instructglm.train.collator import IGNORE_INDEX, CausalLMCollator
-from instructglm.train.packing import (
-    PackedCollator,
-    PackedDataset,
-    chatglm_packed_inputs,
-    pack_indices,
-    packed_collator_for,
-)
+from instructglm.train.packing import PackedCollator, PackedDataset, pack_indices, packed_collator_for
 
 X = IGNORE_INDEX
 
@@ -122,14 +117,21 @@ def test_unpacked_collator_takes_a_labels_column_too():
     assert CausalLMCollator(pad_token_id=0)(rows)["labels"].tolist() == [[X, 41, X, 2], [X, X, 2, X]]
 
 
-def test_packed_collator_for_refuses_models_that_would_mix_rows(tiny_llama_dir, tiny_chatglm_dir):
+def test_packed_collator_for_each_family_and_refusal(tiny_llama_dir, tiny_chatglm_dir, glm_config, monkeypatch):
     from transformers import AutoTokenizer
+
+    from instructglm.train import packing
 
     llama = packed_collator_for(AutoTokenizer.from_pretrained(str(tiny_llama_dir)), "llama", max_seq_length=64)
     assert llama.attention == "position_ids" and llama.labelled_prompt_tail == 0
-    # the v1 model reads a 2-D attention_mask as padding only: packed rows would see each other
+    glm_tokenizer = AutoTokenizer.from_pretrained(str(tiny_chatglm_dir))
+    for model_type in ("chatglm", glm_config):  # a model_type or the config itself
+        chatglm = packed_collator_for(glm_tokenizer, model_type)
+        assert chatglm.attention == "segment_ids" and chatglm.labelled_prompt_tail == 1
+    # a native model that does not read segment ids would let packed rows see each other: refused
+    monkeypatch.setattr(packing, "SEGMENT_ID_MODEL_TYPES", frozenset())
     with pytest.raises(BadValue, match="--packing is not supported for model_type 'chatglm'"):
-        packed_collator_for(AutoTokenizer.from_pretrained(str(tiny_chatglm_dir)), "chatglm")
+        packed_collator_for(glm_tokenizer, "chatglm")
 
 
 # -- rows stay apart: the tiny Llama ----------------------------------------------------------------------------------
@@ -229,7 +231,7 @@ def test_packed_dataset_trains_and_resumes_exactly_with_the_trainer(tiny_llama_d
     assert losses(resumed_history) == losses(history)
 
 
-# -- rows stay apart: ChatGLM-6B's prefix-LM mask and 2-D positions ---------------------------------------------------
+# -- rows stay apart: ChatGLM-6B's prefix-LM mask and 2-D positions, ChatGLM2/3's causal rows -------------------------
 
 
 @pytest.fixture(scope="module")
@@ -239,10 +241,6 @@ def glm_config(tiny_chatglm_dir):
     import instructglm  # noqa: F401  (registers ChatGLM)
 
     return AutoConfig.from_pretrained(str(tiny_chatglm_dir))
-
-
-def glm_ids(config):
-    return dict(bos_token_id=config.bos_token_id, gmask_token_id=config.gmask_token_id, mask_token_id=config.mask_token_id)
 
 
 def glm_rows(config) -> list[torch.Tensor]:
@@ -256,69 +254,111 @@ def glm_rows(config) -> list[torch.Tensor]:
     ]
 
 
-def test_chatglm_packed_inputs_equal_each_row_built_alone(glm_config):
-    from instructglm.models.chatglm.model import prefix_lm_inputs
-
-    rows = glm_rows(glm_config)
-    width = sum(len(r) for r in rows) + 3
-    input_ids = torch.full((1, width), glm_config.pad_token_id)
+def one_pack(rows, pad_id, extra=3):
+    """(input_ids [1, T], segment ids [1, T]) of `rows` back to back, then `extra` padding tokens."""
+    width = sum(len(r) for r in rows) + extra
+    input_ids = torch.full((1, width), pad_id)
     segment_ids = torch.zeros((1, width), dtype=torch.long)
     start = 0
     for k, row in enumerate(rows):
         input_ids[0, start : start + len(row)] = row
         segment_ids[0, start : start + len(row)] = k + 1
         start += len(row)
-    masked, position_ids = chatglm_packed_inputs(segment_ids, input_ids, **glm_ids(glm_config))
-    assert masked.shape == (1, 1, width, width) and position_ids.shape == (1, 2, width)
-
-    start = 0
-    for k, row in enumerate(rows):
-        end = start + len(row)
-        row_masked, row_positions = prefix_lm_inputs(row[None], None, None, 0, len(row), glm_config)
-        assert torch.equal(position_ids[0, :, start:end], row_positions[0]), f"row {k} positions"
-        assert torch.equal(masked[0, 0, start:end, start:end], row_masked[0, 0]), f"row {k} mask"
-        # nothing outside its own row is visible to it, and it is visible to nothing outside
-        assert masked[0, 0, start:end, :start].all() and masked[0, 0, start:end, end:].all(), f"row {k} looks out"
-        assert masked[0, 0, :start, start:end].all() and masked[0, 0, end:, start:end].all(), f"row {k} seen"
-        start = end
-    assert masked[0, 0, start:].all() and not position_ids[0, :, start:].any(), "padding sees nothing, positions 0"
+    return input_ids, segment_ids
 
 
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_chatglm_one_row_per_sequence_is_the_models_padding_mask(glm_config, side):
+def test_chatglm_packed_mask_and_positions_equal_each_row_built_alone(glm_config):
     from instructglm.models.chatglm.model import prefix_lm_inputs
 
     rows = glm_rows(glm_config)
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), glm_config.pad_token_id)
-    padding = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, row in enumerate(rows):
-        span = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
-        input_ids[b, span], padding[b, span] = row, 1
-    masked, position_ids = chatglm_packed_inputs(padding, input_ids, **glm_ids(glm_config))
-    expected_masked, expected_positions = prefix_lm_inputs(input_ids, padding, None, 0, width, glm_config)
-    assert torch.equal(masked, expected_masked) and torch.equal(position_ids, expected_positions)
+    input_ids, segment_ids = one_pack(rows, glm_config.pad_token_id)
+    width = input_ids.shape[1]
+    allowed, position_ids = prefix_lm_inputs(input_ids, segment_ids, None, 0, width, glm_config)
+    assert allowed.dtype == torch.bool and allowed.shape == (1, 1, width, width) and position_ids.shape == (1, 2, width)
+    start = 0
+    for k, row in enumerate(rows):
+        end = start + len(row)
+        row_allowed, row_positions = prefix_lm_inputs(row[None], None, None, 0, len(row), glm_config)
+        assert torch.equal(position_ids[0, :, start:end], row_positions[0]), f"row {k} positions"
+        assert torch.equal(allowed[0, 0, start:end, start:end], row_allowed[0, 0]), f"row {k} mask"
+        # it sees nothing outside its own row, and nothing outside sees it
+        assert not allowed[0, 0, start:end, :start].any() and not allowed[0, 0, start:end, end:].any(), f"row {k} looks out"
+        assert not allowed[0, 0, :start, start:end].any() and not allowed[0, 0, end:, start:end].any(), f"row {k} seen"
+        start = end
+    assert not allowed[0, 0, start:].any() and not position_ids[0, :, start:].any(), "padding sees nothing, positions 0"
 
 
-def test_chatglm_segments_must_be_contiguous(glm_config):
+def test_chatglm3_packed_mask_and_positions_restart_per_row():
+    from instructglm.models.chatglm3.model import chatglm_attention_mask, position_ids_from_mask
+
+    segment_ids = torch.tensor([[1, 1, 1, 2, 2, 3, 3, 3, 3, 0, 0]])
+    allowed = chatglm_attention_mask(segment_ids, 0, 11, "sdpa", torch.float32, torch.device("cpu"))[0, 0]
+    assert position_ids_from_mask(segment_ids, 11).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3, 8, 8]]
+    blocks = torch.block_diag(*(torch.ones(n, n).tril().bool() for n in (3, 2, 4)))
+    assert torch.equal(allowed[:9, :9], blocks) and not allowed[:9, 9:].any()
+    assert allowed[9:].all(), "a padding query sees every key (THUDM's rule when nothing is cached)"
     with pytest.raises(ValueError, match="contiguous"):
-        chatglm_packed_inputs(torch.tensor([[1, 2, 1, 0]]), torch.tensor([[5, 6, 7, 3]]), **glm_ids(glm_config))
+        chatglm_attention_mask(torch.tensor([[1, 2, 1, 0]]), 0, 4, "sdpa", torch.float32, torch.device("cpu"))
 
 
+def test_segments_must_be_contiguous_and_not_continue_a_cache(glm_config):
+    from instructglm.models.chatglm.model import prefix_lm_inputs
+
+    ids = torch.tensor([[5, 6, 7, 3]])
+    with pytest.raises(ValueError, match="contiguous"):
+        prefix_lm_inputs(ids, torch.tensor([[1, 2, 1, 0]]), None, 0, 4, glm_config)
+    with pytest.raises(ValueError, match="integer segment ids"):
+        prefix_lm_inputs(ids, torch.tensor([[1.0, 2.0, 2.0, 0.0]]), None, 0, 4, glm_config)
+    with pytest.raises(ValueError, match="cannot continue a KV cache"):
+        prefix_lm_inputs(ids[:, -1:], torch.tensor([[1, 2, 2, 2]]), torch.zeros(1, 2, 1, dtype=torch.long), 3, 1, glm_config)
+    # a 0/1 padding mask with a hole is still the one-row case, as before packing
+    prefix_lm_inputs(ids, torch.tensor([[1, 0, 1, 1]]), None, 0, 4, glm_config)
+
+
+def tiny_chatglm3(attention: str):
+    """A random tiny ChatGLM3 (the model tests' shape: 2 layers, width 64, 2 key/value groups), float32."""
+    from instructglm.models.chatglm3.config import ChatGLM3Config
+    from instructglm.models.chatglm3.model import ChatGLM3ForConditionalGeneration
+
+    config = ChatGLM3Config(
+        padded_vocab_size=128, hidden_size=64, num_layers=2, num_attention_heads=4, kv_channels=16,
+        ffn_hidden_size=96, multi_query_group_num=2, seq_length=256, initializer_range=0.2,
+    )
+    config._attn_implementation = attention
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return ChatGLM3ForConditionalGeneration(config).train()
+
+
+def chatglm3_rows(count=3) -> list[dict]:
+    generator = torch.Generator().manual_seed(3)
+    rows = []
+    for prompt, answer in [(6, 5), (9, 3), (4, 8)][:count]:
+        ids = [64 % 128, 65 % 128] + torch.randint(3, 100, (prompt + answer,), generator=generator).tolist() + [2]
+        rows.append({"input_ids": ids, "seq_len": prompt + 2})
+    return rows
+
+
+@pytest.mark.parametrize("family", ["chatglm-6b", "chatglm3"])
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
-def test_packed_chatglm_rows_equal_rows_alone(tiny_chatglm_dir, chatglm_dataset, glm_config, attention):
+def test_packed_chatglm_rows_equal_rows_alone(tiny_chatglm_dir, chatglm_dataset, family, attention):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_chatglm_dir), dtype=torch.float32, attn_implementation=attention)
-    rows = pick_rows(chatglm_dataset)
-    pad = glm_config.pad_token_id
-    batch = PackedCollator(pad_token_id=pad, labelled_prompt_tail=1, attention="segment_ids", pad_to_multiple_of=64)(
+    if family == "chatglm-6b":
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_chatglm_dir), dtype=torch.float32, attn_implementation=attention)
+        rows, pad, tail = pick_rows(chatglm_dataset), model.config.pad_token_id, 1
+    else:
+        model, rows, pad, tail = tiny_chatglm3(attention), chatglm3_rows(), 0, 0
+    model.config.use_cache = False
+    batch = PackedCollator(pad_token_id=pad, labelled_prompt_tail=tail, attention="segment_ids", pad_to_multiple_of=64)(
         [{"rows": rows}]
     )
-    masked, position_ids = chatglm_packed_inputs(batch["attention_mask"], batch["input_ids"], **glm_ids(glm_config))
-    logits = model(input_ids=batch["input_ids"], attention_mask=masked, position_ids=position_ids, use_cache=False).logits
-    alone = CausalLMCollator(pad_token_id=pad, labelled_prompt_tail=1)
+    assert batch["attention_mask"].max() == len(rows) and batch["attention_mask"].eq(0).any()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    alone = CausalLMCollator(pad_token_id=pad, labelled_prompt_tail=tail)
     for k, row_loss in enumerate(packed_row_losses(logits, batch["labels"], batch["attention_mask"])):
         reference = model(**alone([rows[k]])).loss
         torch.testing.assert_close(row_loss, reference, rtol=1e-5, atol=1e-5, msg=f"row {k} loss")
-        assert_same_grads(grads(model, row_loss), grads(model, reference), f"{attention} row {k}")
+        assert_same_grads(grads(model, row_loss), grads(model, reference), f"{family} {attention} row {k}")
+    # the batch loss is the mean over all labelled tokens: the same rows padded give the same loss
+    torch.testing.assert_close(model(**batch).loss, model(**alone(rows)).loss, rtol=1e-5, atol=1e-6)

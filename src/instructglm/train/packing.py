@@ -42,20 +42,20 @@ of the batch (under the Trainer, of all its gradient-accumulation steps: `num_it
 not a mean of per-row means; so packing changes no row's weight, and a packed batch has the same
 loss as the same rows padded.
 
-The contract a native model implements for `attention="segment_ids"`: from `segment_ids` [b, T]
-(0 = padding, 1..k = rows, each a contiguous run) and `input_ids`,
-- ChatGLM-6B (prefix LM, 2-D positions) — `chatglm_packed_inputs` below builds exactly this:
-  - key j is visible to query i iff seg[i] == seg[j] != 0 and (j <= i, or j lies in the context
-    of its row: before the row's first `<sop>` (bos), the whole row if it has none). A padding
-    query sees nothing (THUDM's convention: its softmax is uniform and its output unused);
-  - position_ids [b, 2, T], per row as if the row stood alone at index 0: position = index in
-    the row on the context, and from `<sop>` on the row's first `[gMASK]` (else `[MASK]`) index
-    in the row, if its context has one; block position = 0 on the context, 1, 2, ... from
-    `<sop>`; padding 0 in both. For a padding mask this is the model's `prefix_lm_inputs`.
-  On a GPU the same rule is a FlexAttention `mask_mod`: (seg[q] == seg[k]) & (seg[q] > 0) &
-  ((k <= q) | (k < sop[q])), with sop[q] the absolute index of the `<sop>` of q's row.
-- ChatGLM2/3, GLM-4 (causal, 1-D rotary): key j visible to query i iff seg[i] == seg[j] != 0 and
-  j <= i; position = index within the row (0 at the row's first token); padding 0.
+The contract a native model implements for `attention="segment_ids"` (both ChatGLM models do, in their one mask
+builder): from `segment_ids` [b, T] (0 = padding, 1..k = rows, each a contiguous run) and `input_ids`, without a
+KV cache,
+- ChatGLM-6B (prefix LM, 2-D positions): `instructglm.models.chatglm.model.prefix_lm_inputs`;
+  - key j is visible to query i iff seg[i] == seg[j] != 0 and (j <= i, or j lies in the context of its row:
+    before the row's first `<sop>` (bos), the whole row if it has none). A padding query sees nothing (THUDM's
+    convention: its softmax is uniform and its output unused). (`prefix_lm_allowed`; on a GPU the same function
+    is FlexAttention's `mask_mod` under `attn_implementation="flex_attention"`.)
+  - position_ids [b, 2, T], per row as if the row stood alone at index 0: position = index in the row on the
+    context, and from `<sop>` on the row's first `[gMASK]` (else `[MASK]`) index in the row, if its context has
+    one; block position = 0 on the context, 1, 2, ... from `<sop>`; padding 0 in both (`prefix_lm_positions`).
+- ChatGLM2/3 (causal, 1-D rotary): `instructglm.models.chatglm3.model.chatglm_attention_mask` and
+  `position_ids_from_mask`: key j visible to query i iff seg[i] == seg[j] != 0 and j <= i (a padding query sees
+  every key, THUDM's rule); position = index within the row (0 at the row's first token).
 """
 
 from __future__ import annotations
@@ -74,9 +74,9 @@ from instructglm.train.collator import IGNORE_INDEX, pad_token_id_for, row_label
 # them and small enough that packs stay a random mix of the dataset.
 DEFAULT_WINDOW = 1000
 ATTENTION_FORMS = ("position_ids", "segment_ids")
-# Native model types whose model builds its masks from segment ids (see the module docstring);
-# their branches add themselves here once the model implements the contract.
-SEGMENT_ID_MODEL_TYPES: frozenset[str] = frozenset()
+# Native model types whose models build their masks from segment ids (see the module docstring): ChatGLM-6B and
+# ChatGLM2/3 all say `model_type: "chatglm"`, and both native models implement the contract.
+SEGMENT_ID_MODEL_TYPES: frozenset[str] = frozenset({"chatglm"})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -247,12 +247,13 @@ class PackedCollator:
         return batch
 
 
-def packed_collator_for(tokenizer, model_type: str | None, max_seq_length: int | None = None) -> PackedCollator:
-    """The packed collator for a tokenizer and a `config.model_type`.
+def packed_collator_for(tokenizer, model_type: Any, max_seq_length: int | None = None) -> PackedCollator:
+    """The packed collator for a tokenizer and a `config.model_type` (or the model's config itself).
 
     transformers' own models get "position_ids" batches; a native family gets "segment_ids" batches
     once its model implements that contract (`SEGMENT_ID_MODEL_TYPES`), and until then packing is
-    refused rather than silently letting rows attend to each other.
+    refused rather than silently letting rows attend to each other. The family (and so the labelled
+    prompt tail) comes from `registry.family_for`, which is given the config when one is passed.
 
     Raises:
         BadValue: the model type's native model does not isolate packed rows yet.
@@ -260,6 +261,7 @@ def packed_collator_for(tokenizer, model_type: str | None, max_seq_length: int |
     from instructglm.models.registry import CAUSAL_LM, family_for
 
     family = family_for(model_type)
+    model_type = getattr(model_type, "model_type", model_type)
     if family is CAUSAL_LM:
         attention = "position_ids"
     elif model_type in SEGMENT_ID_MODEL_TYPES:
@@ -275,79 +277,3 @@ def packed_collator_for(tokenizer, model_type: str | None, max_seq_length: int |
         attention=attention,
         max_seq_length=max_seq_length,
     )
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# ChatGLM-6B: block-diagonal prefix-LM mask and 2-D positions from segment ids
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _first_in_segment(hits: torch.Tensor, segment_ids: torch.Tensor, segments: int) -> torch.LongTensor:
-    """[b, T]: for each token, the smallest index of its segment where `hits` is True (T if none)."""
-    batch, length = segment_ids.shape
-    index = torch.arange(length, device=segment_ids.device).expand(batch, length)
-    candidates = torch.where(hits, index, length)
-    first = torch.full((batch, segments), length, dtype=torch.long, device=segment_ids.device)
-    first = first.scatter_reduce(1, segment_ids, candidates, reduce="amin", include_self=True)  # (B, k + 1)
-    return first.gather(1, segment_ids)
-
-
-def _check_segments(segment_ids: torch.Tensor) -> None:
-    if segment_ids.dim() != 2 or segment_ids.dtype.is_floating_point or bool((segment_ids < 0).any()):
-        raise ValueError(
-            f"segment_ids must be a [b, T] integer tensor of 0 (padding) and 1..k, got {segment_ids.dtype} "
-            f"{tuple(segment_ids.shape)}"
-        )
-    # each segment must be one contiguous run: as many runs of a non-zero id as distinct non-zero ids
-    starts = segment_ids[:, :1] > 0
-    starts = torch.cat((starts, (segment_ids[:, 1:] != segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)), dim=1)
-    present = torch.zeros(segment_ids.shape[0], int(segment_ids.max()) + 1, dtype=torch.long, device=segment_ids.device)
-    present = present.scatter(1, segment_ids, 1)[:, 1:]
-    if not torch.equal(starts.sum(1), present.sum(1)):
-        raise ValueError("each segment id must mark one contiguous run of tokens (a row of the pack)")
-
-
-def chatglm_packed_inputs(
-    segment_ids: torch.Tensor,
-    input_ids: torch.LongTensor,
-    bos_token_id: int,
-    gmask_token_id: int,
-    mask_token_id: int,
-) -> tuple[torch.BoolTensor, torch.LongTensor]:
-    """ChatGLM-6B's attention mask and 2-D positions for packed rows (the contract in the module docstring).
-
-    Args:
-        segment_ids: [b, T] 0 on padding, 1..k on the k rows of each sequence (one contiguous run each).
-            A 0/1 padding mask (left or right padding) is the one-row case.
-        input_ids: [b, T].
-        bos_token_id, gmask_token_id, mask_token_id: `<sop>`, `[gMASK]`, `[MASK]` (the config's ids).
-
-    Returns:
-        masked [b, 1, T, T] bool, True = masked (THUDM's convention, which the model accepts as its
-        `attention_mask`), and position_ids [b, 2, T] (position, block position).
-
-    Raises:
-        ValueError: segment ids that are not [b, T] integers >= 0 with one contiguous run per row.
-    """
-    _check_segments(segment_ids)
-    segment_ids = segment_ids.long()
-    batch, length = input_ids.shape
-    segments = int(segment_ids.max()) + 1
-    real = segment_ids > 0
-    index = torch.arange(length, device=input_ids.device).expand(batch, length)  # (B, T)
-
-    row_start = _first_in_segment(real, segment_ids, segments)
-    sop_at = _first_in_segment(real & (input_ids == bos_token_id), segment_ids, segments)
-    in_context = index < sop_at  # a row without <sop> is all context
-    gmask_at = _first_in_segment(real & in_context & (input_ids == gmask_token_id), segment_ids, segments)
-    mask_at = _first_in_segment(real & in_context & (input_ids == mask_token_id), segment_ids, segments)
-    mask_position = torch.where(gmask_at < length, gmask_at, mask_at)  # THUDM prefers [gMASK]
-
-    position = torch.where(~in_context & (mask_position < length), mask_position - row_start, index - row_start)
-    block_position = torch.where(in_context, 0, index - sop_at + 1)
-    position_ids = torch.stack((position, block_position), dim=1) * real[:, None, :]  # (B, 2, T)
-
-    same_row = (segment_ids[:, :, None] == segment_ids[:, None, :]) & real[:, :, None]  # (B, q, T); pad queries see nothing
-    causal = index[:, None, :] <= index[:, :, None]  # (B, q, T) key <= query
-    allowed = same_row & (causal | in_context[:, None, :])
-    return ~allowed[:, None, :, :], position_ids

@@ -20,12 +20,19 @@ Deliberate differences from the reference:
 - The prefix mask and 2-D positions are built once per forward, in `prefix_lm_inputs`, from `input_ids` and the
   standard 2-D padding mask (left or right padding, positions counted from each row's first real token); THUDM's
   own 4-D bool mask (True = masked) with [b, 2, s] position ids is accepted as well.
+- Packed training rows: the 2-D `attention_mask` may hold segment ids (0 = padding, 1..k = the rows of a packed
+  sequence, each one run; the padding mask is the one-row case). Each row then gets the block-diagonal prefix-LM
+  mask and the 2-D positions it has alone, so its loss and gradients are those it has unpacked
+  (`instructglm.train.packing`). Without a KV cache only.
 - Attention backends follow transformers: one signature `(module, query, key, value, attention_mask, scaling,
   dropout, **kwargs)`, looked up by `config._attn_implementation` — `eager` is THUDM's math
-  (`eager_attention_forward`), `sdpa` is transformers' own `sdpa_attention_forward`. Both take the same mask
-  form, transformers' sdpa one: bool, True = may attend. The eager path fills masked scores with -10000 as THUDM
-  did, so a fully masked (padding) query row is uniform there; sdpa gives such a row zeros. Both are finite and
-  no real token ever reads a padding row. Attention weights come only from `eager`, as in transformers.
+  (`eager_attention_forward`), `sdpa` is transformers' own `sdpa_attention_forward`, `flex_attention` is
+  transformers' `flex_attention_forward` (compiled FlexAttention, for GPUs: it skips the masked blocks of the
+  prefix-LM and packed patterns). eager and sdpa take the same mask, transformers' sdpa form: bool, True = may
+  attend; flex_attention takes a `BlockMask` of the same rule (`prefix_lm_allowed`), built once per forward. The
+  eager path fills masked scores with -10000 as THUDM did, so a fully masked (padding) query row is uniform there;
+  sdpa and flex give such a row zeros. All are finite and no real token ever reads a padding row. Attention
+  weights come only from `eager`, as in transformers. torch's FlexAttention has no backward on the CPU.
 - Rotary cos/sin are computed in float32 from THUDM's fp16-rounded inverse frequencies and then cast to the
   activation dtype; THUDM computed them in fp16 (bf16 positions above 256 were not even exact there).
 - `from_pretrained` raises on missing or mis-shaped tensors instead of re-initialising them.
@@ -59,8 +66,22 @@ logger = logging.get_logger(__name__)
 # there); 5.17, the oldest release supported, knows only `past_key_values`. Outputs fill whichever field exists.
 CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
 
-# Backends whose mask form can express ChatGLM's prefix-LM mask (flash attention takes only a padding mask).
-SUPPORTED_ATTENTION = ("eager", "sdpa")
+# Backends whose mask form can express ChatGLM's prefix-LM mask (flash attention takes only a padding mask):
+# eager and sdpa take the dense bool mask, flex_attention a `BlockMask` (transformers' `flex_attention_forward`).
+SUPPORTED_ATTENTION = ("eager", "sdpa", "flex_attention")
+
+
+def check_flex_attention_device(implementation: str, device: torch.device, training: bool) -> None:
+    """FlexAttention trains on GPUs only: torch has no FlexAttention backward on the CPU (its forward runs there).
+
+    Raises:
+        BadValue: training with attn_implementation="flex_attention" on the CPU, naming the backend to use there.
+    """
+    if implementation == "flex_attention" and training and torch.is_grad_enabled() and device.type == "cpu":
+        raise BadValue(
+            f"attn_implementation='flex_attention' cannot train on the CPU (torch {torch.__version__} has no "
+            "FlexAttention backward there): use attn_implementation='sdpa' on the CPU, flex_attention on a GPU"
+        )
 
 
 def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
@@ -75,45 +96,134 @@ def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | No
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def check_segment_ids(segment_ids: torch.Tensor) -> None:
+    """A 2-D `attention_mask` holds segment ids: 0 on padding, 1..k on the k rows of a packed sequence.
+
+    A plain padding mask (0/1, of any dtype) is the one-row case and is taken as it is, holes and all; with two or
+    more rows, the ids are integers and each row is one contiguous run of tokens (how
+    `instructglm.train.packing.PackedCollator` lays them out).
+
+    Raises:
+        ValueError: negative or fractional values, or a packed row split in several runs.
+    """
+    packed = segment_ids > 1
+    if bool((segment_ids < 0).any()) or (segment_ids.dtype.is_floating_point and bool(packed.any())):
+        raise ValueError(
+            f"a 2-D attention_mask must hold 0 (padding) and 1 (real), or integer segment ids 1..k of packed rows, "
+            f"got dtype {segment_ids.dtype} with values {segment_ids.unique()[:8].tolist()}"
+        )
+    if not bool(packed.any()):
+        return
+    # a row is one run when it opens once: as many run starts as distinct non-zero ids, per sequence
+    real = segment_ids > 0
+    opens = real.clone()
+    opens[:, 1:] &= segment_ids[:, 1:] != segment_ids[:, :-1]
+    present = torch.zeros(segment_ids.shape[0], segment_ids.shape[1] + 1, dtype=torch.bool, device=segment_ids.device)
+    present.scatter_(1, segment_ids.long().clamp(max=segment_ids.shape[1]), True)
+    if not torch.equal(opens.sum(1), present[:, 1:].sum(1)):
+        raise ValueError(
+            "each segment id of a packed attention_mask must mark one contiguous run of tokens (a row of the pack)"
+        )
+
+
+def first_in_segment(hits: torch.Tensor, segment_ids: torch.Tensor) -> torch.LongTensor:
+    """[b, T]: for each token, the first index of its segment where `hits` is True (T where there is none).
+
+    Padding (segment 0) is a segment of its own here; callers mask it out.
+    """
+    batch, length = segment_ids.shape
+    segments = segment_ids.long().clamp(max=length)  # at most T rows in T tokens; keeps the table (B, T + 1)
+    index = torch.arange(length, device=segment_ids.device).expand(batch, length)
+    candidates = torch.where(hits, index, length)
+    first = torch.full((batch, length + 1), length, dtype=torch.long, device=segment_ids.device)
+    first = first.scatter_reduce(1, segments, candidates, reduce="amin", include_self=True)  # (B, segments)
+    return first.gather(1, segments)
+
+
 def prefix_lm_positions(
-    input_ids: torch.LongTensor, padding_mask: torch.Tensor | None, config: ChatGLMConfig
+    input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, config: ChatGLMConfig
 ) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """ChatGLM's 2-D position ids of whole sequences, and where each row's causal part starts.
+    """ChatGLM's 2-D position ids of whole sequences, and where each token's row turns causal.
 
     Args:
         input_ids: [b, T] token ids (prompt, `[gMASK] <sop>`, then any generated tokens).
-        padding_mask: [b, T], 1/True on real tokens (the tokenizer's `attention_mask`), or None (all real).
+        attention_mask: [b, T] padding mask (1 = real token), or segment ids of packed rows (0 = padding,
+            1..k = the rows, see `check_segment_ids`), or None (all real, one row).
 
     Returns:
-        position_ids [b, 2, T]: row 0 counts from the row's first real token, and every token from `<sop>` on
-        takes the position of the mask token (`[gMASK]`, else `[MASK]`); row 1 (block position) is 0 on the
-        context and 1, 2, 3... from `<sop>` on. Padding gets 0 in both, like THUDM's tokenizer.
-        context_length [b]: index of `<sop>` (`bos_token_id`); a row without one is all context.
+        position_ids [b, 2, T]: every row counts as if it stood alone, from its first real token: row 0 is the index
+        in the row, and every token from `<sop>` on takes the position of the row's mask token (`[gMASK]`, else
+        `[MASK]`); row 1 (block position) is 0 on the context and 1, 2, 3... from `<sop>` on. Padding gets 0 in
+        both, like THUDM's tokenizer.
+        sop_index [b, T]: for each token, the index of its row's `<sop>` (`bos_token_id`), T if the row has none
+        (it is all context).
     """
     batch, length = input_ids.shape
-    device = input_ids.device
-    real = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask.bool()
-    index = torch.arange(length, device=device).expand(batch, length)  # (B, T)
-    no_hit = torch.full((batch,), length, device=device)
+    segments = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    real = segments > 0
+    index = torch.arange(length, device=input_ids.device).expand(batch, length)  # (B, T)
 
-    def first(hits: torch.Tensor) -> torch.LongTensor:  # first True index per row, `length` if none
-        return torch.where(hits.any(dim=1), hits.int().argmax(dim=1), no_hit)
+    row_start = first_in_segment(real, segments)
+    sop_index = first_in_segment(real & (input_ids == config.bos_token_id), segments)
+    in_context = index < sop_index
+    gmask_at = first_in_segment(real & in_context & (input_ids == config.gmask_token_id), segments)
+    mask_at = first_in_segment(real & in_context & (input_ids == config.mask_token_id), segments)
+    mask_position = torch.where(gmask_at < length, gmask_at, mask_at)  # THUDM prefers [gMASK] when a prompt has both
 
-    first_real = first(real)
-    first_real = torch.where(first_real == length, 0, first_real)
-    context_length = first(real & (input_ids == config.bos_token_id))
-    in_context = index < context_length[:, None]
-    gmask_at = first(real & in_context & (input_ids == config.gmask_token_id))
-    mask_at = first(real & in_context & (input_ids == config.mask_token_id))
-    # THUDM prefers [gMASK] when a prompt holds both
-    mask_position = torch.where(gmask_at < length, gmask_at, mask_at)
+    position = torch.where(~in_context & (mask_position < length), mask_position - row_start, index - row_start)
+    block_position = torch.where(in_context, 0, index - sop_index + 1)
+    position_ids = torch.stack((position, block_position), dim=1) * real[:, None, :]  # (B, 2, T)
+    return position_ids, sop_index
 
-    position = index - first_real[:, None]
-    has_mask_token = (mask_position < length)[:, None]
-    position = torch.where(~in_context & has_mask_token, (mask_position - first_real)[:, None], position)
-    block_position = torch.where(in_context, 0, index - context_length[:, None] + 1)
-    position_ids = torch.stack((position, block_position), dim=1) * real[:, None, :]
-    return position_ids, context_length
+
+def prefix_lm_allowed(
+    query_segment: torch.Tensor,
+    key_segment: torch.Tensor,
+    query_index: torch.Tensor,
+    key_index: torch.Tensor,
+    query_sop: torch.Tensor,
+) -> torch.BoolTensor:
+    """The prefix-LM rule, on broadcastable tensors: may the query attend to the key?
+
+    Yes iff both are in the same row (not padding), and the key is at or before the query or in the row's
+    context (before its `<sop>`, `query_sop`). A padding query sees nothing (THUDM: its softmax is uniform and its
+    output unused). The dense mask and FlexAttention's `mask_mod` are both this function.
+    """
+    return (query_segment == key_segment) & (query_segment > 0) & ((key_index <= query_index) | (key_index < query_sop))
+
+
+def prefix_lm_mask(
+    segments: torch.Tensor,
+    sop_index: torch.Tensor,
+    past_length: int,
+    query_length: int,
+    implementation: str,
+):
+    """The attention mask of one forward from per-token rows and `<sop>` indices (`prefix_lm_allowed`).
+
+    Args:
+        segments: [b, past + q] segment ids (0 = padding); sop_index: [b, past + q] (see `prefix_lm_positions`;
+            zeros after a cache: every key is then at or before the query, so causal is the rule).
+
+    Returns:
+        For "flex_attention" a `BlockMask` over (q, past + q); else bool [b, 1, q, past + q], True = may attend.
+    """
+    total = past_length + query_length
+    if implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        rows = segments.shape[0]  # 1 after a cache without a padding mask: the same pattern for every sequence
+
+        def mask_mod(b, h, q, k):
+            b, q = b % rows, q + past_length
+            return prefix_lm_allowed(segments[b, q], segments[b, k], q, k, sop_index[b, q])
+
+        return create_block_mask(mask_mod, segments.shape[0], None, query_length, total, device=segments.device)
+    key_index = torch.arange(total, device=segments.device)  # (T,)
+    query_index = key_index[past_length:]  # (q,)
+    query_segment, query_sop = segments[:, past_length:, None], sop_index[:, past_length:, None]  # (B, q, 1)
+    allowed = prefix_lm_allowed(query_segment, segments[:, None, :], query_index[:, None], key_index, query_sop)
+    return allowed[:, None, :, :]  # (B, 1, q, T)
 
 
 def _check_attention_mask(attention_mask: torch.Tensor, past_length: int, query_length: int) -> None:
@@ -134,8 +244,19 @@ def _check_attention_mask(attention_mask: torch.Tensor, past_length: int, query_
                 f"attention_mask has {attention_mask.shape[-1]} columns but there are {past_length} cached and "
                 f"{query_length} new tokens; pass the padding mask of the whole sequence so far"
             )
+        check_segment_ids(attention_mask)
+        if past_length and bool((attention_mask > 1).any()):
+            raise ValueError("packed rows (segment ids above 1 in attention_mask) cannot continue a KV cache")
     else:
         raise ValueError(f"attention_mask must be 2-D [b, s] or THUDM's 4-D bool mask, got shape {tuple(attention_mask.shape)}")
+
+
+def _dense_as_block_mask(allowed: torch.BoolTensor):
+    """A given dense bool mask (THUDM's, negated) as a FlexAttention `BlockMask`."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, _, queries, keys = allowed.shape
+    return create_block_mask(lambda b, h, q, k: allowed[b % batch, 0, q, k], batch, None, queries, keys, device=allowed.device)
 
 
 def prefix_lm_inputs(
@@ -145,38 +266,36 @@ def prefix_lm_inputs(
     past_length: int,
     query_length: int,
     config: ChatGLMConfig,
-) -> tuple[torch.BoolTensor | None, torch.LongTensor]:
+    implementation: str = "sdpa",
+):
     """The attention mask and 2-D positions ([b, 2, q]) of one forward: the one place both are made.
 
-    The mask is in the form every supported backend takes (transformers' sdpa form): bool [b|1, 1, q, past + q],
-    True = the query may attend to that key; None when every key is visible (one new token, no padding).
-    Accepted `attention_mask` forms:
-    - None: every token is real (THUDM's and transformers' convention for bare `input_ids`);
-    - [b, past + q] padding mask (1 = real), left or right padding: the prefix-LM mask is built from it;
-      padding keys are never seen and padding queries see nothing, like THUDM's tokenizer mask;
+    The mask is in the form the backend takes: for eager and sdpa transformers' sdpa form, bool
+    [b|1, 1, q, past + q], True = the query may attend to that key; for "flex_attention" a `BlockMask` of the same
+    pattern; None when every key is visible (one new token, no padding). Accepted `attention_mask` forms:
+    - None: every token is real, one row (THUDM's and transformers' convention for bare `input_ids`);
+    - [b, past + q] padding mask (1 = real), left or right padding: the prefix-LM mask is built from it; padding
+      keys are never seen and padding queries see nothing, like THUDM's tokenizer mask;
+    - [b, T] segment ids of packed rows (0 = padding, 1..k = rows, each one run; no cache): each row gets the
+      prefix-LM mask and positions it has alone, and sees nothing of the others (`prefix_lm_allowed`);
     - [b, 1, q or more, past + q] bool, True = masked: THUDM's own mask, used as given (last q rows).
     With a cache (`past_length > 0`) the new tokens come after `<sop>`, so they attend causally to every real
     token; their positions cannot be found from the new tokens alone and must be passed
     (`prepare_inputs_for_generation` computes them from the whole sequence).
     """
-    allowed = padding_mask = None
+    thudm_mask = attention_mask is not None and attention_mask.dim() == 4
     if attention_mask is not None:
         _check_attention_mask(attention_mask, past_length, query_length)
-        if attention_mask.dim() == 4:
-            allowed = ~attention_mask[:, :, -query_length:, :]
-        else:
-            padding_mask = attention_mask.bool()
-
-    context_length = None
+    sop_index = None
     if past_length == 0:
         if input_ids is None:
-            if position_ids is None or (allowed is None and query_length > 1):
+            if position_ids is None or (not thudm_mask and query_length > 1):
                 raise ValueError(
                     "with inputs_embeds instead of input_ids pass position_ids [b, 2, s] and THUDM's 4-D bool "
                     "attention_mask: the prefix mask is found from the <sop> token id"
                 )
         else:
-            computed, context_length = prefix_lm_positions(input_ids, padding_mask, config)
+            computed, sop_index = prefix_lm_positions(input_ids, None if thudm_mask else attention_mask, config)
             position_ids = computed if position_ids is None else position_ids
     elif position_ids is None:
         raise ValueError(
@@ -184,17 +303,21 @@ def prefix_lm_inputs(
             "the whole sequence); generate() computes them, see prefix_lm_positions"
         )
 
-    if allowed is None and (padding_mask is not None or query_length > 1):
-        device = position_ids.device
-        key_index = torch.arange(past_length + query_length, device=device)  # (T,)
-        query_index = past_length + torch.arange(query_length, device=device)  # (q,)
-        allowed = key_index[None, None, :] <= query_index[None, :, None]  # (1, q, T) causal
-        if context_length is not None:  # the prompt sees itself whole
-            allowed = allowed | (key_index[None, :] < context_length[:, None])[:, None, :]  # (B, q, T)
-        if padding_mask is not None:
-            allowed = allowed & padding_mask[:, None, :] & padding_mask[:, query_index][:, :, None]
-        allowed = allowed[:, None, :, :]  # (B|1, 1, q, T)
-    return allowed, position_ids
+    if thudm_mask:
+        allowed = ~attention_mask[:, :, -query_length:, :]
+        return (_dense_as_block_mask(allowed) if implementation == "flex_attention" else allowed), position_ids
+    if attention_mask is None and query_length == 1:
+        return None, position_ids  # one new token, no padding: every key is visible
+    device = position_ids.device
+    if sop_index is None:  # after a cache (or from embeddings): every key is at or before the query, causal is the rule
+        sop_index = torch.zeros((1, past_length + query_length), dtype=torch.long, device=device)
+    if attention_mask is None:
+        segments = torch.ones((1, past_length + query_length), dtype=torch.long, device=device)
+    else:
+        segments = attention_mask.to(device).long()
+    batch = max(segments.shape[0], sop_index.shape[0])
+    segments, sop_index = segments.expand(batch, -1), sop_index.to(device).expand(batch, -1)
+    return prefix_lm_mask(segments, sop_index, past_length, query_length, implementation), position_ids
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -378,7 +501,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["GLMBlock"]
     _supports_sdpa = True
     _supports_flash_attn = False
-    _supports_flex_attn = False
+    _supports_flex_attn = True
     _can_compile_fullgraph = False
     # `output_hidden_states` / `output_attentions` are recorded by hooks on these modules (transformers'
     # `capture_outputs`); attention weights exist only under the eager backend
@@ -478,11 +601,18 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)  # (B, T, C)
+        check_flex_attention_device(self.config._attn_implementation, inputs_embeds.device, self.training)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         past_length = cache.get_seq_length() if cache is not None else 0
         mask, position_ids = prefix_lm_inputs(
-            input_ids, attention_mask, position_ids, past_length, inputs_embeds.shape[1], self.config
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_length,
+            inputs_embeds.shape[1],
+            self.config,
+            self.config._attn_implementation,
         )
         if position_ids.shape[-2:] != (2, inputs_embeds.shape[1]):
             raise ValueError(
@@ -490,7 +620,7 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                 f"got {tuple(position_ids.shape)}"
             )
         rotary = self.rotary_emb(position_ids.to(inputs_embeds.device), inputs_embeds.dtype)  # 2 x (B, 2, T, hs/2)
-        if mask is not None:
+        if isinstance(mask, torch.Tensor):
             mask = mask.to(inputs_embeds.device)
 
         hidden_states = inputs_embeds
@@ -666,7 +796,10 @@ __all__ = [
     "ChatGLMModel",
     "ChatGLMPreTrainedModel",
     "GLMBlock",
+    "check_segment_ids",
     "eager_attention_forward",
+    "first_in_segment",
+    "prefix_lm_allowed",
     "prefix_lm_inputs",
     "prefix_lm_positions",
 ]

@@ -25,8 +25,14 @@ Deliberate differences from the reference:
 - Rotary cos/sin are computed from the positions directly (no `seq_length` table, so longer inputs run), in float32
   and then cast, as ChatGLM3's code does; for a ChatGLM2 checkpoint (`chatglm_version=2`) in float16 the angles are
   computed in float16 as ChatGLM2's code does. (ChatGLM2's code in bfloat16 mixed dtypes; ChatGLM3's rule is used.)
-- `eager` and `sdpa` attention behind one signature, chosen by `config._attn_implementation`; the `hidden_states`
-  output is THUDM's (the embedding output, then each block's output; the last is before the final RMSNorm).
+- Packed training rows: the 2-D `attention_mask` may hold segment ids (0 = padding, 1..k = the rows of a packed
+  sequence, each one run; the padding mask is the one-row case): attention is then block-diagonal causal and
+  positions restart at every row, so each row's loss and gradients are those it has unpacked
+  (`instructglm.train.packing`). Without a KV cache only.
+- `eager`, `sdpa` and `flex_attention` (transformers' compiled FlexAttention, for GPUs; its `BlockMask` follows
+  the same rule, `causal_rows_allowed`) behind one signature, chosen by `config._attn_implementation`; the
+  `hidden_states` output is THUDM's (the embedding output, then each block's output; the last is before the final
+  RMSNorm).
 - `from_pretrained` raises on missing or mis-shaped tensors instead of re-initialising them.
 """
 
@@ -45,6 +51,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from instructglm.errors import BadValue
+from instructglm.models.chatglm.model import check_flex_attention_device, check_segment_ids, first_in_segment
 from instructglm.models.chatglm3.config import ChatGLM3Config
 
 # transformers renamed the outputs' `past_key_values` to `cache` (5.2x); write whichever this version has.
@@ -59,11 +66,36 @@ _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalL
 def position_ids_from_mask(padding_mask: torch.Tensor, query_length: int) -> torch.LongTensor:
     """Positions of the last `query_length` tokens: 0 on left pads, then 0..n-1 over each row's real tokens.
 
-    padding_mask: [b, T] with 1 on real tokens, T = cached + new tokens. These are exactly the `position_ids`
-    THUDM's tokenizer returned for its left-padded batches; with right padding the real tokens get the same.
+    padding_mask: [b, T] with 1 on real tokens, T = cached + new tokens; or the segment ids of packed rows (0 =
+    padding, 1..k = rows, see `check_segment_ids`), where each row counts from 0 as if it stood alone. These are
+    exactly the `position_ids` THUDM's tokenizer returned for its left-padded batches; with right padding the real
+    tokens get the same (and a pad token the count of real tokens before it, minus one).
     """
-    positions = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    segments = padding_mask.long()
+    real = segments > 0
+    counted = real.long().cumsum(-1)  # (B, T) real tokens up to and including each one
+    row_start = first_in_segment(real, segments).clamp(max=segments.shape[1] - 1)  # (padding's is unused)
+    positions = torch.where(real, counted - counted.gather(1, row_start), (counted - 1).clamp(min=0))
     return positions[:, -query_length:]
+
+
+def causal_rows_allowed(
+    query_segment: torch.Tensor,
+    key_segment: torch.Tensor,
+    query_index: torch.Tensor,
+    key_index: torch.Tensor,
+    pad_query_sees_all: bool,
+) -> torch.BoolTensor:
+    """The attention rule, on broadcastable tensors: may the query attend to the key?
+
+    Yes iff the key is real, at or before the query, and in the query's row (a padding query: in any row); and,
+    as in THUDM's `get_masks` when nothing is cached (`pad_query_sees_all`), a padding query may attend to every
+    key: its output is junk but finite, and no row is fully masked. The dense mask and FlexAttention's `mask_mod`
+    are both this function.
+    """
+    pad_query = query_segment == 0
+    allowed = (key_index <= query_index) & (key_segment > 0) & ((query_segment == key_segment) | pad_query)
+    return allowed | pad_query if pad_query_sees_all else allowed
 
 
 def chatglm_attention_mask(
@@ -73,29 +105,47 @@ def chatglm_attention_mask(
     implementation: str,
     dtype: torch.dtype,
     device: torch.device,
-) -> torch.Tensor | None:
+):
     """The attention mask of one forward, [b|1, 1, q, past + q], in the form `implementation` takes, or None.
 
-    A key is allowed if it is causal and real (`padding_mask` 1). As in THUDM's `get_masks`, when nothing is cached
-    a PAD query may attend to every key: its output is junk but finite, and no row is fully masked. None means
-    plain causal attention (SDPA's `is_causal`) or, for a single new token, attention to everything cached.
+    `padding_mask` is the 2-D padding mask (1 = real) or the segment ids of packed rows (no cache): attention is
+    causal within each row (`causal_rows_allowed`), so packed rows never see each other. None means plain causal
+    attention (SDPA's `is_causal`) or, for a single new token, attention to everything cached.
 
     Returns:
-        sdpa: bool, True = may attend; eager: float, 0 where allowed and the dtype's minimum elsewhere.
+        sdpa: bool, True = may attend; eager: float, 0 where allowed and the dtype's minimum elsewhere;
+        flex_attention: a `BlockMask` of the same pattern (never None with more than one query: flex has no
+        causal flag).
     """
-    if padding_mask is not None and bool(padding_mask.all()):
-        padding_mask = None
-    if padding_mask is None and (query_length == 1 or (past_length == 0 and implementation != "eager")):
-        return None
-    key_index = torch.arange(past_length + query_length, device=device)  # (T,)
-    query_index = past_length + torch.arange(query_length, device=device)  # (q,)
-    allowed = (key_index[None, :] <= query_index[:, None])[None]  # (1, q, T) causal
     if padding_mask is not None:
-        real = padding_mask.to(device=device, dtype=torch.bool)  # (B, T)
-        allowed = allowed & real[:, None, :]
-        if past_length == 0:
-            allowed = allowed | ~real[:, :, None]  # THUDM's rule for pad queries
-    allowed = allowed[:, None]  # (B|1, 1, q, T)
+        check_segment_ids(padding_mask)
+        if past_length and bool((padding_mask > 1).any()):
+            raise ValueError("packed rows (segment ids above 1 in attention_mask) cannot continue a KV cache")
+        if bool((padding_mask == 1).all()):
+            padding_mask = None
+    if padding_mask is None and (query_length == 1 or (past_length == 0 and implementation not in ("eager", "flex_attention"))):
+        return None
+    total = past_length + query_length
+    if padding_mask is None:
+        segments = torch.ones((1, total), dtype=torch.long, device=device)
+    else:
+        segments = padding_mask.to(device=device, dtype=torch.long)  # (B, T)
+    pad_query_sees_all = past_length == 0
+    if implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        rows = segments.shape[0]  # 1 without a padding mask: the same pattern for every sequence
+
+        def mask_mod(b, h, q, k):
+            b, q = b % rows, q + past_length
+            return causal_rows_allowed(segments[b, q], segments[b, k], q, k, pad_query_sees_all)
+
+        return create_block_mask(mask_mod, segments.shape[0], None, query_length, total, device=device)
+    key_index = torch.arange(total, device=device)  # (T,)
+    query_index = key_index[past_length:]  # (q,)
+    allowed = causal_rows_allowed(
+        segments[:, past_length:, None], segments[:, None, :], query_index[:, None], key_index, pad_query_sees_all
+    )[:, None]  # (B|1, 1, q, T)
     if implementation == "eager":
         return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
     return allowed
@@ -251,7 +301,7 @@ class SelfAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
-        attention = eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         output, probs = attention(
             self,
             query,
@@ -367,7 +417,7 @@ class ChatGLM3PreTrainedModel(PreTrainedModel):
     _no_split_modules = ["GLMBlock"]
     _supports_sdpa = True
     _supports_flash_attn = False
-    _supports_flex_attn = False
+    _supports_flex_attn = True
     _can_compile_fullgraph = False
     # THUDM saved a rotary inv_freq buffer that its forward never read; the angles are recomputed here
     _keys_to_ignore_on_load_unexpected = [r"rotary_pos_emb\.inv_freq"]
@@ -449,7 +499,8 @@ class ChatGLM3Model(ChatGLM3PreTrainedModel):
 
         Args:
             attention_mask: the tokenizer's 2-D padding mask over cached + new tokens (1 = real; left or right
-                padding), or None (every token real).
+                padding), or the segment ids of packed rows (0 = padding, 1..k = rows; no cache), or None (every
+                token real).
             position_ids: [b, s] positions of the new tokens; None counts them over the real tokens of the mask
                 (or from the cache length without one).
             cache: a transformers `Cache` (a `DynamicCache` is made when `use_cache` and none is given);
@@ -481,7 +532,8 @@ class ChatGLM3Model(ChatGLM3PreTrainedModel):
         if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.shape[-1] != past_length + length):
             raise ValueError(
                 f"attention_mask must be the 2-D padding mask [b, {past_length + length}] ({past_length} cached + "
-                f"{length} new tokens, 1 = real token), got shape {tuple(attention_mask.shape)}"
+                f"{length} new tokens, 1 = real token; or packed rows' segment ids), got shape "
+                f"{tuple(attention_mask.shape)}"
             )
         if position_ids is None:
             if attention_mask is not None:
@@ -496,6 +548,7 @@ class ChatGLM3Model(ChatGLM3PreTrainedModel):
         implementation = self.config._attn_implementation or "eager"
         if output_attentions:
             implementation = "eager"  # only the eager path materialises the probabilities
+        check_flex_attention_device(implementation, inputs_embeds.device, self.training)
         mask = chatglm_attention_mask(
             attention_mask, past_length, length, implementation, inputs_embeds.dtype, inputs_embeds.device
         )
@@ -608,6 +661,7 @@ __all__ = [
     "ChatGLM3Model",
     "ChatGLM3PreTrainedModel",
     "GLMBlock",
+    "causal_rows_allowed",
     "chatglm_attention_mask",
     "position_ids_from_mask",
 ]

@@ -1,0 +1,189 @@
+"""The speed and memory options of `instructglm train`: `--packing` and `--labelled_only_logits`.
+
+Both change how a step is computed, never what it computes: each row's loss and gradients stay
+those of the plain padded, full-logits step (the tests hold them to 1e-5 in float32).
+
+- `--packing` (`packing_data`): the tokenized rows are regrouped into packs of up to
+  `--max_seq_length` tokens (`instructglm.train.packing`: first-fit decreasing in shuffled windows,
+  no row cut, the same packs on every rank and on every resume), each row isolated by its model's
+  block-diagonal mask and restarting positions; `--per_device_train_batch_size` then counts packs.
+  The loss stays the mean over all labelled tokens of the step, so no row's weight changes.
+  Evaluation rows go through the same collator one row per sequence, so the eval loss is the
+  padded one.
+- `--labelled_only_logits` (`LabelledOnlyLogitsTrainer`): in training, the output head and the
+  cross entropy run only at labelled positions, a chunk at a time (`loss.labelled_only_loss`),
+  so the [batch, seq, vocab] logits never exist; evaluation, prediction and generation keep the
+  model's full logits. The loss is normalised exactly as `Trainer.compute_loss` normalises the
+  model's own (by `num_items_in_batch` when the model takes loss kwargs, times the number of
+  processes under `average_tokens_across_devices`), so gradient accumulation and DDP are unchanged.
+  (One exception to bitwise equality: LoRA dropout on the output head itself, e.g. `--lora_target
+  all-linear` on a model whose head is a target, drops other elements, as the head sees only the
+  labelled positions; the loss is the same in expectation.)
+
+`finetune.py` wires them in (`SpeedArguments` are the flags; `check_speed_flags` refuses the
+combinations that cannot work, naming the flag).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import Trainer
+
+from instructglm.errors import BadValue
+from instructglm.train.loss import DEFAULT_CHUNK_SIZE, labelled_only_loss
+from instructglm.train.packing import DEFAULT_WINDOW, PackedCollator, PackedDataset, packed_collator_for
+
+
+@dataclass
+class SpeedArguments:
+    """Flags of `instructglm train` that make a step faster or smaller without changing its result."""
+
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "Pack whole tokenized rows into sequences of up to --max_seq_length tokens (no row is cut), each "
+            "row isolated by block-diagonal attention with positions restarting; --per_device_train_batch_size then "
+            "counts packed sequences. Same per-row loss and gradients, far less padding."
+        },
+    )
+    labelled_only_logits: bool = field(
+        default=False,
+        metadata={
+            "help": "In training, compute the output head and the cross entropy only at labelled positions, in "
+            "chunks of --logits_chunk_size tokens: the same loss and gradients without the [batch, seq, vocab] "
+            "logits (ChatGLM's vocabulary makes them the largest tensor of a step). Evaluation keeps full logits."
+        },
+    )
+    logits_chunk_size: int = field(
+        default=DEFAULT_CHUNK_SIZE,
+        metadata={"help": "Labelled tokens per output-head call with --labelled_only_logits (smaller: less memory)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.logits_chunk_size < 1:
+            raise BadValue(f"--logits_chunk_size must be >= 1, got {self.logits_chunk_size}")
+
+
+def check_speed_flags(speed: Any, training_args) -> None:
+    """Refuse flag combinations that cannot work together, all at once, naming each flag.
+
+    `speed` is a `SpeedArguments` (or any object with its fields, e.g. `FinetuneArguments` holding them).
+
+    Raises:
+        BadValue: `--packing` with `--train_sampling_strategy group_by_length` (or `batch_rebalance`: packs
+            have no row length to sort by), or
+            `--labelled_only_logits` with `--label_smoothing_factor` (the chunked loss has no smoothing).
+    """
+    problems = []
+    sampler = getattr(training_args, "train_sampling_strategy", "random")
+    if speed.packing and sampler in ("group_by_length", "batch_rebalance"):
+        problems.append(
+            f"--packing fills every sequence already; drop --train_sampling_strategy {sampler} (it needs unpacked rows)"
+        )
+    if speed.labelled_only_logits and training_args.label_smoothing_factor:
+        problems.append(
+            f"--labelled_only_logits computes the plain cross entropy; drop --label_smoothing_factor "
+            f"{training_args.label_smoothing_factor} or --labelled_only_logits"
+        )
+    if problems:
+        raise BadValue("invalid train flags: " + "; ".join(problems))
+
+
+def packing_data(
+    train_dataset: Any,
+    tokenizer,
+    model_type: Any,
+    max_seq_length: int,
+    seed: int,
+    window: int = DEFAULT_WINDOW,
+) -> tuple[PackedDataset, PackedCollator]:
+    """The packed train dataset and the collator for packed (and single) rows, for `--packing`.
+
+    Args:
+        train_dataset: the tokenized rows (`input_ids`, `seq_len` or `labels`), a `datasets.Dataset` or a list.
+        tokenizer: gives the pad id.
+        model_type: the model's config (preferred: its family and attention backend are read from it) or its
+            `config.model_type`.
+        max_seq_length: the most tokens one pack holds (`--max_seq_length`).
+        seed: `--seed`: the same packs on every rank and on every resume.
+        window: rows per first-fit-decreasing window.
+
+    Returns:
+        (PackedDataset, PackedCollator); the collator also takes single rows (the eval set's).
+
+    Raises:
+        BadValue: the model's family cannot keep packed rows apart, or a row is longer than `max_seq_length`.
+    """
+    collator = packed_collator_for(tokenizer, model_type, max_seq_length=max_seq_length)
+    implementation = str(getattr(model_type, "_attn_implementation", None) or "")
+    if collator.attention == "position_ids" and implementation.startswith("flash_attention"):
+        # transformers' flash-attention path finds the rows of a batch of several packs only from these
+        collator.flash_attention_kwargs = True
+    return PackedDataset(train_dataset, max_seq_length, seed=seed, window=window), collator
+
+
+class LabelledOnlyLogitsTrainer(Trainer):
+    """A `Trainer` whose training loss computes logits only at labelled positions (`--labelled_only_logits`).
+
+    Evaluation and prediction (`return_outputs=True`, or the model in eval mode) go through
+    `Trainer.compute_loss` and the model's full logits; so do label smoothing and a `compute_loss_func`,
+    which `check_speed_flags` refuses together with this flag.
+    """
+
+    def __init__(self, *args, logits_chunk_size: int = DEFAULT_CHUNK_SIZE, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.n_gpu > 1:
+            raise BadValue(
+                "--labelled_only_logits does not run under torch.nn.DataParallel (several GPUs in one process): "
+                "launch one process per GPU with `torchrun --nproc_per_node N` (DDP), or drop --labelled_only_logits"
+            )
+        self.logits_chunk_size = logits_chunk_size
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        plain = (
+            return_outputs
+            or not model.training
+            or inputs.get("labels") is None
+            or self.label_smoother is not None
+            or self.compute_loss_func is not None
+        )
+        if plain:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        # Trainer.compute_loss hands num_items_in_batch to the model only when it takes loss kwargs; the same here,
+        # so that training_step's gradient-accumulation scaling stays right
+        counted = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        loss = labelled_only_loss(model, inputs, num_items_in_batch=counted, chunk_size=self.logits_chunk_size)
+        if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            loss = loss * self._loss_scale_across_devices()
+        return loss
+
+    def _loss_scale_across_devices(self) -> int:
+        """What `Trainer.compute_loss` multiplies a loss normalised over every device's tokens by."""
+        processes = self.accelerator.num_processes
+        if hasattr(self, "get_tp_size"):  # transformers >= 5.2x
+            processes //= self.get_tp_size()
+        elif (config := getattr(self.accelerator, "parallelism_config", None)) is not None:
+            processes //= config.tp_size
+        return processes if self.args.n_gpu <= 1 else self.args.n_gpu
+
+
+def trainer_class_for(speed: Any) -> type[Trainer]:
+    """`LabelledOnlyLogitsTrainer` under `--labelled_only_logits`, else transformers' `Trainer`."""
+    return LabelledOnlyLogitsTrainer if speed.labelled_only_logits else Trainer
+
+
+def trainer_kwargs_for(speed: Any) -> dict[str, Any]:
+    """The extra keyword arguments `trainer_class_for(speed)` takes."""
+    return {"logits_chunk_size": speed.logits_chunk_size} if speed.labelled_only_logits else {}
+
+
+__all__ = [
+    "LabelledOnlyLogitsTrainer",
+    "SpeedArguments",
+    "check_speed_flags",
+    "packing_data",
+    "trainer_class_for",
+    "trainer_kwargs_for",
+]
