@@ -300,3 +300,40 @@ def test_a_dataset_tokenized_for_another_family_is_refused(tiny_llama_dir, llama
     (data / "instructglm_data.json").write_text(json.dumps({**meta, "family": "chatglm3-6b"}))
     message = train_user_error(capsys, *common_flags(tiny_llama_dir, data, tmp_path / "o", max_steps=1))
     assert "was tokenized for the chatglm3-6b family, but the model is causal-lm" in message
+
+
+@pytest.mark.parametrize("model", ["llama", "chatglm"])
+def test_eval_generate_logs_scores_beside_the_eval_loss(model, request, reverse_jsonl, tmp_path):
+    """--eval_generate N: BLEU-4 / ROUGE at each evaluation, in the log, the loss plot and the run record."""
+    model_dir = request.getfixturevalue("tiny_llama_dir" if model == "llama" else "tiny_chatglm_dir")
+    dataset = request.getfixturevalue("llama_dataset" if model == "llama" else "chatglm_dataset")
+    out = tmp_path / "run"
+    flags = common_flags(model_dir, dataset, out, max_steps=4, save_steps=4, eval_dataset_path=reverse_jsonl,
+                         eval_steps=2, eval_generate=3, eval_max_new_tokens=4, max_seq_length=64)
+    assert train_in_process(*flags) == 0
+    record = json.loads((out / "instructglm_train.json").read_text())
+    final = record["eval_metrics"]  # the run's last evaluation, generation scores included
+    assert final["step"] == 4 and "eval_loss" in final
+    for name in ("eval_bleu-4", "eval_rouge-1", "eval_rouge-2", "eval_rouge-l", "eval_exact_match"):
+        assert 0.0 <= final[name] <= 100.0, (name, final)
+    assert (out / "loss.png").stat().st_size > 0
+
+
+def test_packing_and_labelled_only_logits_through_the_command(tiny_chatglm_dir, chatglm_dataset, tmp_path, capsys):
+    """The flags reach the recipe: the same adapter (up to float rounding) as the plain padded run."""
+    plain, fast = tmp_path / "plain", tmp_path / "fast"
+    # no LoRA dropout: packed and padded batches have other shapes, so they would draw other masks
+    flags = dict(max_steps=3, save_steps=3, max_seq_length=64, per_device_train_batch_size=64, lora_dropout=0.0)
+    assert train_in_process(*common_flags(tiny_chatglm_dir, chatglm_dataset, plain, **flags)) == 0
+    # one pack holds every row here, as one padded batch of 64 rows does: the steps see the same tokens
+    assert train_in_process(*common_flags(tiny_chatglm_dir, chatglm_dataset, fast, packing="true",
+                                          labelled_only_logits="true", logits_chunk_size=16, **flags)) == 0
+    assert "--packing:" in capsys.readouterr().out
+    record = json.loads((fast / "instructglm_train.json").read_text())
+    assert record["finetune_args"]["packing"] and record["finetune_args"]["labelled_only_logits"]
+    import torch
+
+    ours, reference = adapter_tensors(fast), adapter_tensors(plain)
+    assert ours.keys() == reference.keys()
+    for name in reference:
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-4, atol=1e-5, msg=name)

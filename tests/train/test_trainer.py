@@ -1,6 +1,6 @@
 """The Trainer hooks of `--packing` and `--labelled_only_logits`: the same training, less padding and memory.
 
-A short LoRA run through `LabelledOnlyLogitsTrainer` ends on the weights of the same run through
+A short LoRA run through `InstructGLMTrainer` ends on the weights of the same run through
 transformers' `Trainer` (tiny Llama and tiny native ChatGLM-6B, with gradient accumulation, so
 `num_items_in_batch` is in play); evaluation keeps full logits; packing + labelled-only logits
 resume exactly from a checkpoint.
@@ -16,11 +16,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 from instructglm.errors import BadValue
 from instructglm.train.collator import collator_for
 from instructglm.train.trainer import (
-    LabelledOnlyLogitsTrainer,
+    InstructGLMTrainer,
     SpeedArguments,
     check_speed_flags,
     packing_data,
-    trainer_class_for,
     trainer_kwargs_for,
 )
 
@@ -77,11 +76,14 @@ def test_labelled_only_logits_train_the_same_weights_and_evaluate_with_full_logi
     rows = datasets.load_from_disk(str(dataset_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     results = {}
-    for name, trainer_class in (("plain", Trainer), ("labelled_only", LabelledOnlyLogitsTrainer)):
+    for name, trainer_class, options in (
+        ("plain", Trainer, {}),
+        ("labelled_only", InstructGLMTrainer, {"labelled_only_logits": True}),
+    ):
         model = lora_model(model_dir, model_type)
         trainer = trainer_class(
             model=model, args=training_args(tmp_path / name), train_dataset=rows, eval_dataset=rows.select(range(8)),
-            data_collator=collator_for(tokenizer, model_type),
+            data_collator=collator_for(tokenizer, model_type), **options,
         )
         calls = head_calls(model)
         trainer.train()
@@ -114,7 +116,7 @@ def test_packing_with_labelled_only_logits_resumes_exactly(tiny_chatglm_dir, cha
         check_speed_flags(speed, args)
         packed, collator = packing_data(rows, tokenizer, model.config, max_seq_length=64, seed=args.seed)
         assert collator.attention == "segment_ids" and len(packed) < len(rows)
-        trainer = trainer_class_for(speed)(
+        trainer = InstructGLMTrainer(
             model=model, args=args, train_dataset=packed, data_collator=collator, **trainer_kwargs_for(speed)
         )
         trainer.train(resume_from_checkpoint=resume)
@@ -133,7 +135,7 @@ def test_flag_checks_name_the_flags(tiny_llama_dir, tmp_path):
     with pytest.raises(BadValue, match="drop --train_sampling_strategy group_by_length.*drop --label_smoothing_factor 0.1"):
         check_speed_flags(SpeedArguments(packing=True, labelled_only_logits=True), args)
     check_speed_flags(SpeedArguments(), args)  # neither flag: nothing to refuse
-    assert trainer_class_for(SpeedArguments()) is Trainer and trainer_kwargs_for(SpeedArguments()) == {}
+    assert trainer_kwargs_for(SpeedArguments())["labelled_only_logits"] is False
 
 
 def test_packing_data_refuses_rows_longer_than_a_pack_and_marks_flash_batches(tiny_llama_dir):

@@ -20,10 +20,11 @@ import torch
 import transformers
 
 from instructglm.errors import BadValue, MissingDependency
+from instructglm.train.trainer import SpeedArguments
 
 
 @dataclass
-class FinetuneArguments:
+class FinetuneArguments(SpeedArguments):  # --packing, --labelled_only_logits, --logits_chunk_size
     dataset_path: str = field(
         default="data/alpaca",
         metadata={"help": "Tokenized dataset dir from `instructglm tokenize`, or a converted .jsonl tokenized on the fly."},
@@ -72,6 +73,14 @@ class FinetuneArguments:
     quantization_bit: int | None = field(
         default=None, metadata={"help": "Load the base model in 4 or 8 bits (QLoRA through bitsandbytes; CUDA only)."}
     )
+    eval_generate: int = field(
+        default=0,
+        metadata={
+            "help": "At each evaluation, also answer the first N rows of the eval set greedily and log BLEU-4, "
+            "ROUGE-1/2/L and exact match beside the eval loss (needs --eval_dataset_path and the `eval` extra)."
+        },
+    )
+    eval_max_new_tokens: int = field(default=128, metadata={"help": "Answer length limit for --eval_generate, in tokens."})
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -81,7 +90,14 @@ class FinetuneArguments:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         problems = []
+        if self.eval_generate < 0 or self.eval_max_new_tokens < 1:
+            problems.append(
+                f"--eval_generate must be >= 0 and --eval_max_new_tokens >= 1, got {self.eval_generate} and {self.eval_max_new_tokens}"
+            )
+        if self.eval_generate and not self.eval_dataset_path:
+            problems.append("--eval_generate needs --eval_dataset_path (the rows it answers)")
         if self.is_resume and not self.resume_path:
             problems.append("--is_resume True needs --resume_path (a peft adapter dir or a chatglm-lora.pt file)")
         if self.quantization_bit not in (None, 4, 8):

@@ -29,20 +29,27 @@ class LossPlotCallback(TrainerCallback):
     on_train_end = on_save
 
 
+GENERATION_CURVES = (("eval_bleu-4", "eval BLEU-4"), ("eval_rouge-l", "eval ROUGE-L"))
+
+
 def plot_loss(log_history: list[dict], path: str) -> None:
-    """Write a PNG of the `loss` and `eval_loss` entries of a Trainer log history."""
+    """Write a PNG of the `loss` and `eval_loss` entries of a Trainer log history, and beside them the
+    eval BLEU-4 / ROUGE-L of `--eval_generate` when the history has them."""
     # The object-oriented Agg API touches no pyplot global state (no backend switch, no open figures).
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(7, 4), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
+    def curve(key: str):
         points = [(entry["step"], entry[key]) for entry in log_history if key in entry]
-        if points:
-            steps, values = zip(*points)
-            axes.plot(steps, values, marker="." if len(points) < 50 else None, label=label)
+        return tuple(zip(*points)) if points else None
+
+    generated = [(label, curve(key)) for key, label in GENERATION_CURVES if curve(key)]
+    figure = Figure(figsize=(12 if generated else 7, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 2 if generated else 1, 1)
+    for key, label in (("loss", "train loss"), ("eval_loss", "eval loss")):
+        if points := curve(key):
+            axes.plot(*points, marker="." if len(points[0]) < 50 else None, label=label)
     if axes.lines:
         axes.legend()
     else:
@@ -50,6 +57,14 @@ def plot_loss(log_history: list[dict], path: str) -> None:
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.grid(alpha=0.3)
+    if generated:
+        scores = figure.add_subplot(1, 2, 2)
+        for label, points in generated:
+            scores.plot(*points, marker=".", label=label)
+        scores.set_xlabel("step")
+        scores.set_ylabel("score (0-100)")
+        scores.legend()
+        scores.grid(alpha=0.3)
     figure.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     # Drawn beside and renamed: a kill while drawing never leaves a cut-off picture.

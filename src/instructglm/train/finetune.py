@@ -52,6 +52,7 @@ from instructglm.layout import DATA_META, LOSS_PLOT_FILE, RUN_CONFIG, SEED_ADAPT
 from instructglm.train.args import FinetuneArguments, TrainingArguments
 from instructglm.train.callbacks import LossPlotCallback, NonFiniteGuard, RunRecordCallback
 from instructglm.train.collator import collator_for
+from instructglm.train.trainer import InstructGLMTrainer, check_speed_flags, packing_data, trainer_kwargs_for
 from instructglm.train.lora import (
     ADAPTER_WEIGHT_FILES,
     SEED_LORA_ALPHA,
@@ -98,6 +99,11 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> Finet
 
     _settle_training_args(training_args)
     _check_paths(args)
+    check_speed_flags(args, training_args)
+    if args.eval_generate:
+        from instructglm.eval.metrics import require_eval_deps
+
+        require_eval_deps()  # before the model loads: a missing extra fails in a second
     fingerprint = run_fingerprint(args, training_args)
     # The main process checks (and, with --overwrite_output_dir, clears) the dir first; the others then see its result.
     with training_args.main_process_first(local=False, desc="checking --output_dir"):
@@ -119,7 +125,7 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> Finet
     if training_args.should_log:
         model.print_trainable_parameters()
     record = run_record(args, training_args, model, data, fingerprint, tokenizer)
-    trainer = build_trainer(model, tokenizer, data, training_args, record)
+    trainer = build_trainer(model, tokenizer, data, training_args, record, args)
     result = fit(trainer, resume_from)
     output_dir = save_run(trainer, record, result.metrics)
     return FinetuneResult(output_dir=output_dir, metrics=result.metrics, record={**record, "metrics": result.metrics})
@@ -212,24 +218,36 @@ def attach_adapter(model, args: FinetuneArguments):
     return model
 
 
-def build_trainer(model, tokenizer, data: TrainData, training_args: TrainingArguments, record: dict | None = None):
-    """The HF `Trainer` over `data`, with the loss plot, the non-finite guard and (given `record`) the run record."""
-    from transformers import Trainer
-
+def build_trainer(
+    model, tokenizer, data: TrainData, training_args: TrainingArguments, record: dict | None = None, args: FinetuneArguments | None = None
+):
+    """The `InstructGLMTrainer` over `data`: loss plot, non-finite guard, (given `record`) the run record,
+    and the speed and evaluation options of `args` (--packing, --labelled_only_logits, --eval_generate)."""
     _settle_training_args(training_args, data)
+    args = args if args is not None else FinetuneArguments()
     callbacks = [NonFiniteGuard(check_grads=not training_args.fp16), LossPlotCallback()]
     if record is not None:
         callbacks.append(RunRecordCallback(record))
     # the config object, not its model_type: "chatglm" alone would be ChatGLM-6B's family for every version
-    collator = collator_for(tokenizer, model.config)  # rows with a `labels` column keep their own
-    return Trainer(
+    train_dataset, collator = data.train, collator_for(tokenizer, model.config)  # rows with `labels` keep their own
+    if args.packing:  # one collator for both: eval rows go through it one row per sequence
+        train_dataset, collator = packing_data(data.train, tokenizer, model.config, args.max_seq_length, training_args.seed)
+        if training_args.should_log:
+            print(f"--packing: {train_dataset.summary()}", flush=True)
+    generation_rows = []
+    if args.eval_generate and data.eval is not None:
+        generation_rows = [data.eval[i] for i in range(min(args.eval_generate, len(data.eval)))]
+    return InstructGLMTrainer(
         model=model,
         args=training_args,
-        train_dataset=data.train,
+        train_dataset=train_dataset,
         eval_dataset=data.eval,
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=callbacks,
+        generation_rows=generation_rows,
+        generation_max_new_tokens=args.eval_max_new_tokens,
+        **trainer_kwargs_for(args),
     )
 
 
@@ -256,10 +274,24 @@ def save_run(trainer, record: dict[str, Any], metrics: dict[str, Any] | None = N
     trainer.save_model(str(staging))
     if trainer.args.should_save:
         torch.save(seed_state_dict_from_saved(_saved_adapter_tensors(staging)), staging / SEED_ADAPTER_FILE)
-        write_json(staging / RUN_CONFIG, {**record, "metrics": metrics}, default=str)
+        write_json(staging / RUN_CONFIG, {**record, "metrics": metrics, "eval_metrics": last_eval_metrics(trainer)}, default=str)
         publish_staged_run(staging, output_dir)
     trainer.accelerator.wait_for_everyone()
     return output_dir
+
+
+def last_eval_metrics(trainer) -> dict[str, Any] | None:
+    """The run's last evaluation as logged (eval loss, and --eval_generate's scores): merged from the log entries
+    of its final step; None when the run never evaluated."""
+    entries = [e for e in trainer.state.log_history if any(k.startswith("eval_") for k in e)]
+    if not entries:
+        return None
+    last_step = entries[-1].get("step")
+    merged: dict[str, Any] = {}
+    for entry in entries:
+        if entry.get("step") == last_step:
+            merged.update(entry)
+    return merged
 
 
 def run_record(

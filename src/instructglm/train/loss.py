@@ -19,7 +19,7 @@ runs the model's own forward (through any DDP and peft wrappers, so every wrappe
 run) with a forward pre-hook on the output head (`get_output_embeddings()`: `lm_head`, possibly
 a peft LoRA layer, tied or not) that keeps the hidden states the head would get and hands the
 head a zero-length slice instead; then the chunked loss calls that same head module. It is for a
-Trainer `compute_loss` override (`instructglm.train.trainer.LabelledOnlyLogitsTrainer`, behind
+Trainer `compute_loss` override (`instructglm.train.trainer.InstructGLMTrainer`, behind
 `--labelled_only_logits`); generation and evaluation keep full logits. LoRA dropout on the head
 itself (a LoRA-wrapped head with `lora_dropout > 0`) drops other elements here, as the head sees
 only the labelled positions: the same loss in expectation, not bit for bit.

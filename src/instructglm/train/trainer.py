@@ -10,7 +10,7 @@ those of the plain padded, full-logits step (the tests hold them to 1e-5 in floa
   The loss stays the mean over all labelled tokens of the step, so no row's weight changes.
   Evaluation rows go through the same collator one row per sequence, so the eval loss is the
   padded one.
-- `--labelled_only_logits` (`LabelledOnlyLogitsTrainer`): in training, the output head and the
+- `--labelled_only_logits` (`InstructGLMTrainer`): in training, the output head and the
   cross entropy run only at labelled positions, a chunk at a time (`loss.labelled_only_loss`),
   so the [batch, seq, vocab] logits never exist; evaluation, prediction and generation keep the
   model's full logits. The loss is normalised exactly as `Trainer.compute_loss` normalises the
@@ -27,6 +27,7 @@ combinations that cannot work, naming the flag).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 from transformers import Trainer
@@ -124,26 +125,41 @@ def packing_data(
     return PackedDataset(train_dataset, max_seq_length, seed=seed, window=window), collator
 
 
-class LabelledOnlyLogitsTrainer(Trainer):
-    """A `Trainer` whose training loss computes logits only at labelled positions (`--labelled_only_logits`).
+class InstructGLMTrainer(Trainer):
+    """transformers' `Trainer` with the two options `instructglm train` adds to a step and an evaluation.
 
-    Evaluation and prediction (`return_outputs=True`, or the model in eval mode) go through
-    `Trainer.compute_loss` and the model's full logits; so do label smoothing and a `compute_loss_func`,
-    which `check_speed_flags` refuses together with this flag.
+    - `labelled_only_logits` (`--labelled_only_logits`): the training loss computes logits only at
+      labelled positions. Evaluation and prediction (`return_outputs=True`, or the model in eval mode)
+      go through `Trainer.compute_loss` and the model's full logits; so do label smoothing and a
+      `compute_loss_func`, which `check_speed_flags` refuses together with this flag.
+    - `generation_rows` (`--eval_generate N`): at each evaluation, also answer these tokenized eval
+      rows greedily and log BLEU-4 / ROUGE-1/2/L and exact match beside the eval loss (`eval_bleu-4`, ...).
     """
 
-    def __init__(self, *args, logits_chunk_size: int = DEFAULT_CHUNK_SIZE, **kwargs):
+    def __init__(
+        self,
+        *args,
+        labelled_only_logits: bool = False,
+        logits_chunk_size: int = DEFAULT_CHUNK_SIZE,
+        generation_rows: Sequence[dict] = (),
+        generation_max_new_tokens: int = 128,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
-        if self.args.n_gpu > 1:
+        if labelled_only_logits and self.args.n_gpu > 1:
             raise BadValue(
                 "--labelled_only_logits does not run under torch.nn.DataParallel (several GPUs in one process): "
                 "launch one process per GPU with `torchrun --nproc_per_node N` (DDP), or drop --labelled_only_logits"
             )
+        self.labelled_only_logits = labelled_only_logits
         self.logits_chunk_size = logits_chunk_size
+        self.generation_rows = list(generation_rows)
+        self.generation_max_new_tokens = generation_max_new_tokens
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         plain = (
-            return_outputs
+            not self.labelled_only_logits
+            or return_outputs
             or not model.training
             or inputs.get("labels") is None
             or self.label_smoother is not None
@@ -168,22 +184,70 @@ class LabelledOnlyLogitsTrainer(Trainer):
             processes //= config.tp_size
         return processes if self.args.n_gpu <= 1 else self.args.n_gpu
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.generation_rows and eval_dataset is None:
+            scores = generation_scores(self.model, self.processing_class, self.generation_rows, self.generation_max_new_tokens)
+            generated = {f"{metric_key_prefix}_{name}": value for name, value in scores.items()}
+            self.log(generated)
+            metrics.update(generated)
+        return metrics
 
-def trainer_class_for(speed: Any) -> type[Trainer]:
-    """`LabelledOnlyLogitsTrainer` under `--labelled_only_logits`, else transformers' `Trainer`."""
-    return LabelledOnlyLogitsTrainer if speed.labelled_only_logits else Trainer
+
+GENERATION_METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "exact_match")
+
+
+def generation_scores(model: Any, tokenizer: Any, rows: Sequence[dict], max_new_tokens: int = 128) -> dict[str, float]:
+    """Greedy answers to tokenized rows, scored against their labelled answer as `instructglm eval` scores.
+
+    A row's prompt is its ids before the first labelled token; its reference is the first run of
+    labelled tokens (the answer; for a multi-turn row its first assistant turn), stop tokens left
+    out. Generation goes through the inference engine from those ids, so every family's prompt
+    layout is the one it was trained with. The model is put in eval mode for it and back after.
+    """
+    import torch
+
+    from instructglm.eval.metrics import score_predictions
+    from instructglm.infer.engine import BatchEngine, GenerationRequest, generate_requests
+    from instructglm.models.registry import family_for
+    from instructglm.train.collator import IGNORE_INDEX
+
+    base = model.module if hasattr(model, "module") else model  # DDP wraps the model it trains
+    stops = set(family_for(base.config, tokenizer).stop_token_ids(tokenizer, getattr(base, "generation_config", None)))
+    prompts, references = [], []
+    for row in rows:
+        ids = list(row["input_ids"])
+        if row.get("labels") is not None:
+            labels = list(row["labels"])
+        else:
+            labels = [IGNORE_INDEX] * int(row["seq_len"]) + ids[int(row["seq_len"]) :]
+        start = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(ids))
+        end = next((i for i in range(start, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
+        prompts.append(ids[: max(start, 1)])
+        references.append(tokenizer.decode([t for t in ids[start:end] if t not in stops], skip_special_tokens=True).strip())
+    was_training = base.training
+    base.eval()
+    try:
+        with torch.inference_mode():
+            engine = BatchEngine(base, tokenizer, max_batch_size=8, max_queue=None, decode="dynamic", stop_ids=stops or None)
+            handles = generate_requests(engine, [GenerationRequest(tuple(p), max_new_tokens) for p in prompts])
+    finally:
+        base.train(was_training)
+    answers = [(h.completion.text if h.completion is not None else "").strip() for h in handles]
+    corpus, _ = score_predictions(answers, references)
+    return {name: corpus[name] for name in GENERATION_METRICS}
 
 
 def trainer_kwargs_for(speed: Any) -> dict[str, Any]:
-    """The extra keyword arguments `trainer_class_for(speed)` takes."""
-    return {"logits_chunk_size": speed.logits_chunk_size} if speed.labelled_only_logits else {}
+    """`InstructGLMTrainer`'s step options from the run's flags (`SpeedArguments` fields)."""
+    return {"labelled_only_logits": speed.labelled_only_logits, "logits_chunk_size": speed.logits_chunk_size}
 
 
 __all__ = [
-    "LabelledOnlyLogitsTrainer",
+    "InstructGLMTrainer",
     "SpeedArguments",
     "check_speed_flags",
+    "generation_scores",
     "packing_data",
-    "trainer_class_for",
     "trainer_kwargs_for",
 ]
