@@ -64,10 +64,10 @@ def _mean_loss(model, tokenizer, dataset) -> float:
     """The training loss of the first rows, batched as train batches them."""
     import torch
 
-    from instructglm.train.collator import collator_for
-    from instructglm.train.finetune import RowLabelsCollator
+    from instructglm.models.registry import family_for
+    from instructglm.train.collator import CausalLMCollator, pad_token_id_for
 
-    collate = RowLabelsCollator(collator_for(tokenizer, model.config))
+    collate = CausalLMCollator(pad_token_id_for(tokenizer), family_for(model.config, tokenizer).labelled_prompt_tail)
     with torch.no_grad():
         return float(model(**collate([dataset[i] for i in range(6)])).loss)
 
