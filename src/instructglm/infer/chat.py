@@ -64,9 +64,10 @@ ARGUMENTS = (ModelArguments, ChatArguments, GenerationArguments)
 BANNER = "InstructGLM chat: type a message; /clear forgets the history, /exit quits."
 USER, BOT = "User: ", "InstructGLM: "
 
-# THUDM's chat() defaults per family: (max_length, top_p, temperature); ChatGLM-6B's for every other text model.
-THUDM_DEFAULTS = {"chatglm-6b": (2048, 0.7, 0.95)}
-ROLE_DEFAULTS = (8192, 0.8, 0.8)  # ChatGLM2-6B's and ChatGLM3-6B's, and the role-token families'
+# THUDM's chat() defaults, (max_length, top_p, temperature): ChatGLM-6B's (and every other text model's), and
+# ChatGLM2-6B's / ChatGLM3-6B's (and the other role-token families').
+CHATGLM_6B_DEFAULTS = (2048, 0.7, 0.95)
+CHATGLM3_6B_DEFAULTS = (8192, 0.8, 0.8)
 # The date THUDM's process_response writes for its `[[训练时间]]` placeholder, per family.
 TRAINING_TIME = {"glm-4": "2024年", "glm-4-0414": "2024年"}
 
@@ -155,9 +156,8 @@ def _chat_generation(
     """(settings, further `generate` arguments) of a chat call; `kwargs` pass on to `generate`."""
     from transformers import LogitsProcessorList
 
-    default_length, default_top_p, default_temperature = THUDM_DEFAULTS.get(
-        prompter.family.name, ROLE_DEFAULTS if prompter.family.name == "chatglm2-6b" or _uses_messages(prompter) else THUDM_DEFAULTS["chatglm-6b"]
-    )
+    later = _uses_messages(prompter) or prompter.family.name == "chatglm2-6b"
+    default_length, default_top_p, default_temperature = CHATGLM3_6B_DEFAULTS if later else CHATGLM_6B_DEFAULTS
     kwargs = dict(kwargs)
     settings = GenerationArguments(
         max_length=default_length if max_length is None else max_length,
@@ -346,7 +346,7 @@ def chat_loop(
     prompter,
     settings: GenerationArguments,
     read: Callable[[str], str] = input,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
     engine: Any = None,
 ) -> list:
     """Run the conversation until /exit or end of input; returns the final conversation (`Message`s).
@@ -359,6 +359,7 @@ def chat_loop(
     from instructglm.infer.engine import BatchEngine, stream_answer
 
     engine = engine or BatchEngine(model, tokenizer, max_batch_size=1, max_queue=None, stop_ids=prompter.stop_ids)
+    out = out or sys.stdout  # looked up now, so a redirected stdout is the one written to
     messages: list = []
     print(BANNER, file=out, flush=True)
     while True:

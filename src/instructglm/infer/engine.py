@@ -1,13 +1,14 @@
 """A continuous-batching generation engine: concurrent requests share every forward pass.
 
-    engine = BatchEngine(model, tokenizer, max_batch_size=8)
-    handle = engine.submit(GenerationRequest(prompt_ids=encode_prompt(tokenizer, text), max_new_tokens=64))
+    engine = BatchEngine(model, tokenizer, max_batch_size=8, stop_ids=prompter.stop_ids)
+    handle = engine.submit(prompter.request(prompter.prompt_ids(messages), settings))
     engine.run_until_idle()            # offline (predict, eval); `engine.start()` runs it on a thread (serve, web)
     handle.completion.text
 
 A request is token ids (`prompt_ids`), decoding settings, stop token ids, stop strings and an optional seed,
-so it does not care how a family builds its prompt (text through a template today, role tokens as ids for
-ChatGLM3/GLM-4). Each step of the engine:
+so it does not care how a family builds its prompt: the commands build requests through the loaded model's
+`instructglm.infer.prompts.Prompter` (the family's format and stop ids, special tokens kept in the text
+where the family's replies need them). Each step of the engine:
 
 1. drops cancelled requests (a client gone) and frees their rows at once;
 2. admits waiting requests while the batch has room (`max_batch_size`): each prompt is prefilled in a

@@ -247,7 +247,8 @@ def predict_rows(
     """Generate the rows not yet in `output` and append them in input order (see the module docstring).
 
     Args:
-        model, prompter: the loaded model and its `instructglm.infer.prompts.Prompter` (`load_model`'s).
+        model, prompter: the loaded model and its `instructglm.infer.prompts.Prompter` (`load_model`'s third item);
+            a bare tokenizer in its place prompts in the family's default format (callers written before prompters).
         batch_size: rows decoded together by the batching engine.
         seed: with sampling, row i samples from its own generator seeded `seed + i`, so its answer does not
             depend on the batch it ran in, nor on where an interrupted run resumed.
@@ -256,7 +257,10 @@ def predict_rows(
     from tqdm.auto import tqdm
 
     from instructglm.infer.engine import BatchEngine
+    from instructglm.infer.prompts import Prompter, prompter_for
 
+    if not isinstance(prompter, Prompter):
+        prompter = prompter_for(model, prompter)
     tokenizer = prompter.tokenizer
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -100,9 +100,15 @@ class Prompter:
         from instructglm.data.messages import conversation_of
         from instructglm.data.records import BadRow
 
+        from instructglm.data.chat_formats import ChatTemplateFormat
+
         try:
             conversation = conversation_of(messages, tools)
             if self.template is None:
+                chat_format = self.family.chat_format
+                # a chat template that never reads tools would drop them without a word
+                if isinstance(chat_format, ChatTemplateFormat) and (problem := chat_format.supports(self.tokenizer, conversation)):
+                    raise BadValue(f"{problem}: this {self.family.name} model's tokenizer cannot show the tools of this conversation")
                 return self.family.prompt_ids(self.tokenizer, conversation.messages, conversation.tools)
         except BadRow as bad:
             raise BadValue(bad.detail) from None
