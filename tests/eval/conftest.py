@@ -89,3 +89,12 @@ def train_adapter(base_dir: Path, rows: list[dict], path: Path, steps: int = 200
 @pytest.fixture(scope="session")
 def trained_adapter(glm_base, number_rows, tmp_path_factory) -> Path:
     return train_adapter(glm_base, number_rows, tmp_path_factory.mktemp("run") / "numbers")
+
+
+@pytest.fixture(scope="session")
+def chatglm3_base(tmp_path_factory) -> Path:
+    """A random 2-layer native ChatGLM3-6B with the real chatglm3-6b tokenizer (from the shared dir)."""
+    from tests.conftest import SHARED, _need
+
+    tokenizer_dir = _need(SHARED / "tokenizers" / "chatglm3-6b")
+    return tiny_models.tiny_chatglm3_dir(tmp_path_factory.mktemp("chatglm3") / "base", tokenizer_dir, version=3, seed=0)

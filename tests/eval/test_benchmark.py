@@ -155,3 +155,26 @@ def test_a_gbk_file_and_an_empty_subject(tmp_path):
         "subjects": {"empty": {"accuracy": None, "correct": 0, "questions": 0}, "full": {"accuracy": 50.0, "correct": 1, "questions": 2}}}}
     table = format_benchmark_table({"base": result})
     assert "empty" in table and table.splitlines()[3].split()[-1] == "-"
+
+
+def test_a_role_token_family_answers_inside_its_chat_format(chatglm3_base):
+    """ChatGLM3: the letter is the assistant's message after the question as a user message — `<|assistant|>`, its
+    empty metadata line, then the letter — scored against a direct forward over THUDM's build_chat_input ids."""
+    model, tokenizer, _ = load_model(str(chatglm3_base), device="cpu", dtype="float32")
+    benchmark = load_benchmark(ASSETS / "ceval")
+    result = score_benchmark(model, tokenizer, benchmark, shots=1, batch_size=3)
+    for subject in benchmark.subjects:
+        expected = []
+        for question in subject.questions:
+            prompt = tokenizer.build_chat_input(build_prompt("ceval", subject.title, subject.dev[:1], question))["input_ids"][0].tolist()
+            answers = [prompt[:-1] + tokenizer.build_single_message("assistant", "", letter) for letter in CHOICES]
+            # build_chat_input ends at <|assistant|>; the answer opens with the empty metadata line "\n"
+            header = len(prompt) - 1 + len(tokenizer.build_single_message("assistant", "", ""))
+            assert all(ids[:header] == answers[0][:header] for ids in answers)
+            scores = []
+            for ids in answers:
+                with torch.no_grad():
+                    logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)
+                scores.append(sum(logprobs[t - 1, ids[t]].item() for t in range(header, len(ids))))
+            expected.append(CHOICES[max(range(4), key=lambda i: scores[i])])
+        assert result["predictions"][subject.name] == expected

@@ -209,10 +209,13 @@ def _umask() -> int:
 
 
 def test_max_length_applies_without_max_new_tokens(run_eval, glm_base, number_jsonl, tmp_path):
-    from instructglm.eval.evaluate import DEFAULT_NEW_TOKENS, EvalGenerationArguments
+    from instructglm.eval.evaluate import ARGUMENTS
+    from instructglm.infer.generate import DEFAULT_NEW_TOKENS, BatchGenerationArguments
+    from instructglm.infer.predict import ARGUMENTS as PREDICT_ARGUMENTS
 
-    assert EvalGenerationArguments().max_new_tokens == DEFAULT_NEW_TOKENS
-    settings = EvalGenerationArguments(max_length=30)
+    assert ARGUMENTS[-1] is PREDICT_ARGUMENTS[-1] is BatchGenerationArguments  # one rule for eval and predict
+    assert BatchGenerationArguments().max_new_tokens == DEFAULT_NEW_TOKENS
+    settings = BatchGenerationArguments(max_length=30)
     assert settings.max_new_tokens is None and settings.max_length == 30
     out = tmp_path / "out"
     assert run_eval("--model_name_or_path", glm_base, "--data", number_jsonl, "--output_dir", out, "--max_length", "30") == 0
@@ -225,3 +228,33 @@ def test_flag_values_and_templates(run_eval, glm_base, number_jsonl, tmp_path, c
     assert "--seed must be between 0 and 2**32 - 1" in one_error_line(capsys)
     load_eval_rows(number_jsonl, template="chatglm")
     assert "--template 'chatglm' does not apply" in capsys.readouterr().err
+
+
+def test_a_conversation_jsonl_is_prompted_in_the_familys_format_with_the_last_answer_as_reference(run_eval, chatglm3_base, tmp_path):
+    from instructglm.infer.generate import generate_batch
+    from instructglm.infer.prompts import prompter_for
+
+    rows = [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                      {"role": "user", "content": "say hello"}, {"role": "assistant", "content": "hello world"}]},
+        {"messages": [{"role": "user", "content": "How warm is Paris?"},
+                      {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}],
+         "tools": [{"name": "get_weather", "description": "The weather of a city"}]},
+    ]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    loaded = load_eval_rows(data)
+    assert loaded.format == "messages" and [r["target"] for r in loaded.rows] == [
+        "hello world", '{"name": "get_weather", "arguments": {"city": "Paris"}}'  # a call is scored as its JSON
+    ]
+    out = tmp_path / "out"
+    assert run_eval("--model_name_or_path", chatglm3_base, "--data", data, "--output_dir", out, "--max_new_tokens", 5) == 0
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["base"]
+    assert (metrics["family"], metrics["prompt_template"], metrics["loss_rows"]) == ("chatglm3-6b", "messages", 2)
+    model, tokenizer, _ = load_model(str(chatglm3_base), device="cpu")
+    prompter = prompter_for(model, tokenizer)
+    prompts = [prompter.prompt_ids(row["messages"][:-1], row.get("tools")) for row in rows]  # the reference left out
+    assert prompts[0] == tokenizer.build_chat_input("say hello", [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])["input_ids"][0].tolist()
+    expected = [prompter.reply(c.text).content.strip() for c in generate_batch(model, tokenizer, prompts, GenerationArguments(max_new_tokens=5, do_sample=False), prompter)]
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [line["predictions"]["base"] for line in lines] == expected

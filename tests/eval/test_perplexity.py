@@ -54,3 +54,28 @@ def test_no_scorable_row_gives_nan_not_an_error(glm_base):
     model, tokenizer, _ = load_model(str(glm_base), device="cpu")
     result = teacher_forced_loss(model, tokenizer, ["hi"], [""])
     assert math.isnan(result.loss) and result.rows == 0 and result.row_losses == [None]
+
+
+def test_a_role_token_family_is_scored_on_its_own_conversation_rows(chatglm3_base):
+    """ChatGLM3: each (context, target) is the conversation [user: context, assistant: target] in role tokens,
+    labelled as its fine-tuning demo labels it (the "\\n", the answer and the closing eos) — not v1's text rule."""
+    model, tokenizer, prompter = load_model(str(chatglm3_base), device="cpu", dtype="float32")
+    result = teacher_forced_loss(model, tokenizer, CONTEXTS, TARGETS, batch_size=2)
+    by_row = []
+    for context, target in zip(CONTEXTS, TARGETS):
+        ids, labels = prompter.family.training_ids(tokenizer, [{"role": "user", "content": context}, {"role": "assistant", "content": target}])
+        assert ids[: len(prompter.context_ids(context))] == prompter.context_ids(context)  # the prompt is the chat prompt
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), dim=-1)
+        scored = [t for t in range(1, len(ids)) if labels[t] != -100]
+        by_row.append((-sum(logprobs[t - 1, ids[t]].item() for t in scored), len(scored)))
+    assert result.tokens == sum(k for _, k in by_row) and result.rows == 3
+    assert result.row_losses == pytest.approx([n / k for n, k in by_row], rel=1e-5)
+    # a whole conversation scores every assistant turn, as training does
+    from instructglm.data.messages import Conversation
+
+    conversation = Conversation.from_dict({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                                                        {"role": "user", "content": "again"}, {"role": "assistant", "content": "hello again"}]})
+    whole = teacher_forced_loss(model, tokenizer, [], [], conversations=[conversation])
+    _, labels = prompter.family.training_ids(tokenizer, conversation.messages)
+    assert whole.rows == 1 and whole.tokens == sum(label != -100 for label in labels)

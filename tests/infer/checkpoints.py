@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.infer.helpers import tiny_adapter, tiny_chatglm, tiny_llama
+from tests.infer.helpers import tiny_adapter, tiny_chatglm, tiny_chatglm2, tiny_chatglm3, tiny_glm4, tiny_llama
 
-# name -> (builder of a tiny base checkpoint at a path, the adapter's template, its LoRA targets)
+# name -> (builder of a tiny base checkpoint at a path, the adapter's template, its LoRA targets, its family)
 FAMILIES = {
-    "chatglm": (tiny_chatglm, "chatglm", ("query_key_value",)),  # ChatGLM-6B's architecture
-    "llama": (tiny_llama, "alpaca", ("q_proj", "v_proj")),  # a generic transformers causal LM
+    "chatglm": (tiny_chatglm, "chatglm", ("query_key_value",), "chatglm-6b"),  # ChatGLM-6B's architecture
+    "llama": (tiny_llama, "alpaca", ("q_proj", "v_proj"), "causal-lm"),  # a generic transformers causal LM
+    "chatglm2": (tiny_chatglm2, "chatglm2", ("query_key_value",), "chatglm2-6b"),  # native, text rounds from 1
+    "chatglm3": (tiny_chatglm3, "messages", ("query_key_value",), "chatglm3-6b"),  # native, role tokens
+    "glm4": (tiny_glm4, "messages", ("q_proj", "v_proj"), "glm-4"),  # transformers' Glm, its chat template
 }
 
 
@@ -25,10 +28,10 @@ def checkpoints(tmp_path_factory):
 
     def get(name: str) -> tuple:
         if name not in built:
-            build, template, targets = FAMILIES[name]
+            build, template, targets, family_name = FAMILIES[name]
             root = tmp_path_factory.mktemp(name)
             base = build(root / "base")
-            built[name] = (base, tiny_adapter(base, root / "run", template=template, targets=targets))
+            built[name] = (base, tiny_adapter(base, root / "run", template=template, targets=targets, family=family_name))
         return built[name]
 
     return get

@@ -1,8 +1,8 @@
 """instructglm.infer.engine: continuous batching gives every request its one-at-a-time answer.
 
 Every test named `..._each_family` runs on each entry of `tests/infer/checkpoints.FAMILIES`
-(the native ChatGLM-6B and a transformers Llama, both with a LoRA adapter); a new family is one
-entry there.
+(the native ChatGLM-6B, ChatGLM2-6B and ChatGLM3-6B, transformers' GLM-4 and a Llama, each with a
+LoRA adapter); a new family is one entry there.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def test_generate_requests_returns_input_order_each_family(each_family):
     model, tokenizer, references = each_family
     handles = generate_requests(BatchEngine(model, tokenizer, max_batch_size=4), [greedy(tokenizer, p) for p in PROMPTS])
     assert [h.completion for h in handles] == references
-    assert all(h.token_ids and len(h.token_ids) == r.completion_tokens for h, r in zip(handles, references))
+    assert all(len(h.token_ids) == r.completion_tokens for h, r in zip(handles, references))
+    assert any(h.token_ids for h in handles)
 
 
 def test_chatglm_positions_advance_like_the_whole_sequence_numbering():

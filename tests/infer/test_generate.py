@@ -1,4 +1,5 @@
-"""instructglm.infer.generate: batched greedy == one at a time, streaming == batch, cancelling."""
+"""instructglm.infer.generate: batched greedy == one at a time (and == `generate` for every family's own
+prompts and stop ids), streaming == batch, cancelling."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import threading
 
 import pytest
 
+from instructglm.data.messages import Message
 from instructglm.infer.engine import BatchEngine, stream_answer
-from instructglm.infer.generate import GenerationArguments, build_prompt, generate_batch
+from instructglm.infer.generate import GenerationArguments, generate_batch
 from instructglm.infer.load import load_model
 from tests.infer.helpers import reference_completion
 
@@ -37,6 +39,23 @@ def test_batched_greedy_equals_one_at_a_time(each_family):
     assert any(c.text for c in batched)
 
 
+CONVERSATIONS = [
+    [Message("user", "What is two plus three?")],
+    [Message("user", "hi"), Message("assistant", "hello world"), Message("user", "say hello")],
+    [Message("system", "Be brief."), Message("user", "你好，世界。一二三")],
+]
+
+
+def test_greedy_answers_to_the_familys_own_prompts_are_generates(each_family):
+    """Each family's prompts (its format, its run's template) and stop ids: the engine's greedy ids are `generate`'s."""
+    model, tokenizer, prompter = each_family
+    prompts = [prompter.prompt_ids(messages) for messages in CONVERSATIONS]
+    batched = generate_batch(model, tokenizer, prompts, GREEDY, prompter)
+    single = [reference_completion(model, tokenizer, ids, GREEDY.max_new_tokens, prompter) for ids in prompts]
+    assert [(c.text, c.completion_tokens, c.finish_reason) for c in batched] == [(c.text, c.completion_tokens, c.finish_reason) for c in single]
+    assert len({c.text for c in batched}) > 1
+
+
 def test_left_padding_leaves_every_step_score_unchanged(each_family):
     """Stronger than equal argmaxes: each row's per-step logits in the padded batch match its own."""
     import torch
@@ -53,20 +72,25 @@ def test_left_padding_leaves_every_step_score_unchanged(each_family):
             torch.testing.assert_close(together.scores[step][i], scores[0], atol=1e-4, rtol=1e-4)
 
 
+HI = [Message("user", "hi")]
+
+
 def test_stream_pieces_add_up_to_the_batch_answer(tuned):
-    model, tokenizer, template = tuned
-    history = [("hi", "hello world")]
-    prompt = build_prompt(template, "say hello", history)
-    assert prompt.startswith("Instruction: hi\nAnswer: hello world\n")  # the run's alpaca template
-    pieces = list(stream_answer(BatchEngine(model, tokenizer), template, "say hello", history, GREEDY))
+    model, tokenizer, prompter = tuned
+    conversation = [Message("user", "hi"), Message("assistant", "hello world"), Message("user", "say hello")]
+    prompt = prompter.prompt_ids(conversation)
+    assert prompter.name == "alpaca"  # the run's template: the rounds rendered by it, with the tokenizer's special tokens
+    assert prompt == tokenizer("Instruction: hi\nAnswer: hello world\nInstruction: say hello\nAnswer: ")["input_ids"]
+    stream = stream_answer(BatchEngine(model, tokenizer), prompter, conversation, GREEDY)
+    pieces = list(stream)
     assert len(pieces) > 1
-    assert "".join(pieces) == generate_batch(model, tokenizer, [prompt], GREEDY)[0].text
+    assert "".join(pieces) == generate_batch(model, tokenizer, [prompt], GREEDY, prompter)[0].text == stream.message.content
 
 
 def test_leaving_a_stream_early_frees_its_row(tuned):
-    model, tokenizer, template = tuned
+    model, tokenizer, prompter = tuned
     engine = BatchEngine(model, tokenizer)
-    stream = stream_answer(engine, template, "hi", [], GenerationArguments(max_new_tokens=200, do_sample=False))
+    stream = iter(stream_answer(engine, prompter, HI, GenerationArguments(max_new_tokens=200, do_sample=False)))
     for _ in stream:
         assert engine.running == 1
         break
@@ -76,7 +100,7 @@ def test_leaving_a_stream_early_frees_its_row(tuned):
 
 def test_an_interrupted_step_resets_the_engine(tuned, monkeypatch):
     """Ctrl-C inside a decode step (chat): the engine is emptied and answers the next question normally."""
-    model, tokenizer, template = tuned
+    model, tokenizer, prompter = tuned
     engine = BatchEngine(model, tokenizer)
     real, steps = BatchEngine._decode, []
 
@@ -88,10 +112,10 @@ def test_an_interrupted_step_resets_the_engine(tuned, monkeypatch):
 
     monkeypatch.setattr(BatchEngine, "_decode", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        list(stream_answer(engine, template, "hi", [], GREEDY))
+        list(stream_answer(engine, prompter, HI, GREEDY))
     assert engine.running == 0 and engine.waiting == 0
-    expected = generate_batch(model, tokenizer, [build_prompt(template, "hi")], GREEDY)[0].text
-    assert "".join(stream_answer(engine, template, "hi", [], GREEDY)) == expected
+    expected = generate_batch(model, tokenizer, [prompter.prompt_ids(HI)], GREEDY, prompter)[0].text
+    assert "".join(stream_answer(engine, prompter, HI, GREEDY)) == expected
 
 
 def test_sampling_settings_run(tuned):

@@ -18,23 +18,24 @@ def _logits(model, tokenizer, text="What is two plus three?"):
 
 
 def test_base_alone_uses_family_template_and_left_padding(llama_dir):
-    model, tokenizer, template = load_model(str(llama_dir), device="cpu")
+    model, tokenizer, prompter = load_model(str(llama_dir), device="cpu")
     assert tokenizer.padding_side == "left" and tokenizer.pad_token_id is not None
-    assert template.name == "plain"  # a generic causal LM's chat template
+    assert prompter.name == "plain" and prompter.family.name == "causal-lm"  # a generic causal LM without a chat template
     assert not model.training and next(model.parameters()).dtype == torch.float32
 
 
 def test_peft_adapter_changes_outputs_and_brings_its_template(llama_dir, llama_adapter):
     base, tokenizer, _ = load_model(str(llama_dir), device="cpu")
-    tuned, _, template = load_model(str(llama_dir), adapter=str(llama_adapter), device="cpu")
+    tuned, _, prompter = load_model(str(llama_dir), adapter=str(llama_adapter), device="cpu")
     assert type(tuned).__name__.startswith("Peft")
-    assert template.name == "alpaca"  # from the run's instructglm_train.json
+    assert prompter.name == "alpaca"  # from the run's instructglm_train.json
     assert not torch.allclose(_logits(base, tokenizer), _logits(tuned, tokenizer))
 
 
 def test_template_flag_overrides_saved_one(llama_dir, llama_adapter):
-    _, _, template = load_model(str(llama_dir), adapter=str(llama_adapter), device="cpu", template="belle")
-    assert template.render("hi") == "指令: hi\n答案: "
+    _, tokenizer, prompter = load_model(str(llama_dir), adapter=str(llama_adapter), device="cpu", template="belle")
+    assert prompter.template.render("hi") == "指令: hi\n答案: "
+    assert prompter.chat_ids("hi") == tokenizer("指令: hi\n答案: ")["input_ids"]
 
 
 def test_seed_pt_adapter_loads_like_the_peft_dir(llama_dir, llama_adapter, tmp_path):
@@ -76,7 +77,7 @@ def test_chatglm_with_adapter(glm_dir, glm_adapter):
     base, tokenizer, base_template = load_model(str(glm_dir), device="cpu")
     tuned, _, template = load_model(str(glm_dir), adapter=str(glm_adapter), device="cpu")
     assert base_template.name == template.name == "chatglm"
-    assert template.render("q", history=[("a", "b")]) == "[Round 0]\n问：a\n答：b\n[Round 1]\n问：q\n答："
+    assert template.chat_ids("q", [("a", "b")]) == tokenizer("[Round 0]\n问：a\n答：b\n[Round 1]\n问：q\n答：")["input_ids"]
     assert tokenizer.padding_side == "left"
     assert not torch.allclose(_logits(base, tokenizer), _logits(tuned, tokenizer))
 
@@ -208,3 +209,69 @@ def test_bad_dtype_is_a_user_error(llama_dir):
 
     with pytest.raises(BadValue, match="--dtype"):
         load_model(str(llama_dir), dtype="half", device="cpu")
+
+
+# --- families: each checkpoint is prompted in its own format, never another's -------------------
+
+
+def test_each_family_gets_its_own_prompt_format(checkpoints):
+    from instructglm.data.messages import Message
+
+    conversation = [Message("user", "hi"), Message("assistant", "ok"), Message("user", "say hello")]
+    expected = {  # checkpoint -> (family, template of its base alone)
+        "chatglm": ("chatglm-6b", "chatglm"), "chatglm2": ("chatglm2-6b", "chatglm2"), "chatglm3": ("chatglm3-6b", "messages"),
+        "glm4": ("glm-4", "messages"), "llama": ("causal-lm", "plain"),
+    }
+    for name, (family, template) in expected.items():
+        base, _ = checkpoints(name)
+        _, tokenizer, prompter = load_model(str(base), device="cpu")
+        assert (prompter.family.name, prompter.name) == (family, template), name
+        ids = prompter.prompt_ids(conversation)
+        if name == "chatglm3":  # THUDM's build_chat_input
+            assert ids == tokenizer.build_chat_input("say hello", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}])["input_ids"][0].tolist()
+        elif name == "glm4":  # the tokenizer's chat template
+            rendered = tokenizer.apply_chat_template([m.to_dict() for m in conversation], add_generation_prompt=True, tokenize=False)
+            assert ids == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        else:  # text rounds through the template, with the tokenizer's special tokens
+            assert ids == tokenizer(prompter.template.render("say hello", "", [("hi", "ok")]))["input_ids"]
+        assert prompter.stop_ids == tuple(prompter.family.stop_token_ids(tokenizer, load_model(str(base), device="cpu")[0].generation_config))
+
+
+@pytest.mark.parametrize("base_name, recorded", [("chatglm", "chatglm3-6b"), ("chatglm3", "chatglm-6b")])
+def test_a_run_recorded_for_another_chatglm_version_is_refused(base_name, recorded, checkpoints, tmp_path):
+    """A v1 checkpoint is never prompted as v3, nor the reverse, whatever a run record says."""
+    import shutil
+
+    from instructglm.errors import BadValue
+
+    base, adapter = checkpoints(base_name)
+    run = tmp_path / "run"
+    shutil.copytree(adapter, run)
+    (run / "instructglm_train.json").write_text(json.dumps({"template": "messages", "family": recorded}))
+    with pytest.raises(BadValue, match=f"trained for the {recorded} model family, but .* is a {'chatglm-6b' if base_name == 'chatglm' else 'chatglm3-6b'} model"):
+        load_model(str(base), adapter=str(run), device="cpu")
+    # --template messages on ChatGLM-6B is its own rounds (a text family), never ChatGLM3's role tokens
+    if base_name == "chatglm":
+        _, tokenizer, prompter = load_model(str(base), device="cpu", template="messages")
+        assert prompter.name == "chatglm" and prompter.prompt_ids([{"role": "user", "content": "hi"}]) == tokenizer("hi")["input_ids"]
+
+
+def test_device_cuda_without_a_gpu_is_one_line_naming_the_flag(llama_dir):
+    from instructglm.errors import BadValue
+
+    if not torch.cuda.is_available():
+        with pytest.raises(BadValue, match=r"--device cuda: this machine has no CUDA GPU"):
+            load_model(str(llama_dir), device="cuda")
+        message = _cli_error("chat", "--model_name_or_path", str(llama_dir), "--device", "cuda:1")
+        assert "--device cuda:1" in message and "--device cpu" in message
+    with pytest.raises(BadValue, match=r"--device 'gpu' is not a device"):
+        load_model(str(llama_dir), device="gpu")
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused_at_load(tmp_path):
+    from instructglm.errors import BadValue
+    from tests.tiny_models import tiny_llama_dir
+
+    small = tiny_llama_dir(tmp_path / "small", vocab_size=40)  # the word tokenizer has more than 40 tokens
+    with pytest.raises(BadValue, match=r"the tokenizer has \d+ tokens but the model's embedding has only 40 rows"):
+        load_model(str(small), device="cpu")

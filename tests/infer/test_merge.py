@@ -28,7 +28,9 @@ def test_merged_checkpoint_equals_base_plus_adapter(family, tmp_path):
     files = {p.name for p in out.iterdir()}
     shards = sorted(f for f in files if f.startswith("model-") and f.endswith(".safetensors"))
     assert len(shards) > 1 and shards[-1].endswith(f"-of-{len(shards):05d}.safetensors")
-    tokenizer_files = {"chatglm": {"ice_text.model", "tokenizer_config.json"}, "llama": {"tokenizer.json", "tokenizer_config.json"}}
+    sentencepiece = {"tokenizer.model", "tokenizer_config.json"}
+    tokenizer_files = {"chatglm": {"ice_text.model", "tokenizer_config.json"}, "llama": {"tokenizer.json", "tokenizer_config.json"},
+                       "chatglm2": sentencepiece, "chatglm3": sentencepiece, "glm4": {"tokenizer.json", "tokenizer_config.json"}}
     assert {"config.json", "model.safetensors.index.json", "instructglm_train.json"} | tokenizer_files[name] <= files
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)
@@ -43,8 +45,14 @@ def test_merged_checkpoint_equals_base_plus_adapter(family, tmp_path):
         expected = tuned(**batch).logits
         got = merged(**batch).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
-    # The merged dir carries the run's template, so chat/serve on it prompt as training did.
-    assert load_model(str(out), device="cpu")[2].name == json.loads((adapter / "instructglm_train.json").read_text())["template"]
+    # The merged dir carries the run's record (family, template), so chat/serve on it prompt as on base + adapter.
+    _, _, prompter = load_model(str(base_dir), adapter=str(adapter), device="cpu")
+    _, _, merged_prompter = load_model(str(out), device="cpu")
+    assert merged_prompter.name == json.loads((adapter / "instructglm_train.json").read_text())["template"] == prompter.name
+    assert merged_prompter.family == prompter.family and merged_prompter.stop_ids == prompter.stop_ids
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
+                    {"role": "user", "content": "say hello"}]
+    assert merged_prompter.prompt_ids(conversation) == prompter.prompt_ids(conversation)
 
 
 def test_merge_refuses_a_non_empty_output(llama_dir, llama_adapter, tmp_path):

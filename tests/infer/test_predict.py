@@ -1,4 +1,5 @@
-"""instructglm predict: batched == single for greedy, resumable without duplicates, bad input named."""
+"""instructglm predict: batched == single for greedy, resumable without duplicates, bad input named; rows with
+a `messages` conversation are prompted in the family's format; `--max_length` bounds the answers."""
 
 from __future__ import annotations
 
@@ -41,10 +42,10 @@ def each_family(family):
 
 
 def test_batched_equals_one_at_a_time(each_family, rows, tmp_path):
-    model, tokenizer, _ = each_family
+    model, _, prompter = each_family
     data = read_rows(rows)
-    predict_rows(model, tokenizer, data, tmp_path / "b3.jsonl", GREEDY, batch_size=3)
-    predict_rows(model, tokenizer, data, tmp_path / "b1.jsonl", GREEDY, batch_size=1)
+    predict_rows(model, prompter, data, tmp_path / "b3.jsonl", GREEDY, batch_size=3)
+    predict_rows(model, prompter, data, tmp_path / "b1.jsonl", GREEDY, batch_size=1)
     batched, single = _lines(tmp_path / "b3.jsonl"), _lines(tmp_path / "b1.jsonl")
     assert batched == single
     assert [r["context"] for r in batched] == CONTEXTS and [r["target"] for r in batched] == [f"t{i}" for i in range(7)]
@@ -54,10 +55,10 @@ def test_batched_equals_one_at_a_time(each_family, rows, tmp_path):
 def test_interrupted_run_resumes_without_duplicates(tuned, rows, tmp_path, monkeypatch):
     from instructglm.infer.engine import BatchEngine
 
-    model, tokenizer, _ = tuned
+    model, _, prompter = tuned
     data = read_rows(rows)
     reference = tmp_path / "ref.jsonl"
-    predict_rows(model, tokenizer, data, reference, GREEDY, batch_size=2)
+    predict_rows(model, prompter, data, reference, GREEDY, batch_size=2)
 
     real, calls = BatchEngine.step, []
 
@@ -66,7 +67,7 @@ def test_interrupted_run_resumes_without_duplicates(tuned, rows, tmp_path, monke
         return real(self)
 
     monkeypatch.setattr(BatchEngine, "step", counting)
-    predict_rows(model, tokenizer, data, tmp_path / "counted.jsonl", GREEDY, batch_size=2)
+    predict_rows(model, prompter, data, tmp_path / "counted.jsonl", GREEDY, batch_size=2)
     steps, calls[:] = len(calls), []
 
     def failing(self):
@@ -78,56 +79,61 @@ def test_interrupted_run_resumes_without_duplicates(tuned, rows, tmp_path, monke
     out = tmp_path / "out.jsonl"
     monkeypatch.setattr(BatchEngine, "step", failing)
     with pytest.raises(KeyboardInterrupt):
-        predict_rows(model, tokenizer, data, out, GREEDY, batch_size=2)
+        predict_rows(model, prompter, data, out, GREEDY, batch_size=2)
     done = len(_lines(out))
     assert 0 < done < len(CONTEXTS)
     assert _lines(out) == _lines(reference)[:done]
     monkeypatch.setattr(BatchEngine, "step", real)
-    assert predict_rows(model, tokenizer, data, out, GREEDY, batch_size=2).written == len(CONTEXTS) - done
+    assert predict_rows(model, prompter, data, out, GREEDY, batch_size=2).written == len(CONTEXTS) - done
     assert _lines(out) == _lines(reference)
 
 
 def test_predictions_are_the_one_at_a_time_answers(each_family, rows, tmp_path):
+    """Each `context` is prompted as tokenize prompted it (a user message for a role-token family) and the
+    answers, read by the family, are `generate`'s."""
     from tests.infer.helpers import reference_completion
 
-    model, tokenizer, _ = each_family
-    predict_rows(model, tokenizer, read_rows(rows), tmp_path / "out.jsonl", GREEDY, batch_size=3)
-    expected = [reference_completion(model, tokenizer, c, GREEDY.max_new_tokens).text for c in CONTEXTS]
+    model, tokenizer, prompter = each_family
+    predict_rows(model, prompter, read_rows(rows), tmp_path / "out.jsonl", GREEDY, batch_size=3)
+    expected = []
+    for context in CONTEXTS:
+        ids = prompter.family.context_prompt_ids(tokenizer, context)
+        expected.append(prompter.reply(reference_completion(model, tokenizer, ids, GREEDY.max_new_tokens, prompter).text).content)
     assert [r["prediction"] for r in _lines(tmp_path / "out.jsonl")] == expected
 
 
 def test_sampled_rows_do_not_depend_on_batch_size_or_resume(tuned, rows, tmp_path):
-    model, tokenizer, _ = tuned
+    model, _, prompter = tuned
     data = read_rows(rows)
     sampled = GenerationArguments(max_new_tokens=8, do_sample=True, temperature=1.0, top_p=0.9)
-    predict_rows(model, tokenizer, data, tmp_path / "b3.jsonl", sampled, batch_size=3, seed=5)
-    predict_rows(model, tokenizer, data[:2], tmp_path / "b1.jsonl", sampled, batch_size=1, seed=5)
-    predict_rows(model, tokenizer, data, tmp_path / "b1.jsonl", sampled, batch_size=1, seed=5)  # resumes at row 3
+    predict_rows(model, prompter, data, tmp_path / "b3.jsonl", sampled, batch_size=3, seed=5)
+    predict_rows(model, prompter, data[:2], tmp_path / "b1.jsonl", sampled, batch_size=1, seed=5)
+    predict_rows(model, prompter, data, tmp_path / "b1.jsonl", sampled, batch_size=1, seed=5)  # resumes at row 3
     assert _lines(tmp_path / "b3.jsonl") == _lines(tmp_path / "b1.jsonl")
-    predict_rows(model, tokenizer, data, tmp_path / "other.jsonl", sampled, batch_size=3, seed=6)
+    predict_rows(model, prompter, data, tmp_path / "other.jsonl", sampled, batch_size=3, seed=6)
     assert _lines(tmp_path / "other.jsonl") != _lines(tmp_path / "b3.jsonl")
 
 
 def test_partial_last_line_is_dropped_and_redone(tuned, rows, tmp_path):
-    model, tokenizer, _ = tuned
+    model, _, prompter = tuned
     data = read_rows(rows)
     reference = tmp_path / "ref.jsonl"
-    predict_rows(model, tokenizer, data, reference, GREEDY, batch_size=4)
+    predict_rows(model, prompter, data, reference, GREEDY, batch_size=4)
     text = reference.read_text(encoding="utf-8")
     lines = text.splitlines(keepends=True)
     out = tmp_path / "out.jsonl"
     out.write_text("".join(lines[:3]) + lines[3][:10], encoding="utf-8")  # a write cut off mid-line
-    assert predict_rows(model, tokenizer, data, out, GREEDY, batch_size=4).written == 4
+    assert predict_rows(model, prompter, data, out, GREEDY, batch_size=4).written == 4
     assert out.read_text(encoding="utf-8") == text
 
 
 def test_output_of_another_input_is_refused(tuned, rows, tmp_path):
-    model, tokenizer, _ = tuned
+    model, _, prompter = tuned
     out = tmp_path / "out.jsonl"
     out.write_text(json.dumps({"context": "something else", "prediction": "x"}) + "\n")
     with pytest.raises(ValueError, match="line 1 .*--overwrite true"):
-        predict_rows(model, tokenizer, read_rows(rows), out, GREEDY)
-    assert predict_rows(model, tokenizer, read_rows(rows), out, GREEDY, overwrite=True).written == len(CONTEXTS)
+        predict_rows(model, prompter, read_rows(rows), out, GREEDY)
+    assert predict_rows(model, prompter, read_rows(rows), out, GREEDY, overwrite=True).written == len(CONTEXTS)
 
 
 def test_bad_rows_are_all_named(tmp_path):
@@ -167,13 +173,13 @@ def test_cli_killed_mid_run_then_rerun_gives_one_line_per_row(llama_dir, llama_a
 
 def test_rows_with_unicode_line_separators_resume(tuned, tmp_path):
     """json.dumps(ensure_ascii=False) writes U+2028/U+2029/U+0085 raw; str.splitlines broke lines at them."""
-    model, tokenizer, _ = tuned
+    model, _, prompter = tuned
     contexts = ["one\u2028two", "three\u2029four", "five\u0085six", "plain"]
     data = [{"context": c} for c in contexts]
     out = tmp_path / "out.jsonl"
-    assert predict_rows(model, tokenizer, data[:2], out, GREEDY, batch_size=2).written == 2
-    assert predict_rows(model, tokenizer, data, out, GREEDY, batch_size=2).written == 2  # resumes after row 2
-    assert predict_rows(model, tokenizer, data, out, GREEDY, batch_size=2).written == 0  # complete: nothing to do
+    assert predict_rows(model, prompter, data[:2], out, GREEDY, batch_size=2).written == 2
+    assert predict_rows(model, prompter, data, out, GREEDY, batch_size=2).written == 2  # resumes after row 2
+    assert predict_rows(model, prompter, data, out, GREEDY, batch_size=2).written == 0  # complete: nothing to do
     assert [r["context"] for r in map(json.loads, out.read_text(encoding="utf-8").split("\n")[:-1])] == contexts
 
 
@@ -214,7 +220,7 @@ def test_output_equal_to_input_is_refused_before_anything_is_deleted(llama_dir, 
 
 
 def test_prompt_longer_than_the_context_is_skipped_not_generated(tuned, tmp_path, monkeypatch):
-    model, tokenizer, _ = tuned  # the tiny Llama's context is 256 tokens
+    model, tokenizer, prompter = tuned  # the tiny Llama's context is 256 tokens
     huge = "hello " * 200_000  # 1.2 MB: generating it would try to allocate the attention of 200k tokens
     data = [{"context": "hi"}, {"context": huge}, {"context": "hello " * 253}, {"context": "say hello"}]
     from instructglm.infer.engine import BatchEngine, encode_prompt
@@ -224,7 +230,7 @@ def test_prompt_longer_than_the_context_is_skipped_not_generated(tuned, tmp_path
     real = BatchEngine.submit
     monkeypatch.setattr(BatchEngine, "submit", lambda self, request, *a: generated.append(list(request.prompt_ids)) or real(self, request, *a))
     out = tmp_path / "out.jsonl"
-    result = predict_rows(model, tokenizer, data, out, GREEDY, batch_size=2)
+    result = predict_rows(model, prompter, data, out, GREEDY, batch_size=2)
     assert result == (4, 2)
     assert generated == [encode_prompt(tokenizer, "hi"), encode_prompt(tokenizer, "say hello")]  # the long ones never reached the engine
     lines = _lines(out)
@@ -232,12 +238,12 @@ def test_prompt_longer_than_the_context_is_skipped_not_generated(tuned, tmp_path
     assert lines[1]["prediction"] is None and "200001 prompt tokens + --max_new_tokens 6" in lines[1]["skipped"]
     assert "context of 256 tokens" in lines[1]["skipped"]
     assert lines[2]["prediction"] is None and "skipped" in lines[2]  # 254 + 6 > 256
-    assert lines[0]["prediction"] == generate_batch(model, tokenizer, ["hi"], GREEDY)[0].text and "skipped" not in lines[0]
-    assert predict_rows(model, tokenizer, data, out, GREEDY, batch_size=2) == (0, 0)  # a rerun resumes past them
+    assert lines[0]["prediction"] == generate_batch(model, tokenizer, ["hi"], GREEDY, prompter)[0].text and "skipped" not in lines[0]
+    assert predict_rows(model, prompter, data, out, GREEDY, batch_size=2) == (0, 0)  # a rerun resumes past them
     # with --max_length instead of --max_new_tokens, a prompt that leaves no room is skipped the same way
     settings = GenerationArguments(max_length=8, do_sample=False)
     out2 = tmp_path / "out2.jsonl"
-    assert predict_rows(model, tokenizer, [{"context": "hi"}, {"context": "hello " * 10}], out2, settings).skipped == 1
+    assert predict_rows(model, prompter, [{"context": "hi"}, {"context": "hello " * 10}], out2, settings).skipped == 1
     assert "under --max_length 8" in _lines(out2)[1]["skipped"]
 
 
@@ -247,3 +253,67 @@ def test_cli_summary_counts_skipped_rows(llama_dir, tmp_path):
     code, out, _ = _run_cli("predict", "--model_name_or_path", str(llama_dir), "--device", "cpu", "--input", str(inp),
                             "--output", str(tmp_path / "out.jsonl"), "--max_new_tokens", "4")
     assert code == 0 and "2 row(s) written now (1 skipped, prompt too long" in out, out
+
+
+# --- conversations, and --max_length ------------------------------------------------------------
+
+TOOL_ROW = {
+    "messages": [
+        {"role": "system", "content": "You are a weather bot."},
+        {"role": "user", "content": "How warm is Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]},
+        {"role": "observation", "name": "get_weather", "content": '{"temperature": 21}'},
+        {"role": "assistant", "content": "It is 21 °C in Paris."},
+    ],
+    "tools": [{"name": "get_weather", "description": "The weather of a city", "parameters": {"type": "object"}}],
+}
+CHAT_ROW = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "say hello"},
+                         {"role": "assistant", "content": "hello world"}]}
+
+
+@pytest.mark.parametrize("name", ["chatglm3", "glm4", "chatglm2"])
+def test_message_rows_are_prompted_as_conversations_without_their_reference(name, checkpoints, tmp_path):
+    from instructglm.data.messages import conversation_of
+    from tests.infer.helpers import reference_completion
+
+    base, adapter = checkpoints(name)
+    model, tokenizer, prompter = load_model(str(base), adapter=str(adapter), device="cpu")
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in (TOOL_ROW, CHAT_ROW)), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert predict_rows(model, prompter, read_rows(path), out, GREEDY, batch_size=2).written == 2
+    lines = _lines(out)
+    assert [line["messages"] for line in lines] == [TOOL_ROW["messages"], CHAT_ROW["messages"]]
+    if name == "chatglm2":  # a text family cannot show the tool row: skipped, named; the chat row is its rounds
+        assert lines[0]["prediction"] is None and "chatglm2-6b model family cannot use tools" in lines[0]["skipped"]
+        rows = [CHAT_ROW]
+    else:
+        rows = [TOOL_ROW, CHAT_ROW]
+    for row in rows:
+        conversation = conversation_of(row["messages"][:-1], row.get("tools"))  # the last assistant message is the reference
+        ids = prompter.prompt_ids(conversation.messages, conversation.tools)
+        expected = prompter.reply(reference_completion(model, tokenizer, ids, GREEDY.max_new_tokens, prompter).text)
+        line = lines[0] if row is TOOL_ROW else lines[1]
+        assert line["prediction"] == expected.content
+    assert predict_rows(model, prompter, read_rows(path), out, GREEDY).written == 0  # resumes: messages rows match too
+
+
+def test_max_length_bounds_the_answers_and_max_new_tokens_defaults_to_256(llama_dir, tmp_path):
+    from instructglm.infer.generate import BatchGenerationArguments
+
+    assert BatchGenerationArguments().max_new_tokens == 256
+    assert BatchGenerationArguments(max_length=20).max_new_tokens is None  # --max_length alone decides
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"context": "hi"}) + "\n" + json.dumps({"context": "What is two plus three?"}) + "\n", encoding="utf-8")
+    code, _, err = _run_cli("predict", "--model_name_or_path", str(llama_dir), "--device", "cpu", "--input", str(inp),
+                            "--output", str(tmp_path / "out.jsonl"), "--max_length", "12")
+    assert code == 0, err
+    from instructglm.infer.generate import generate_batch
+
+    model, tokenizer, prompter = load_model(str(llama_dir), device="cpu")
+    prompts = [prompter.context_ids(line["context"]) for line in _lines(tmp_path / "out.jsonl")]
+    bounded = generate_batch(model, tokenizer, prompts, GenerationArguments(max_length=12, do_sample=False), prompter)
+    unbounded = generate_batch(model, tokenizer, prompts, BatchGenerationArguments(), prompter)
+    assert [line["prediction"] for line in _lines(tmp_path / "out.jsonl")] == [c.text for c in bounded]
+    assert all(len(ids) + c.completion_tokens <= 12 for ids, c in zip(prompts, bounded))
+    assert [c.text for c in bounded] != [c.text for c in unbounded]  # the bound took effect

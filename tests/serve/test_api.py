@@ -13,9 +13,9 @@ import openai
 import pytest
 
 from instructglm.infer.engine import BatchEngine, StopScanner
-from instructglm.infer.generate import build_prompt
 from instructglm.infer.load import load_model
-from instructglm.serve.api import APIError, create_app, messages_to_chat
+from instructglm.infer.prompts import text_turns
+from instructglm.serve.api import create_app
 from tests.infer.helpers import reference_completion, serve_in_thread
 
 KEY = "test-key"
@@ -49,8 +49,8 @@ def client(server):
 
 def greedy(loaded, question, history=(), max_tokens=8):
     """The one-at-a-time answer (transformers' `generate` alone on this prompt)."""
-    model, tokenizer, template = loaded
-    return reference_completion(model, tokenizer, build_prompt(template, question, history), max_tokens)
+    model, tokenizer, prompter = loaded
+    return reference_completion(model, tokenizer, prompter.chat_ids(question, history), max_tokens, prompter)
 
 
 def test_models(client):
@@ -151,8 +151,13 @@ def test_bad_requests_get_openai_errors(server, client):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
     assert "last non-system message" in _error(info.value)["message"]
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="tiny", messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}, {"role": "user", "content": "hi"}])
+        client.chat.completions.create(model="tiny", messages=[{"role": "function", "content": "x"}, {"role": "user", "content": "hi"}])
     assert _error(info.value)["param"] == "messages[0].role"
+    # a text template (this run's alpaca) cannot show tool results: 400 naming the family and the template
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}, {"role": "user", "content": "hi"}])
+    error = _error(info.value)
+    assert error["param"] == "messages" and "causal-lm model family cannot use tools" in error["message"] and "alpaca" in error["message"]
 
 
 def test_concurrent_load_loses_no_request(server, loaded):
@@ -178,14 +183,24 @@ def test_concurrent_load_loses_no_request(server, loaded):
     assert all(content == expected[q] and content for q, _, content in results)
 
 
-def test_messages_to_chat_rules():
+def test_text_template_rounds_rules():
+    from instructglm.errors import BadValue
+
     m = lambda role, content: SimpleNamespace(role=role, content=content)  # noqa: E731
-    query, history = messages_to_chat([m("system", "Be brief."), m("user", "a"), m("assistant", "b"), m("user", "c"), m("user", "d")])
-    assert query == "c\nd" and history == [("Be brief.\n\na", "b")]
-    query, history = messages_to_chat([m("developer", "Rule."), m("user", "q")])
-    assert query == "Rule.\n\nq" and history == []
-    with pytest.raises(APIError, match="start with a user"):
-        messages_to_chat([m("assistant", "x"), m("user", "q")])
+    system, history, query = text_turns([m("system", "Be brief."), m("user", "a"), m("assistant", "b"), m("user", "c"), m("user", "d")])
+    assert (system, history, query) == ("Be brief.", [("a", "b")], "c\nd")
+    with pytest.raises(BadValue, match="start with a user"):
+        text_turns([m("assistant", "x"), m("user", "q")])
+
+
+def test_system_and_developer_go_on_the_line_before_the_rendered_rounds(client, loaded):
+    """As convert writes a system prompt for a text template: `{system}\n{template's rounds}`."""
+    model, tokenizer, prompter = loaded
+    messages = [{"role": "developer", "content": "Rule."}, {"role": "user", "content": "q"}]
+    reply = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=4)
+    ids = tokenizer("Rule.\n" + prompter.template.render("q"))["input_ids"]
+    assert reply.usage.prompt_tokens == len(ids)
+    assert reply.choices[0].message.content == reference_completion(model, tokenizer, ids, 4, prompter).text
 
 
 def test_stop_scanner_holds_back_possible_starts():
@@ -235,10 +250,10 @@ def test_deeply_nested_json_is_a_400(server, loaded):
     # within the fixture's 20 kB body limit, far beyond the JSON parser's recursion limit
     r = httpx.post(server + "/v1/chat/completions", headers=AUTH, content=b"[" * 19_000)
     assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
-    model, tokenizer, template = loaded
+    model, tokenizer, prompter = loaded
     from fastapi.testclient import TestClient
 
-    app = create_app(BatchEngine(model, tokenizer), template, max_request_bytes=1_000_000)
+    app = create_app(BatchEngine(model, tokenizer), prompter, max_request_bytes=1_000_000)
     with TestClient(app) as local:
         for body in (b"[" * 200_000, b'{"messages": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"):
             r = local.post("/v1/chat/completions", content=body)
@@ -248,17 +263,19 @@ def test_deeply_nested_json_is_a_400(server, loaded):
 def test_internal_errors_are_logged_not_returned(loaded, monkeypatch, caplog):
     from fastapi.testclient import TestClient
 
-    model, tokenizer, _ = loaded
+    model, tokenizer, prompter = loaded
 
-    class BrokenTemplate:
-        def render(self, *args, **kwargs):
+    class BrokenPrompter:
+        uses_tools, stop_ids, skip_special_tokens = True, prompter.stop_ids, True
+
+        def prompt_ids(self, *args, **kwargs):
             raise RuntimeError("secret-detail /home/me/internal.py")
 
     def broken_generation(*args, **kwargs):
         raise RuntimeError("secret-detail from generate")
 
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    with TestClient(create_app(BatchEngine(model, tokenizer), BrokenTemplate()), raise_server_exceptions=False) as local:
+    with TestClient(create_app(BatchEngine(model, tokenizer), BrokenPrompter()), raise_server_exceptions=False) as local:
         r = local.post("/v1/chat/completions", json=body)
     assert r.status_code == 500 and "secret" not in r.text
     request_id = r.json()["error"]["message"].split("request id ")[1].split(")")[0]
@@ -365,9 +382,9 @@ def test_concurrent_requests_of_different_lengths_get_the_one_at_a_time_answers(
 
 
 def test_the_queue_limit_answers_503_in_openai_shape(loaded, monkeypatch):
-    model, tokenizer, template = loaded
+    model, tokenizer, prompter = loaded
     small = BatchEngine(model, tokenizer, max_batch_size=1, max_queue=1)
-    url, srv, thread = serve_in_thread(create_app(small, template, max_tokens_limit=64))
+    url, srv, thread = serve_in_thread(create_app(small, prompter, max_tokens_limit=64))
     gate = threading.Event()
     real = BatchEngine._decode
     monkeypatch.setattr(BatchEngine, "_decode", lambda self: gate.wait(30) and real(self))
@@ -399,11 +416,9 @@ POISON = "thanks thanks thanks"  # a prompt (in the tiny vocabulary) whose forwa
 
 
 def test_a_request_that_errors_does_not_disturb_its_batch(server, engine, loaded, monkeypatch, caplog):
-    from instructglm.infer.engine import encode_prompt
-
-    model, tokenizer, template = loaded
-    poison = encode_prompt(tokenizer, build_prompt(template, POISON, ()))
-    assert all(encode_prompt(tokenizer, build_prompt(template, q, ())) != poison for q in QUESTIONS)
+    model, tokenizer, prompter = loaded
+    poison = prompter.chat_ids(POISON)
+    assert all(prompter.chat_ids(q) != poison for q in QUESTIONS)
     real = BatchEngine._prefill_cache
 
     def prefill(self, prompt_ids):

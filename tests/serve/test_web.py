@@ -14,7 +14,7 @@ import time
 import pytest
 
 from instructglm.infer.engine import BatchEngine
-from instructglm.infer.generate import GenerationArguments, build_prompt, generate_batch
+from instructglm.infer.generate import GenerationArguments, generate_batch
 from instructglm.infer.load import load_model
 from instructglm.serve.web import TITLE, build_app, launch
 from tests.infer.helpers import free_port
@@ -67,8 +67,13 @@ def engine(loaded):
 
 
 def _greedy(loaded, query, history=()):
-    model, tokenizer, template = loaded
-    return generate_batch(model, tokenizer, [build_prompt(template, query, history)], GREEDY)[0].text
+    model, tokenizer, prompter = loaded
+    return generate_batch(model, tokenizer, [prompter.chat_ids(query, history)], GREEDY, prompter)[0].text
+
+
+def _as_messages(*rounds):
+    """(query, answer) rounds as the handler's history state holds them: message dicts."""
+    return [m for q, a in rounds for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
 
 
 def _chat_handler(app):
@@ -98,7 +103,7 @@ def test_handler_streams_growing_partial_answers_and_keeps_history(loaded, engin
     shown, histories, messages = _run_turn(handler, FIRST, [], [])
     # the question appears at once with an empty answer; the history only grows once the answer is complete
     assert shown[0] == ""
-    assert all(h == [] for h in histories[:-1]) and histories[-1] == [(FIRST, expected)]
+    assert all(h == [] for h in histories[:-1]) and histories[-1] == _as_messages((FIRST, expected))
     distinct = [text for i, text in enumerate(shown) if i == 0 or text != shown[i - 1]]
     assert len(distinct) >= 6, f"only {len(distinct)} distinct states were yielded: {distinct}"
     for before, after in zip(distinct, distinct[1:]):
@@ -110,17 +115,17 @@ def test_handler_streams_growing_partial_answers_and_keeps_history(loaded, engin
     assert expected_second != _greedy(loaded, SECOND), "the history must change the answer for this check to mean anything"
     shown, histories, messages = _run_turn(handler, SECOND, messages, histories[-1])
     assert shown[-1] == expected_second
-    assert histories[-1] == [(FIRST, expected), (SECOND, expected_second)]
+    assert histories[-1] == _as_messages((FIRST, expected), (SECOND, expected_second))
     assert [m["content"] for m in messages] == [FIRST, expected, SECOND, expected_second]
 
 
 @pytest.fixture
 def app_url(loaded, engine):
-    model, tokenizer, template = loaded
-    app = build_app(engine, template, GenerationArguments(max_length=64, temperature=0.0))
+    model, tokenizer, prompter = loaded
+    app = build_app(engine, prompter, GenerationArguments(max_length=64, temperature=0.0))
     port = free_port()
     launch(app, "127.0.0.1", port, block=False)
-    yield f"http://127.0.0.1:{port}", (model, tokenizer, template)
+    yield f"http://127.0.0.1:{port}", (model, tokenizer, prompter)
     app.close()
 
 
@@ -147,7 +152,7 @@ def test_two_questions_stream_answers_into_the_page_with_history(browser, app_ur
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
-    url, (model, tokenizer, template) = app_url
+    url, (model, tokenizer, prompter) = app_url
     browser.get(url)
     # Gradio re-renders the chat while it streams or clears: a message found can be gone before it is read.
     wait = WebDriverWait(browser, 60, ignored_exceptions=(StaleElementReferenceException,))
@@ -159,12 +164,12 @@ def test_two_questions_stream_answers_into_the_page_with_history(browser, app_ur
     _ask(browser, FIRST)
     wait.until(lambda d: any(t.strip() for t in _bot_texts(d)))
     # Temperature 0 decodes greedily: the page shows the model's greedy answer once it has finished.
-    first = _greedy((model, tokenizer, template), FIRST)
+    first = _greedy((model, tokenizer, prompter), FIRST)
     wait.until(lambda d: _bot_texts(d) and _bot_texts(d)[-1].split() == first.split())
     # The box is emptied for the next question, which the model answers with the first round as history.
     wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#query textarea").get_attribute("value") == "")
-    second = _greedy((model, tokenizer, template), SECOND, [(FIRST, first)])
-    assert second.split() != _greedy((model, tokenizer, template), SECOND).split()
+    second = _greedy((model, tokenizer, prompter), SECOND, [(FIRST, first)])
+    assert second.split() != _greedy((model, tokenizer, prompter), SECOND).split()
     _ask(browser, SECOND)
     wait.until(lambda d: len(_bot_texts(d)) == 2 and _bot_texts(d)[-1].split() == second.split())
     assert _texts(browser, "user") == [FIRST, SECOND]
@@ -205,9 +210,9 @@ def test_serve_web_mounts_the_chat_beside_the_api_on_one_engine_behind_the_key(b
         assert page.status_code == 200 and "InstructGLM" in page.text
         r = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
                        json={"messages": [{"role": "user", "content": FIRST}], "max_tokens": 8, "temperature": 0})
-        model, tokenizer, template = loaded
+        model, tokenizer, prompter = loaded
         assert r.status_code == 200
-        assert r.json()["choices"][0]["message"]["content"] == reference_completion(model, tokenizer, build_prompt(template, FIRST), 8).text
+        assert r.json()["choices"][0]["message"]["content"] == reference_completion(model, tokenizer, prompter.chat_ids(FIRST), 8, prompter).text
         expected = _greedy(loaded, FIRST)
 
         # Credentials in a URL log the browser in (as typing them into its login prompt would), but the page's

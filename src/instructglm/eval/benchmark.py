@@ -30,13 +30,17 @@ A `subject_mapping.json` in the directory (C-Eval's format, `{subject: [English,
 or `{subject: name}`) renames subjects: the Chinese name for C-Eval and CMMLU prompts (CMMLU's
 code uses its Chinese names), the English one for MMLU.
 
-Scoring: each option letter is an answer to the prompt, encoded as training encodes a target (the
-tokenizer's special tokens around the prompt, so ChatGLM-6B sees `[gMASK] <sop>` before it), and
-the letter with the highest log-likelihood is the prediction, as those scripts take the argmax of
-the next-token logits of `A`..`D`. When every letter is one token (the usual case) one forward
-pass per question scores all four; otherwise each letter's tokens are summed. Base and adapters
-see the same raw prompts (no chat template). A prompt whose shots do not fit the model's context
-drops shots from the end until it does (as hendrycks' script does); such questions are counted.
+Scoring: each option letter is an answer to the prompt, encoded as training encodes a target in the
+model's family, and the letter with the highest log-likelihood is the prediction, as those scripts
+take the argmax of the next-token logits of `A`..`D`. For a text family (ChatGLM-6B, ChatGLM2-6B, a
+plain causal LM) that is the raw prompt with the tokenizer's special tokens around it (ChatGLM-6B sees
+`[gMASK] <sop>` before the letter) and the letter's ids; for a role-token family (ChatGLM3-6B, GLM-4,
+a chat template) the conversation `[user: prompt, assistant: letter]` in its format, the letter being
+what differs between the four conversations (ChatGLM3's answer follows `<|assistant|>` and its empty
+metadata line). When every letter is one token (the usual case) one forward pass per question scores
+all four; otherwise each letter's tokens are summed. Base and adapters see the same prompts. A prompt
+whose shots do not fit the model's context drops shots from the end until it does (as hendrycks'
+script does); such questions are counted.
 
 Accuracy is in percent, per subject; `average` is the mean over subjects (CMMLU's and C-Eval's
 summary), `overall` the fraction of all questions (MMLU's weighted accuracy).
@@ -292,43 +296,77 @@ def build_prompt(layout: str, title: str, shots: Sequence[Question], question: Q
 class _Item:
     subject: str
     answer: str
-    input_ids: list[int]  # prompt with specials, then the first letter's ids
-    seq_len: int
+    input_ids: list[int]  # the prompt as the family writes it, then the first letter's ids
+    seq_len: int  # ids before the letter
+    letters: list[list[int]]  # the ids of each answer letter A-D after the prompt
     shots_dropped: int
 
 
-def _encode_items(benchmark: Benchmark, shots: int, encoder: Any, tokenizer: Any, letter_ids: list[list[int]], limit: int):
+class LetterEncoder:
+    """A question's prompt ids and the ids of each answer letter after it, in the model family's format."""
+
+    def __init__(self, model: Any, tokenizer: Any, limit: int):
+        from instructglm.eval.perplexity import row_encoder
+
+        self.tokenizer = tokenizer
+        self.encoder = row_encoder(model, tokenizer, limit)
+        self.family = self.encoder.family
+        self.letter_ids = [tokenizer(letter, add_special_tokens=False)["input_ids"] for letter in CHOICES]
+        if not self.family.role_tokens and any(not ids for ids in self.letter_ids):
+            raise BadValue(f"the tokenizer encodes the option letters A-D as {self.letter_ids}: an empty letter cannot be scored")
+
+    def encode(self, prompt: str) -> tuple[list[int], list[list[int]]]:
+        """(the prompt's ids, each letter's ids after them)."""
+        if not self.family.role_tokens:
+            ids = self.encoder.prefix + self.tokenizer(prompt, add_special_tokens=False)["input_ids"] + self.encoder.suffix
+            return ids, self.letter_ids
+        rows = [self.family.training_ids(self.tokenizer, [{"role": "user", "content": prompt}, {"role": "assistant", "content": c}])[0] for c in CHOICES]
+        start = _common_length(rows)
+        end = _common_length([row[start:][::-1] for row in rows])  # the end-of-turn tokens every answer shares
+        letters = [row[start : len(row) - end] for row in rows]
+        if any(not ids for ids in letters):
+            raise BadValue(f"the {self.family.name} format writes the option letters A-D alike ({letters}): they cannot be scored")
+        return rows[0][:start], letters
+
+
+def _common_length(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the longest prefix all `rows` share."""
+    shortest = min(len(row) for row in rows)
+    return next((i for i in range(shortest) if len({row[i] for row in rows}) > 1), shortest)
+
+
+def _encode_items(benchmark: Benchmark, shots: int, letters: LetterEncoder, limit: int) -> list[_Item]:
     """Every question as a scored row; shots are dropped from the end while the prompt does not fit."""
     items = []
-    longest_letter = max(len(ids) for ids in letter_ids)
     for subject in benchmark.subjects:
         for question in subject.questions:
             k = min(shots, len(subject.dev))
             while True:
-                prompt = build_prompt(benchmark.layout, subject.title, subject.dev[:k], question)
-                context = encoder.prefix + tokenizer(prompt, add_special_tokens=False)["input_ids"] + encoder.suffix
-                if len(context) + longest_letter <= limit or k == 0:
+                context, answers = letters.encode(build_prompt(benchmark.layout, subject.title, subject.dev[:k], question))
+                longest = len(context) + max(len(ids) for ids in answers)
+                if longest <= limit or k == 0:
                     break
                 k -= 1
-            if len(context) + longest_letter > limit:
+            if longest > limit:
                 raise BadValue(
                     f"{question.location}: the question alone is {len(context)} tokens, over the model's {limit}; "
                     "raise --max_seq_length or leave the subject out with --benchmark_subjects"
                 )
-            items.append(_Item(subject.name, question.answer, context + letter_ids[0], len(context), min(shots, len(subject.dev)) - k))
+            dropped = min(shots, len(subject.dev)) - k
+            items.append(_Item(subject.name, question.answer, context + answers[0], len(context), answers, dropped))
     return items
 
 
-def _letter_logprobs(model: Any, tokenizer: Any, items: list[_Item], letter_ids: list[list[int]], batch_size: int) -> list[list[float]]:
+def _letter_logprobs(model: Any, tokenizer: Any, items: list[_Item], batch_size: int) -> list[list[float]]:
     from instructglm.eval.perplexity import continuation_logprobs, next_token_logprobs
 
     rows = [{"input_ids": item.input_ids, "seq_len": item.seq_len} for item in items]
-    if all(len(ids) == 1 for ids in letter_ids):
-        candidates = [ids[0] for ids in letter_ids]
-        return next_token_logprobs(model, tokenizer, rows, [candidates] * len(rows), batch_size)
+    if all(len(ids) == 1 for item in items for ids in item.letters):
+        candidates = [[ids[0] for ids in item.letters] for item in items]
+        return next_token_logprobs(model, tokenizer, rows, candidates, batch_size)
     per_letter = []
-    for ids in letter_ids:
-        letter_rows = [{"input_ids": item.input_ids[: item.seq_len] + ids, "seq_len": item.seq_len} for item in items]
+    for letter in range(len(CHOICES)):
+        letter_rows = [{"input_ids": item.input_ids[: item.seq_len] + item.letters[letter], "seq_len": item.seq_len} for item in items]
         per_letter.append(continuation_logprobs(model, tokenizer, letter_rows, batch_size))
     return [list(values) for values in zip(*per_letter)]
 
@@ -348,16 +386,11 @@ def score_benchmark(
         {"accuracy", "correct", "questions"}}, "predictions": {name: [letter, ...]}}`, accuracies
         in percent.
     """
-    from instructglm.data.tokenize import RowEncoder
-    from instructglm.eval.perplexity import model_type_of, sequence_limit
+    from instructglm.eval.perplexity import sequence_limit
 
     limit = max_seq_length or sequence_limit(model)
-    encoder = RowEncoder(tokenizer, limit, model_type_of(model))
-    letter_ids = [tokenizer(letter, add_special_tokens=False)["input_ids"] for letter in CHOICES]
-    if any(not ids for ids in letter_ids):
-        raise BadValue(f"the tokenizer encodes the option letters A-D as {letter_ids}: an empty letter cannot be scored")
-    items = _encode_items(benchmark, shots, encoder, tokenizer, letter_ids, limit)
-    logprobs = _letter_logprobs(model, tokenizer, items, letter_ids, batch_size)
+    items = _encode_items(benchmark, shots, LetterEncoder(model, tokenizer, limit), limit)
+    logprobs = _letter_logprobs(model, tokenizer, items, batch_size)
     subjects: dict[str, dict[str, Any]] = {s.name: {"accuracy": 0.0, "correct": 0, "questions": 0} for s in benchmark.subjects}
     predictions: dict[str, list[str]] = {s.name: [] for s in benchmark.subjects}
     for item, values in zip(items, logprobs):

@@ -14,10 +14,16 @@ same rows of `--data`:
 - with `--benchmark DIR`, multiple-choice accuracy on a C-Eval / CMMLU / MMLU directory,
   zero- and five-shot (`--benchmark_shots`), printed per subject side by side.
 
-`--data` is a converted jsonl (`{"context", "target"}` per line, the output of `convert`), or any
-file `convert` reads (Alpaca, BELLE, ShareGPT, ...), whose prompts are then rendered with
-`--template` (default: the first adapter's training template, else the format's). The base is
-loaded once; each adapter is attached to it and taken off again (peft), and every adapter is
+`--data` is a converted jsonl (`{"context", "target"}` per line, the output of `convert`), a
+converted conversation jsonl (`convert --template messages`: `{"messages", "tools"}` per line, the
+last assistant message the reference and the conversation before it the prompt), or any file
+`convert` reads (Alpaca, BELLE, ShareGPT, ...), whose prompts are then rendered with `--template`
+(default: the first adapter's training template, else the format's). Every model is prompted in its
+family's format with its run's template (`instructglm.infer.prompts.Prompter`, as `chat` and `predict`
+prompt it): a context as `tokenize` wrote it (a user message for ChatGLM3 / GLM-4 / chat-template
+models), a conversation through the family's role tokens or chat template (a text family's through its
+round template); a reply that is a tool call is scored as its text plus each call as a JSON line. The
+base is loaded once; each adapter is attached to it and taken off again (peft), and every adapter is
 checked against the base before any generation starts.
 
 Written to `--output_dir` (each atomically): `metrics.json` (one entry per model, keyed by
@@ -46,8 +52,9 @@ from instructglm.eval.results import (
     write_metrics,
     write_predictions,
 )
-from instructglm.infer.generate import GenerationArguments
+from instructglm.infer.generate import BatchGenerationArguments, GenerationArguments
 from instructglm.infer.load import DTYPES
+from instructglm.infer.prompts import MESSAGES
 
 BASE_LABEL = "base"
 NO_ADAPTER = "none"
@@ -122,28 +129,10 @@ class EvalArguments:
             raise BadValue("; ".join(problems))
 
 
-DEFAULT_NEW_TOKENS = 256
+# Scored against references: greedy, bounded answers by default, by the same rule as `predict`.
+EvalGenerationArguments = BatchGenerationArguments  # the name instructglm.demo.pipeline imports
 
-
-@dataclass
-class EvalGenerationArguments(GenerationArguments):
-    # Scored against references: greedy, bounded answers by default (as `predict`).
-    max_length: Optional[int] = field(
-        default=None,
-        metadata={"help": "Maximum prompt + answer length in tokens (instead of --max_new_tokens)."},
-    )
-    max_new_tokens: Optional[int] = field(
-        default=None, metadata={"help": f"Maximum answer length in tokens (default {DEFAULT_NEW_TOKENS}, unless --max_length is set)."}
-    )
-    do_sample: bool = field(default=False, metadata={"help": "Sample (true) or decode greedily (false)."})
-
-    def __post_init__(self):
-        if self.max_new_tokens is None and self.max_length is None:
-            self.max_new_tokens = DEFAULT_NEW_TOKENS
-        super().__post_init__()
-
-
-ARGUMENTS = (EvalArguments, EvalGenerationArguments)
+ARGUMENTS = (EvalArguments, BatchGenerationArguments)
 
 
 # ---------------------------------------------------------------- data
@@ -175,7 +164,7 @@ def _saved_template(path: str | None) -> str | None:
 
 def adapter_template(adapter: str | None) -> str | None:
     """The template an adapter was trained with (its run's instructglm_train.json), if recorded."""
-    from instructglm.infer.load import run_config_path
+    from instructglm.infer.prompts import run_config_path
 
     found = run_config_path(adapter)
     return _saved_template(str(found)) if found else None
@@ -185,9 +174,12 @@ def load_eval_rows(path: str | Path, template: str | None = None, max_rows: int 
     """The `{"context", "target"}` rows of `--data`, its hash, format and prompt template.
 
     A file whose first object has string `context` and `target` is a converted jsonl: used as is
-    (its template from convert's sidecar, else recognised from the prompts, else unknown). Any
-    other file goes through convert's readers and is rendered with `template` (default: the
-    format's). Raises `MissingFile` / `BadValue` (`DataError`) naming the file, the bad lines and the fix.
+    (its template from convert's sidecar, else recognised from the prompts, else unknown). A file whose
+    first object has a `messages` list is a converted conversation jsonl: each row's last assistant
+    message is the reference (`target`, its text and tool calls), the conversation before it the prompt
+    (`conversation`; `context` shows it as text). Any other file goes through convert's readers and is
+    rendered with `template` (default: the format's). Raises `MissingFile` / `BadValue` (`DataError`)
+    naming the file, the bad lines and the fix.
     """
     from instructglm.data.convert import render
     from instructglm.data.io import iter_json_rows
@@ -206,7 +198,15 @@ def load_eval_rows(path: str | Path, template: str | None = None, max_rows: int 
         raise DataError(f"--data {path}: no JSON object in it; give a converted jsonl or a dataset file convert reads")
     rows: list[dict[str, str]] = []
     problems: list[str] = []
-    if isinstance(first.get("context"), str) and isinstance(first.get("target"), str):
+    if isinstance(first.get("messages"), list):
+        data_format, used_template = "messages", MESSAGES
+        for location, row in raw:
+            entry, problem = _conversation_row(row, len(rows))
+            if problem:
+                problems.append(f"{location}: {problem}")
+            else:
+                rows.append(entry)
+    elif isinstance(first.get("context"), str) and isinstance(first.get("target"), str):
         data_format = "converted"
         for location, row in raw:
             if isinstance(row, BadRow):
@@ -245,6 +245,56 @@ def load_eval_rows(path: str | Path, template: str | None = None, max_rows: int 
         raise DataError(f"--data {path}: no rows to evaluate")
     total = len(rows)
     return EvalData(str(path), _sha256(path), data_format, used_template, rows[:max_rows] if max_rows else rows, total)
+
+
+def _conversation_row(row: Any, index: int) -> tuple[dict | None, str | None]:
+    """(eval row, None) of a conversation line, or (None, what is wrong with it)."""
+    from instructglm.data.messages import conversation_of
+    from instructglm.data.records import BadRow
+    from instructglm.infer.prompts import reply_text
+
+    if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+        return None, "no `messages` list"
+    try:
+        conversation = conversation_of(row["messages"], row.get("tools"))
+    except BadRow as bad:
+        return None, bad.detail
+    *prompt, reference = conversation.messages or (None,)
+    if reference is None or reference.role != "assistant" or not prompt:
+        return None, "the conversation does not end with an assistant message after the prompt (the reference to score)"
+    shown = "\n".join(f"{m.role}: {reply_text(m) if m.role == 'assistant' else m.content}" for m in prompt)
+    whole = {"messages": [m.to_dict() for m in conversation.messages], "tools": [dict(t) for t in conversation.tools]}
+    return {"row": index, "context": shown, "target": reply_text(reference), "conversation": whole}, None
+
+
+def row_prompt_ids(prompter: Any, row: dict) -> list[int]:
+    """The prompt ids of an eval row: its conversation without the reference, else its context.
+
+    Raises:
+        BadValue: the model's format cannot show the conversation (tools for a text model, ...).
+    """
+    if "conversation" not in row:
+        return prompter.context_ids(row["context"])
+    from instructglm.data.messages import conversation_of
+
+    conversation = conversation_of(row["conversation"]["messages"][:-1], row["conversation"]["tools"])
+    return prompter.prompt_ids(conversation.messages, conversation.tools)
+
+
+def _loss_conversations(rows: Sequence[dict]) -> list | None:
+    """The whole conversations of conversation rows (for the loss), None for context rows."""
+    if not rows or "conversation" not in rows[0]:
+        return None
+    from instructglm.data.messages import Conversation
+    from instructglm.data.records import BadRow
+
+    conversations = []
+    for row in rows:
+        try:
+            conversations.append(Conversation.from_dict(row["conversation"]))
+        except BadRow:  # nothing training could learn from it: it scores no loss (counted as dropped)
+            conversations.append(None)
+    return conversations
 
 
 # ---------------------------------------------------------------- models
@@ -337,8 +387,8 @@ def detach_adapter(model: Any) -> Any:
 
 def evaluate_generation(
     model: Any,
-    tokenizer: Any,
-    rows: Sequence[dict[str, str]],
+    prompter: Any,
+    rows: Sequence[dict[str, Any]],
     settings: GenerationArguments,
     batch_size: int = 8,
     loss: bool = True,
@@ -348,9 +398,10 @@ def evaluate_generation(
     """Generate an answer for every row and score it; optionally the teacher-forced loss too.
 
     Args:
-        model, tokenizer: a loaded model (base or `PeftModel`) in eval mode, and its tokenizer
-            (left padding, as `instructglm.infer.load.load_model` sets it up).
-        rows: `{"context", "target"}` dicts.
+        model: a loaded model (base or `PeftModel`) in eval mode.
+        prompter: its `instructglm.infer.prompts.Prompter` (the family's format, the run's template; its
+            tokenizer pads on the left, as `instructglm.infer.load.load_model` sets it up).
+        rows: `{"context", "target"}` dicts (with `conversation` for a conversation jsonl's rows).
         settings: decoding settings (`GenerationArguments`).
         batch_size: prompts per generation batch (and rows per loss batch).
         loss: also compute loss/perplexity (`teacher_forced_loss`).
@@ -362,20 +413,25 @@ def evaluate_generation(
         `rows`, `empty_predictions`, `empty_references`, `answer_chars`, `reference_chars`,
         `answer_tokens`, `prompts_over_context`, and with `loss` also `loss`, `perplexity`, `loss_tokens`, ...;
         the stripped answers; per-row scores with `loss`).
+
+    Raises:
+        BadValue: a row the model's format cannot show (`rows_that_fit` leaves those out).
     """
     from tqdm.auto import tqdm
 
     from instructglm.eval.perplexity import sequence_limit
     from instructglm.infer.generate import generate_batch
+    from instructglm.infer.prompts import reply_text
 
     require_eval_deps()
     if seed is not None:
         from transformers import set_seed
 
         set_seed(seed)
-    contexts = [row["context"] for row in rows]
+    tokenizer = prompter.tokenizer
+    prompts = [row_prompt_ids(prompter, row) for row in rows]
     # Batches of similar prompt length waste less on padding; answers go back to data order.
-    lengths = [len(ids) for ids in tokenizer(contexts)["input_ids"]]
+    lengths = [len(ids) for ids in prompts]
     order = sorted(range(len(rows)), key=lambda i: lengths[i])
     limit = sequence_limit(model)
     budget = settings.max_new_tokens or 1
@@ -391,8 +447,8 @@ def evaluate_generation(
     with tqdm(total=len(rows), unit="row", desc="generate", disable=None) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            for i, completion in zip(chunk, generate_batch(model, tokenizer, [contexts[i] for i in chunk], settings)):
-                answers[i], tokens[i] = completion.text.strip(), completion.completion_tokens
+            for i, completion in zip(chunk, generate_batch(model, tokenizer, [prompts[i] for i in chunk], settings, prompter)):
+                answers[i], tokens[i] = reply_text(prompter.reply(completion.text)).strip(), completion.completion_tokens
             bar.update(len(chunk))
     metrics, scored = score_predictions(answers, [row["target"].strip() for row in rows])
     metrics["answer_tokens"] = sum(tokens) / len(tokens) if tokens else 0.0
@@ -401,7 +457,8 @@ def evaluate_generation(
     if loss:
         from instructglm.eval.perplexity import teacher_forced_loss
 
-        result = teacher_forced_loss(model, tokenizer, contexts, [row["target"] for row in rows], max_seq_length, batch_size)
+        contexts, targets = [row["context"] for row in rows], [row["target"] for row in rows]
+        result = teacher_forced_loss(model, tokenizer, contexts, targets, max_seq_length, batch_size, _loss_conversations(rows))
         metrics.update(result.summary())
         for scores, row_loss in zip(row_scores, result.row_losses):
             scores["loss"] = row_loss
@@ -419,10 +476,12 @@ def evaluate_models(
     """Load the base once and evaluate it (for None) and each adapter on `data` (and `benchmark`).
 
     Every adapter is attached and detached once up front, so a mismatched one fails before any
-    generation. `args` supplies dtype, device, batch size, seed, lengths and benchmark shots.
+    generation; each model is prompted with its own run's template (`prompter_for`). `args` supplies
+    dtype, device, batch size, seed, lengths and benchmark shots.
     """
     from instructglm.eval.benchmark import evaluate_benchmark
     from instructglm.infer.load import load_model
+    from instructglm.infer.prompts import prompter_for
 
     args = args or EvalArguments(model_name_or_path=model_name_or_path, data=data.path, output_dir="")
     labels = model_labels(adapters)
@@ -430,14 +489,16 @@ def evaluate_models(
     for adapter in adapters:
         if adapter is not None:
             base = detach_adapter(attach_adapter(base, adapter))
-    data = rows_that_fit(data, tokenizer, base)
+    prompters = [prompter_for(base, tokenizer, adapter, model_name_or_path) for adapter in adapters]
+    data = rows_that_fit(data, prompters, base)
     results = EvalResults(data=data, generation={**asdict(settings), "seed": args.seed})
-    for label, adapter in zip(labels, adapters):
+    for label, adapter, prompter in zip(labels, adapters, prompters):
         print(f"eval: {label}: {len(data.rows)} rows" + (f" (adapter {adapter})" if adapter else ""), file=sys.stderr, flush=True)
         model = base if adapter is None else attach_adapter(base, adapter)
         metrics, answers, row_scores = evaluate_generation(
-            model, tokenizer, data.rows, settings, args.batch_size, True, args.max_seq_length, args.seed
+            model, prompter, data.rows, settings, args.batch_size, True, args.max_seq_length, args.seed
         )
+        metrics["family"], metrics["prompt_template"] = prompter.family.name, prompter.name
         scores = None
         if benchmark is not None:
             scores = evaluate_benchmark(model, tokenizer, benchmark, args.benchmark_shots, args.batch_size, args.max_seq_length)
@@ -447,8 +508,9 @@ def evaluate_models(
     return results
 
 
-def rows_that_fit(data: EvalData, tokenizer: Any, model: Any) -> EvalData:
-    """`data` without the rows whose prompt alone fills the model's context.
+def rows_that_fit(data: EvalData, prompters: Sequence[Any], model: Any) -> EvalData:
+    """`data` without the rows some model cannot be asked: a prompt that alone fills the model's context,
+    or a conversation a model's format cannot show (tools for a text model).
 
     Such a prompt cannot be answered within the length the model was built for, and a very long
     one (a 1 MB context) would try to allocate its whole attention at once; these rows are left
@@ -459,16 +521,29 @@ def rows_that_fit(data: EvalData, tokenizer: Any, model: Any) -> EvalData:
     from instructglm.eval.perplexity import sequence_limit
 
     limit = sequence_limit(model)
-    lengths = [len(ids) for ids in tokenizer([row["context"] for row in data.rows])["input_ids"]]
-    kept = [row for row, length in zip(data.rows, lengths) if length < limit]
-    skipped = [row["row"] for row, length in zip(data.rows, lengths) if length >= limit]
+    kept, skipped, reasons = [], [], set()
+    for row in data.rows:
+        problem = None
+        for prompter in prompters:
+            try:
+                if len(row_prompt_ids(prompter, row)) >= limit:
+                    problem = f"their prompt alone fills the model's context of {limit} tokens"
+            except BadValue as error:
+                problem = f"a model cannot be prompted with them ({error})"
+            if problem:
+                break
+        if problem:
+            skipped.append(row["row"])
+            reasons.add(problem)
+        else:
+            kept.append(row)
     if not skipped:
         return data
     if not kept:
-        raise BadValue(f"--data {data.path}: every prompt is {limit} tokens or longer, the model's whole context; shorten them")
+        raise BadValue(f"--data {data.path}: no row can be evaluated: {'; '.join(sorted(reasons))}")
     print(
-        f"eval: warning: {len(skipped)} row(s) of {data.path} are left out: their prompt alone fills the model's context "
-        f"of {limit} tokens (rows {', '.join(map(str, skipped[:5]))}{', ...' if len(skipped) > 5 else ''})",
+        f"eval: warning: {len(skipped)} row(s) of {data.path} are left out: {'; '.join(sorted(reasons))} "
+        f"(rows {', '.join(map(str, skipped[:5]))}{', ...' if len(skipped) > 5 else ''})",
         file=sys.stderr,
     )
     return replace(data, rows=kept, skipped=skipped)
@@ -515,6 +590,8 @@ def write_outputs(output_dir: Path, results: EvalResults, report_rows: int) -> P
 
 
 def _warn_template_mismatch(data: EvalData, adapters: Sequence[str | None]) -> None:
+    if data.format == "messages":  # conversations are prompted in each model's own format
+        return
     for adapter in adapters:
         trained = adapter_template(adapter)
         if trained and data.template and trained != data.template:

@@ -1,13 +1,16 @@
 """Teacher-forced loss and perplexity of the targets, by training's own rows and labels.
 
-Each (context, target) pair becomes the row `instructglm tokenize` writes (`RowEncoder`: prompt
-with the tokenizer's special tokens, target ids, eos; the target cut to fit, the prompt never) and
-is batched by training's collator (`collator_for`: right padding, labels -100 on the prompt except
-the family's labelled tail, so ChatGLM-6B's `<sop>` counts, as in training). The loss is the
-token-weighted mean negative log-likelihood over every labelled token of every row, in nats,
-and the perplexity is its exp: the number `train` logs as eval loss, for models compared
-without sampling noise. Rows the encoder drops (a prompt with no room for one target token, an
-empty target) are counted and score nothing.
+Each (context, target) pair, or whole conversation, becomes the row `instructglm tokenize` writes for
+the model's family (`RowEncoder`): for a text family (ChatGLM-6B, ChatGLM2-6B, a plain causal LM) the
+prompt with the tokenizer's special tokens, target ids, eos (the target cut to fit, the prompt never);
+for a role-token family (ChatGLM3-6B, GLM-4, a chat template) the conversation `[user: context,
+assistant: target]` (or the whole conversation) in its format, every assistant turn labelled as
+training labels it. Rows are batched by training's collator (right padding, labels -100 where
+nothing is learned; the family's labelled prompt tail, so ChatGLM-6B's `<sop>` counts, as in
+training). The loss is the token-weighted mean negative log-likelihood over every labelled token of
+every row, in nats, and the perplexity is its exp: the number `train` logs as eval loss, for models
+compared without sampling noise. Rows the encoder drops (a prompt with no room for one target token,
+an empty target, a conversation the family cannot express) are counted and score nothing.
 
 `continuation_logprobs` is the same forward pass for the benchmark scorer: the summed
 log-probability of the ids after each row's prompt.
@@ -15,13 +18,12 @@ log-probability of the ids after each row's prompt.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from instructglm.data.tokenize import EMPTY_TARGET, PROMPT_TOO_LONG, TRUNCATED, RowEncoder
-from instructglm.train.collator import IGNORE_INDEX, collator_for
+from instructglm.data.tokenize import PROMPT_TOO_LONG, UNSUPPORTED, RowEncoder
+from instructglm.train.collator import IGNORE_INDEX, CausalLMCollator, pad_token_id_for
 
 
 @dataclass
@@ -35,6 +37,7 @@ class LossResult:
     truncated: int = 0  # scored rows whose target was cut at its end to fit max_seq_length
     dropped_prompt_too_long: int = 0
     dropped_empty_target: int = 0
+    dropped_unsupported: int = 0  # conversations the model's family cannot express (tools for a text model)
     # per input row: mean NLL of its labelled tokens, None for a dropped row
     row_losses: list[float | None] = field(default_factory=list)
 
@@ -46,7 +49,7 @@ class LossResult:
             "loss_tokens": self.tokens,
             "loss_rows": self.rows,
             "loss_truncated": self.truncated,
-            "loss_dropped": self.dropped_prompt_too_long + self.dropped_empty_target,
+            "loss_dropped": self.dropped_prompt_too_long + self.dropped_empty_target + self.dropped_unsupported,
         }
 
 
@@ -123,6 +126,14 @@ def _score_rows(model: Any, collator: Any, rows: Sequence[dict], batch_size: int
     return scores
 
 
+def row_encoder(model: Any, tokenizer: Any, max_seq_length: int | None = None) -> RowEncoder:
+    """Training's row encoder for `model` (its family from its config and the tokenizer, its stop ids)."""
+    from instructglm.infer.engine import unwrap
+
+    network = unwrap(model)
+    return RowEncoder(tokenizer, max_seq_length or sequence_limit(model), network.config, getattr(network, "generation_config", None))
+
+
 def teacher_forced_loss(
     model: Any,
     tokenizer: Any,
@@ -130,6 +141,7 @@ def teacher_forced_loss(
     targets: Sequence[str],
     max_seq_length: int | None = None,
     batch_size: int = 8,
+    conversations: Sequence[Any] | None = None,
 ) -> LossResult:
     """Loss and perplexity of `targets` given `contexts`, under training's row and label rules.
 
@@ -140,32 +152,39 @@ def teacher_forced_loss(
         max_seq_length: longest row in tokens (targets are cut at their end to fit); default the
             model's context length from its config.
         batch_size: rows per forward pass.
+        conversations: whole conversations (`instructglm.data.messages.Conversation`) to score instead of
+            (context, target) pairs, every assistant turn labelled; `contexts` and `targets` are then ignored.
 
     Returns:
         A `LossResult`; `loss` and `perplexity` are NaN when no row could be scored.
     """
-    model_type = model_type_of(model)
-    encoder = RowEncoder(tokenizer, max_seq_length or sequence_limit(model), model_type)
-    collator = collator_for(tokenizer, model_type)
-    ids = tokenizer(list(contexts) + list(targets), add_special_tokens=False)["input_ids"]
-    result = LossResult(loss=math.nan, perplexity=math.nan, tokens=0, rows=0)
-    kept: list[tuple[int, dict]] = []
-    for index, (context_ids, target_ids) in enumerate(zip(ids[: len(contexts)], ids[len(contexts) :], strict=True)):
-        row, seq_len, outcome = encoder.encode(context_ids, target_ids)
+    encoder = row_encoder(model, tokenizer, max_seq_length)
+    collator = CausalLMCollator(pad_token_id_for(tokenizer), encoder.family.labelled_prompt_tail)
+    if conversations is not None:
+        table, counts, dropped = encoder.encode_conversations(list(conversations))
+        count = len(conversations)
+    else:
+        table, counts, dropped = encoder.encode_batch(list(contexts), list(targets))
+        count = len(contexts)
+    result = LossResult(loss=math.nan, perplexity=math.nan, tokens=0, rows=0, truncated=counts.truncated)
+    gone = set()
+    for position, outcome, *_ in dropped:
+        gone.add(position)
         if outcome == PROMPT_TOO_LONG:
             result.dropped_prompt_too_long += 1
-        elif outcome == EMPTY_TARGET:
-            result.dropped_empty_target += 1
+        elif outcome == UNSUPPORTED:
+            result.dropped_unsupported += 1
         else:
-            result.truncated += outcome == TRUNCATED
-            kept.append((index, {"input_ids": row, "seq_len": seq_len}))
-    result.row_losses = [None] * len(contexts)
-    if not kept:
+            result.dropped_empty_target += 1
+    result.row_losses = [None] * count
+    kept = [i for i in range(count) if i not in gone]
+    rows = table.to_pylist()
+    if not rows:
         return result
-    scores = _score_rows(model, collator, [row for _, row in kept], batch_size)
-    for (index, _), (total, count) in zip(kept, scores):
-        result.row_losses[index] = -total / count
-    result.tokens, result.rows = sum(count for _, count in scores), len(kept)
+    scores = _score_rows(model, collator, rows, batch_size)
+    for index, (total, tokens) in zip(kept, scores, strict=True):
+        result.row_losses[index] = -total / tokens
+    result.tokens, result.rows = sum(tokens for _, tokens in scores), len(rows)
     result.loss = -math.fsum(total for total, _ in scores) / result.tokens
     result.perplexity = math.exp(result.loss) if result.loss < 700 else math.inf
     return result
@@ -173,7 +192,7 @@ def teacher_forced_loss(
 
 def _answer_collator(tokenizer: Any, model: Any):
     """Training's collator labelling only the ids after the prompt (not ChatGLM's `<sop>`, the same for every answer)."""
-    return dataclasses.replace(collator_for(tokenizer, model_type_of(model)), labelled_prompt_tail=0)
+    return CausalLMCollator(pad_token_id_for(tokenizer), labelled_prompt_tail=0)
 
 
 def continuation_logprobs(model: Any, tokenizer: Any, rows: Sequence[dict], batch_size: int = 8) -> list[float]:

@@ -1,13 +1,14 @@
 """A continuous-batching generation engine: concurrent requests share every forward pass.
 
-    engine = BatchEngine(model, tokenizer, max_batch_size=8)
-    handle = engine.submit(GenerationRequest(prompt_ids=encode_prompt(tokenizer, text), max_new_tokens=64))
+    engine = BatchEngine(model, tokenizer, max_batch_size=8, stop_ids=prompter.stop_ids)
+    handle = engine.submit(prompter.request(prompter.prompt_ids(messages), settings))
     engine.run_until_idle()            # offline (predict, eval); `engine.start()` runs it on a thread (serve, web)
     handle.completion.text
 
 A request is token ids (`prompt_ids`), decoding settings, stop token ids, stop strings and an optional seed,
-so it does not care how a family builds its prompt (text through a template today, role tokens as ids for
-ChatGLM3/GLM-4). Each step of the engine:
+so it does not care how a family builds its prompt: the commands build requests through the loaded model's
+`instructglm.infer.prompts.Prompter` (the family's format and stop ids, special tokens kept in the text
+where the family's replies need them). Each step of the engine:
 
 1. drops cancelled requests (a client gone) and frees their rows at once;
 2. admits waiting requests while the batch has room (`max_batch_size`): each prompt is prefilled in a
@@ -75,7 +76,8 @@ class GenerationRequest:
 
     `stop_ids` None means the engine's (the model's eos ids); `stream` asks for the text of every step
     (`Event.text`), decoded incrementally; a request with stop strings is decoded incrementally too, so
-    it ends as soon as one appears.
+    it ends as soon as one appears. The text is decoded without special tokens unless `skip_special_tokens`
+    is False.
     """
 
     prompt_ids: tuple[int, ...]
@@ -87,6 +89,8 @@ class GenerationRequest:
     stop_strings: tuple[str, ...] = ()
     seed: Optional[int] = None
     stream: bool = False
+    # False keeps special tokens in the text (ChatGLM3's `<|assistant|>` between the parts of one reply)
+    skip_special_tokens: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "prompt_ids", tuple(int(i) for i in self.prompt_ids))
@@ -223,8 +227,9 @@ class IncrementalText:
     WINDOW = 6  # tokens a window may grow to before its anchor moves up
     CONTEXT = 2  # tokens before the newest that a moved window keeps
 
-    def __init__(self, tokenizer: Any, stops: Sequence[str]):
+    def __init__(self, tokenizer: Any, stops: Sequence[str], skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.scanner = StopScanner(stops)
         self.anchor = 0  # first token of the window
         self.settled = ""  # the window's text up to the last emitted piece
@@ -232,7 +237,7 @@ class IncrementalText:
         self.emitted: list[str] = []
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def feed(self, ids: Sequence[int]) -> str:
         """The text the latest token of `ids` (the answer so far) settles, cut at any stop string."""
@@ -847,7 +852,9 @@ class BatchEngine:
         generator = None
         if request.seed is not None and request.samples:
             generator = torch.Generator(device=self.device).manual_seed(request.seed)
-        text = IncrementalText(self.tokenizer, request.stop_strings) if (request.stream or request.stop_strings) else None
+        text = None
+        if request.stream or request.stop_strings:
+            text = IncrementalText(self.tokenizer, request.stop_strings, request.skip_special_tokens)
         row = _Row(handle, self.rule.start(request.prompt_ids), generator, text, request.stop_ids if request.stop_ids is not None else self.stop_ids)
         (token,) = self._choose([row], logits)
         if self._accept(row, token):
@@ -985,7 +992,8 @@ class BatchEngine:
         handle = row.handle
         try:
             if row.text is None:
-                text = self.tokenizer.decode(row.ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+                skip = row.request.skip_special_tokens
+                text = self.tokenizer.decode(row.ids, skip_special_tokens=skip) if self.tokenizer is not None else ""
             else:
                 tail = row.text.finish(row.ids)
                 if tail and row.request.stream:
@@ -1135,18 +1143,45 @@ def stream_text(engine: BatchEngine, request: GenerationRequest) -> Iterator[str
                 engine.step()  # frees the row now
 
 
-def stream_answer(engine: BatchEngine, template: Any, query: str, history: Sequence[tuple[str, str]], settings: GenerationArguments) -> Iterator[str]:
-    """`stream_text` of a chat turn: `query` after `history` through `template`, decoded by `settings`, the
-    answer budget cut to what the model's context leaves (a `--max_length` may be larger).
+class AnswerStream:
+    """One chat answer from the engine: iterate for the pieces of its content as they are decoded; once the
+    iteration has ended, `message` is the parsed reply (`Prompter.reply`: its content and any tool calls).
+
+    Leaving the loop early cancels the request (see `stream_text`); `message` stays None then.
+    """
+
+    def __init__(self, engine: BatchEngine, prompter: Any, request: GenerationRequest):
+        self.engine, self.prompter, self.request = engine, prompter, request
+        self.message: Any = None
+
+    def __iter__(self) -> Iterator[str]:
+        reply = self.prompter.stream()
+        pieces = stream_text(self.engine, self.request)
+        try:
+            for piece in pieces:
+                shown = reply.feed(piece)
+                if shown:
+                    yield shown
+        finally:
+            pieces.close()
+        rest, self.message = reply.finish()
+        if rest:
+            yield rest
+
+
+def stream_answer(
+    engine: BatchEngine, prompter: Any, messages: Sequence[Any], settings: GenerationArguments, tools: Optional[Sequence[Any]] = None
+) -> AnswerStream:
+    """The `AnswerStream` of the assistant's next message after `messages` (prompted by `prompter`, the loaded
+    model's `instructglm.infer.prompts.Prompter`), decoded by `settings`, the answer budget cut to what the
+    model's context leaves (a `--max_length` may be larger).
 
     Raises:
-        BadValue: the prompt leaves no room for an answer (under `--max_length`, or in the context).
-        QueueFull, GenerationFailed: see `stream_text`.
+        BadValue: the prompt leaves no room for an answer (under `--max_length`, or in the context), or the
+            run's format cannot show the messages (tools in a text prompt, ...).
     """
-    from instructglm.infer.generate import build_prompt
-
-    prompt_ids = encode_prompt(engine.tokenizer, build_prompt(template, query, list(history)))
-    request = request_for(prompt_ids, settings, stream=True)
+    prompt_ids = prompter.prompt_ids(messages, tools)
+    request = prompter.request(prompt_ids, settings, stream=True)
     if engine.max_seq_len is not None:
         room = engine.max_seq_len - len(prompt_ids)
         if room < 1:
@@ -1156,28 +1191,37 @@ def stream_answer(engine: BatchEngine, template: Any, query: str, history: Seque
             )
         if request.max_new_tokens > room:
             request = dataclasses.replace(request, max_new_tokens=room)
-    return stream_text(engine, request)
+    return AnswerStream(engine, prompter, request)
 
 
 def generate_all(
     model: Any,
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[Any],
     settings: GenerationArguments,
     max_batch_size: int = 8,
     decode: str = "dynamic",
+    stop_ids: Optional[Iterable[int]] = None,
+    skip_special_tokens: bool = True,
 ) -> list[Completion]:
-    """One `Completion` per text prompt, in input order, through a `BatchEngine` of `max_batch_size` rows.
+    """One `Completion` per prompt (a text, encoded with the tokenizer's special tokens, or token ids), in
+    input order, through a `BatchEngine` of `max_batch_size` rows that stops at `stop_ids` (default: the
+    model's eos ids).
 
     Raises:
         BadValue: a prompt leaves no room for an answer under `--max_length`.
     """
-    requests = [request_for(encode_prompt(tokenizer, prompt), settings) for prompt in prompts]
+    requests = [
+        request_for(encode_prompt(tokenizer, prompt) if isinstance(prompt, str) else prompt, settings, skip_special_tokens=skip_special_tokens)
+        for prompt in prompts
+    ]
     if not requests:
         return []
     # Sized for the longest request (a static cache needs a size; nothing past the context is refused here).
     longest = max(len(r.prompt_ids) + r.max_new_tokens for r in requests)
-    engine = BatchEngine(model, tokenizer, max_batch_size=max_batch_size, max_queue=None, max_seq_len=longest, decode=decode)
+    engine = BatchEngine(
+        model, tokenizer, max_batch_size=max_batch_size, max_queue=None, max_seq_len=longest, decode=decode, stop_ids=stop_ids
+    )
     handles = generate_requests(engine, requests)
     for handle in handles:
         if handle.error is not None:

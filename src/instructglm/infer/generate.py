@@ -1,6 +1,8 @@
-"""Generation shared by chat, predict, web, serve and THUDM's `chat`/`stream_chat` API.
+"""Generation shared by chat, predict, web, serve, eval and THUDM's `chat`/`stream_chat` API.
 
-- `build_prompt`: query + history -> prompt text through the run's template.
+Prompts come from the loaded model's `instructglm.infer.prompts.Prompter` (the family's format and
+the run's template) as token ids, or are texts encoded with the tokenizer's special tokens.
+
 - `generate_batch`: one decoded `Completion` per prompt, through the batching engine
   (`instructglm.infer.engine`, which also runs `serve`, `web`, `predict` and `eval`).
 - `generate_kwargs`: the one place where decoding settings become `model.generate` arguments,
@@ -11,7 +13,8 @@
   engine decodes with the same processing (greedy; temperature and top_p with top_k 0), so both
   give the same greedy answers.
 
-Decoding settings come from `GenerationArguments`, which every command exposes as flags.
+Decoding settings come from `GenerationArguments`, which every command exposes as flags
+(`BatchGenerationArguments` for predict and eval: greedy and bounded by default).
 """
 
 from __future__ import annotations
@@ -65,6 +68,30 @@ class GenerationArguments:
         return self.do_sample and self.temperature >= MIN_SAMPLING_TEMPERATURE
 
 
+DEFAULT_NEW_TOKENS = 256
+
+
+@dataclass
+class BatchGenerationArguments(GenerationArguments):
+    """Decoding for answers scored against references (`predict`, `eval`): greedy, and bounded by default —
+    `--max_new_tokens` 256 unless `--max_length` is given, which then bounds prompt + answer."""
+
+    max_length: Optional[int] = field(
+        default=None,
+        metadata={"help": "Maximum prompt + answer length in tokens (instead of --max_new_tokens)."},
+    )
+    max_new_tokens: Optional[int] = field(
+        default=None,
+        metadata={"help": f"Maximum answer length in tokens (default {DEFAULT_NEW_TOKENS}, unless --max_length is set)."},
+    )
+    do_sample: bool = field(default=False, metadata={"help": "Sample (true) or decode greedily (false)."})
+
+    def __post_init__(self):
+        if self.max_new_tokens is None and self.max_length is None:
+            self.max_new_tokens = DEFAULT_NEW_TOKENS
+        super().__post_init__()
+
+
 @dataclass
 class EngineArguments:
     """How the batching engine (`instructglm.infer.engine`) runs, for the commands that serve many prompts."""
@@ -95,11 +122,6 @@ class Completion:
     completion_tokens: int
     # "stop": the model ended its answer; "length": the token budget ran out; "cancelled".
     finish_reason: str
-
-
-def build_prompt(template: Any, query: str, history: Sequence[tuple[str, str]] = ()) -> str:
-    """The prompt for `query` after the (query, answer) rounds of `history`."""
-    return template.render(query, "", list(history))
 
 
 def context_limit(model: Any) -> int | None:
@@ -156,12 +178,26 @@ def generate_kwargs(settings: GenerationArguments, prompt_len: int, tokenizer: A
     return kwargs
 
 
-def _prepare(model: Any, tokenizer: Any, prompts: Sequence[str], settings: GenerationArguments, extra: dict) -> tuple[dict, int, dict]:
+def _left_padded(tokenizer: Any, prompts: Sequence[Any]) -> dict:
+    """`input_ids` and `attention_mask` of texts (encoded with special tokens) or token id lists, padded on the left."""
+    import torch
+
+    if all(isinstance(p, str) for p in prompts):
+        batch = tokenizer(list(prompts), padding=True, return_tensors="pt")
+        # Only what every decoder-only model takes; fast tokenizers may add token_type_ids.
+        return {k: batch[k] for k in ("input_ids", "attention_mask")}
+    rows = [tokenizer(p)["input_ids"] if isinstance(p, str) else [int(i) for i in p] for p in prompts]
+    width = max(len(row) for row in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _prepare(model: Any, tokenizer: Any, prompts: Sequence[Any], settings: GenerationArguments, extra: dict) -> tuple[dict, int, dict]:
     """(left-padded model inputs on the model's device, padded prompt width, `generate` kwargs)."""
-    batch = tokenizer(list(prompts), padding=True, return_tensors="pt")
     device = next(model.parameters()).device
-    # Only what every decoder-only model takes; fast tokenizers may add token_type_ids.
-    inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+    inputs = {k: v.to(device) for k, v in _left_padded(tokenizer, prompts).items()}
     width = inputs["input_ids"].shape[1]
     return inputs, width, generate_kwargs(settings, width, tokenizer, **extra)
 
@@ -176,8 +212,8 @@ def _completion(tokenizer: Any, ids: list[int], prompt_tokens: int, eos: set[int
     return Completion(text=text, prompt_tokens=prompt_tokens, completion_tokens=len(ids), finish_reason=reason)
 
 
-def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[str], settings: GenerationArguments, **extra: Any) -> tuple[list[list[int]], list[int], int]:
-    """Generate for every prompt in one left-padded batch.
+def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[Any], settings: GenerationArguments, **extra: Any) -> tuple[list[list[int]], list[int], int]:
+    """Generate for every prompt (a text, or token ids) in one left-padded batch.
 
     Returns:
         (the new token ids of each row, as `generate` returned them: eos and any padding after it
@@ -192,9 +228,13 @@ def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[str], settings: G
     return out[:, width:].tolist(), lengths, kwargs["max_new_tokens"]
 
 
-def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str], settings: GenerationArguments) -> list[Completion]:
-    """One `Completion` per prompt, all prompts decoded together by the batching engine
-    (`instructglm.infer.engine`): greedy answers are the one-at-a-time answers.
+def generate_batch(
+    model: Any, tokenizer: Any, prompts: Sequence[Any], settings: GenerationArguments, prompter: Any = None
+) -> list[Completion]:
+    """One `Completion` per prompt (a text, or token ids), all prompts decoded together by the batching
+    engine (`instructglm.infer.engine`): greedy answers are the one-at-a-time answers. With a `prompter`
+    (the loaded model's `instructglm.infer.prompts.Prompter`) answers stop at its stop ids and are decoded
+    as it reads them; otherwise at the model's eos ids, without special tokens.
 
     With `--max_length` (no `--max_new_tokens`), each answer's budget is max_length minus its own
     prompt's length, as one at a time.
@@ -204,7 +244,8 @@ def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str], settings:
     """
     from instructglm.infer.engine import generate_all
 
-    return generate_all(model, tokenizer, prompts, settings, max_batch_size=max(1, len(prompts)))
+    options = {} if prompter is None else {"stop_ids": prompter.stop_ids, "skip_special_tokens": prompter.skip_special_tokens}
+    return generate_all(model, tokenizer, prompts, settings, max_batch_size=max(1, len(prompts)), **options)
 
 
 class _Cancelled:
@@ -251,7 +292,7 @@ class TokenIdStream:
     abandoned stream never keeps the model busy.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, prompt: str, settings: GenerationArguments, extra: dict | None = None):
+    def __init__(self, model: Any, tokenizer: Any, prompt: Any, settings: GenerationArguments, extra: dict | None = None):
         self.model, self.tokenizer, self.prompt, self.settings = model, tokenizer, prompt, settings
         self.cancel_event = threading.Event()
         self.extra = dict(extra or {})
@@ -300,6 +341,6 @@ class TokenIdStream:
         )
 
 
-def stream_token_ids(model: Any, tokenizer: Any, prompt: str, settings: GenerationArguments, **extra: Any) -> TokenIdStream:
-    """A `TokenIdStream` for `prompt` with further `generate` arguments `extra` (see `generate_kwargs`)."""
+def stream_token_ids(model: Any, tokenizer: Any, prompt: Any, settings: GenerationArguments, **extra: Any) -> TokenIdStream:
+    """A `TokenIdStream` for `prompt` (a text, or token ids) with further `generate` arguments `extra` (see `generate_kwargs`)."""
     return TokenIdStream(model, tokenizer, prompt, settings, extra=extra)

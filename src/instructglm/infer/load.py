@@ -1,11 +1,11 @@
-"""Load a model for inference: base checkpoint + optional LoRA adapter + the prompt template.
+"""Load a model for inference: base checkpoint + optional LoRA adapter + how it is prompted.
 
-Every inference command (chat, predict, web, serve, merge) starts here, so they all agree on
+Every inference command (chat, predict, web, serve, merge, eval) starts here, so they all agree on
 three things: how an adapter is attached (through the training side's `load_adapter`, which
-checks the adapter's tensors against the base), which template turns a query and its history
-into a prompt (the one the adapter was trained with, saved as `instructglm_train.json` in the
-run dir, else the model family's chat template), and that tokenizers pad on the left, as
-batched decoder-only generation needs.
+checks the adapter's tensors against the base), how a conversation becomes prompt ids and a reply
+is read back (`instructglm.infer.prompts.Prompter`: the model family's format and the template the
+adapter was trained with, saved as `instructglm_train.json` in the run dir, else the family's
+default), and that tokenizers pad on the left, as batched decoder-only generation needs.
 """
 
 from __future__ import annotations
@@ -13,18 +13,14 @@ from __future__ import annotations
 import json
 import pickle
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from instructglm.errors import BadValue, MissingFile
 from instructglm.layout import RUN_CONFIG
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-# What `train` records as the template when its data's template is not known (a jsonl made by
-# the 2023 scripts, without convert's sidecar).
-UNKNOWN_TEMPLATE = "unknown"
 
 
 @dataclass
@@ -43,8 +39,9 @@ class ModelArguments:
     template: Optional[str] = field(
         default=None,
         metadata={
-            "help": "Prompt template name (or a custom format string). Default: the `template` saved in "
-            f"the adapter's {RUN_CONFIG}, else the model family's chat template."
+            "help": "Prompt template name (or a custom format string); `messages` prompts whole conversations in the "
+            f"model family's format (ChatGLM3's role tokens, a chat template). Default: the `template` saved in the "
+            f"adapter's {RUN_CONFIG}, else the model family's."
         },
     )
     dtype: str = field(
@@ -57,10 +54,27 @@ class ModelArguments:
 
 
 def resolve_device(device: str = "auto") -> str:
+    """The device to load on: `auto` is cuda when a GPU is there, else cpu.
+
+    Raises:
+        BadValue: not a device name, or a CUDA device this machine does not have.
+    """
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BadValue(f"--device {device!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadValue(f"--device {device}: this machine has no CUDA GPU that torch can use; use --device cpu (or auto)")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise BadValue(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0; "
+                "pick one of them, or --device cuda"
+            )
     return device
 
 
@@ -74,60 +88,6 @@ def resolve_dtype(dtype: str, device: str) -> Any:
     if dtype == "auto":
         return torch.float32 if device == "cpu" else "auto"
     return getattr(torch, dtype)
-
-
-def run_config_path(path: str | None) -> Path | None:
-    """Where a run's `instructglm_train.json` would sit for an adapter dir, a `.pt` file or a model dir."""
-    if not path:
-        return None
-    p = Path(path)
-    candidate = (p if p.is_dir() else p.parent) / RUN_CONFIG
-    return candidate if candidate.is_file() else None
-
-
-def template_name_for(model_config: Any, adapter: str | None, model_name_or_path: str | None = None) -> str:
-    """The template the adapter (or a merged model) was trained with, else the family's chat template.
-
-    When the run says its training template is unknown, or an adapter comes without a run config,
-    the family's template is a guess: a one-line warning on stderr says so and names --template.
-
-    Raises:
-        BadValue: the run's instructglm_train.json is not a JSON object.
-    """
-    from instructglm.models.registry import family_for
-
-    fallback = family_for(model_config).chat_template
-    for source in (adapter, model_name_or_path):
-        saved = run_config_path(source)
-        if saved is None:
-            continue
-        try:
-            run = json.loads(saved.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BadValue(f"{saved}: not valid JSON ({err}); fix or delete it, or pass --template") from err
-        if not isinstance(run, dict):
-            raise BadValue(f"{saved}: not a JSON object; fix or delete it, or pass --template")
-        name = run.get("template")
-        # train records an unknown template as `template: null, template_source: "unknown"`
-        if name == UNKNOWN_TEMPLATE or (not name and run.get("template_source") == UNKNOWN_TEMPLATE):
-            _warn(
-                f"{saved} says the adapter's training template is unknown (its data had no convert sidecar); "
-                f"prompting with the model family's `{fallback}` template instead: pass --template NAME "
-                "(e.g. alpaca, belle) if the training prompts looked different"
-            )
-            return fallback
-        if name:
-            return name
-    if adapter is not None:
-        _warn(
-            f"--adapter {adapter} has no {RUN_CONFIG}, so the template it was trained with is unknown; prompting with "
-            f"the model family's `{fallback}` template instead: pass --template NAME if the training prompts looked different"
-        )
-    return fallback
-
-
-def _warn(message: str) -> None:
-    print(f"instructglm: warning: {message}", file=sys.stderr, flush=True)
 
 
 def generation_tokenizer(model_name_or_path: str):
@@ -144,32 +104,41 @@ def generation_tokenizer(model_name_or_path: str):
     return tokenizer
 
 
+class Loaded(NamedTuple):
+    """What `load_model` returns: unpack it as `model, tokenizer, prompter = load_model(...)`."""
+
+    model: Any
+    tokenizer: Any
+    prompter: Any  # instructglm.infer.prompts.Prompter
+
+
 def load_model(
     model_name_or_path: str,
     adapter: str | None = None,
     dtype: str = "auto",
     device: str = "auto",
     template: str | None = None,
-):
-    """Load `(model, tokenizer, template)` ready for generation.
+) -> Loaded:
+    """Load `(model, tokenizer, prompter)` ready for generation.
 
     Args:
         model_name_or_path: hub name or local directory of the base (or an already merged) model.
         adapter: a peft adapter directory or a `chatglm-lora.pt` state dict; None for the base alone.
         dtype: "auto", "float32", "float16" or "bfloat16" (see `resolve_dtype`).
         device: "auto", "cpu", "cuda", "cuda:N".
-        template: a template name or format string overriding the saved/family one.
+        template: a template name or format string (or `messages`) overriding the saved/family one.
 
     Returns:
         The model in eval mode (a `PeftModel` when an adapter is given), its tokenizer with left
-        padding, and the template object (`.render(instruction, input, history)`).
+        padding, and its `Prompter` (the family's format with the run's template, stop ids, reply parsing).
 
     Raises:
         MissingFile: the adapter path does not exist, or `model_name_or_path` holds no tokenizer or weights.
-        BadValue: bad dtype; a truncated or refused checkpoint or adapter file (named); the adapter
-            does not fit the base (the message names the tensors).
+        BadValue: bad dtype or device; a truncated or refused checkpoint or adapter file (named); the adapter
+            does not fit the base (the message names the tensors); a tokenizer with more ids than the model's
+            embedding; a run recorded for another model family.
     """
-    from instructglm.data.templates import get_template
+    from instructglm.infer.prompts import prompter_for
     from instructglm.models.loading import load_causal_lm
 
     if adapter is not None:
@@ -177,11 +146,27 @@ def load_model(
     device = resolve_device(device)
     tokenizer = generation_tokenizer(model_name_or_path)
     model = load_causal_lm(model_name_or_path, dtype=resolve_dtype(dtype, device), device_map={"": device})
+    check_vocabulary(model, tokenizer, model_name_or_path)
     if adapter is not None:
         model = attach_adapter(model, adapter)
     model.eval()
-    name = template or template_name_for(model.config, adapter, model_name_or_path)
-    return model, tokenizer, get_template(name)
+    return Loaded(model, tokenizer, prompter_for(model, tokenizer, adapter, model_name_or_path, template))
+
+
+def check_vocabulary(model: Any, tokenizer: Any, model_name_or_path: str) -> None:
+    """Every id the tokenizer can produce must have an embedding row, or generation fails on the first such id.
+
+    Raises:
+        BadValue: the tokenizer is larger than the model's input embedding (both sizes named).
+    """
+    embedding = model.get_input_embeddings()
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise BadValue(
+            f"{model_name_or_path}: the tokenizer has {len(tokenizer)} tokens but the model's embedding has only {rows} "
+            "rows, so ids past it cannot be embedded: the tokenizer files do not belong to these weights; use the "
+            "model's own tokenizer (or resize the embedding and retrain)"
+        )
 
 
 def check_adapter_files(adapter: str) -> None:

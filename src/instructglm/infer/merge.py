@@ -6,7 +6,9 @@ The output directory has the official layout — `config.json`, `generation_conf
 safetensors shards with `model.safetensors.index.json`, and the tokenizer files — so
 `AutoModelForCausalLM.from_pretrained(output)` loads it with no peft and no adapter, and gives
 the outputs of base + adapter. The run's `instructglm_train.json` is copied beside it, so
-`chat`/`predict`/`serve` on the merged model use the template the adapter was trained with.
+`chat`/`predict`/`serve`/`eval` on the merged model prompt as on base + adapter: the same model family
+(checked against the merged model when it loads) and the template the adapter was trained with
+(`messages`: the family's role tokens or chat template).
 
 Everything is written into a temp dir beside `--output` (`.<name>.partial-<pid>`), synced, and
 renamed into place as the last step: a merge that is killed or fails leaves `--output` as it was
@@ -22,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from instructglm.errors import OutputExists
-from instructglm.infer.load import load_model, run_config_path
+from instructglm.infer.load import load_model
+from instructglm.infer.prompts import run_config_path
 from instructglm.layout import RUN_CONFIG
 
 

@@ -7,13 +7,27 @@
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
     client.chat.completions.create(model="instructglm", messages=[{"role": "user", "content": "你好"}])
 
-Conversation mapping: the messages become ChatGLM's (history, query) — the last message must
-come from the user and is the query; earlier user/assistant messages pair up into history
-rounds (consecutive messages of one role are joined with a newline). The model has no system
-role, so `system` (and `developer`) messages are joined and put before the first user message
-of the conversation, separated by a blank line: the instruction reaches the model once, at the
-start, as it would if a user had typed it. The prompt is then the run's template, and its token
-ids are what the engine generates from.
+Conversation mapping (`instructglm.infer.prompts.Prompter`, the loaded model's family and the run's
+template): `system` (and `developer`), `user`, `assistant` (with `tool_calls`) and `tool` messages and
+the request's `tools` become the model family's conversation:
+
+- ChatGLM3-6B: its roles — `tools` the first system message (ChatGLM3's tools prompt and the functions
+  as indented JSON), `system` a system message, a `tool` result an `<|observation|>` message, an assistant
+  tool call an assistant message whose metadata is the tool's name and whose content is ChatGLM3's
+  ```python tool_call(k=v)``` text;
+- GLM-4 and other chat-template models: the tokenizer's chat template, `tools` passed to it (GLM-4's
+  template: a call is an assistant turn `{tool name}\n{JSON arguments}`, a result an `observation` turn);
+- text families (ChatGLM-6B, ChatGLM2-6B, plain causal LMs) and runs trained on a text template: the
+  rounds go through the template (the last message must come from the user; earlier user/assistant
+  messages pair up into history rounds, consecutive messages of one role joined with a newline; the
+  system messages on the line before, as `convert` writes them). They cannot show tools: a request with
+  `tools`, tool calls or tool results is a 400 that names the model family.
+
+A reply that is a tool call (ChatGLM3's, GLM-4's) comes back, when the request offered `tools`, as
+OpenAI's `tool_calls` (`{"id", "type": "function", "function": {"name", "arguments": "<JSON>"}}`) with
+`finish_reason: "tool_calls"`, plain and streaming (one `tool_calls` delta after any text); without
+`tools` it is the reply's text. `tool_choice: "none"` offers no tools; any other value is treated as
+"auto". A tool result names its tool through `tool_call_id` (the assistant call with that id) or `name`.
 
 Concurrent requests share the model's forward passes (`instructglm.infer.engine.BatchEngine`):
 a new request joins the running batch at the next decode step, up to `--max_batch_size` rows;
@@ -55,7 +69,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-from instructglm.infer.generate import EngineArguments, GenerationArguments, build_prompt, context_limit
+from instructglm.infer.generate import EngineArguments, GenerationArguments, context_limit
 from instructglm.infer.load import ModelArguments, load_from_args
 
 logger = logging.getLogger(__name__)
@@ -167,17 +181,41 @@ def _schemas():
         type: Literal["text"]
         text: str
 
+    class FunctionCall(BaseModel):
+        model_config = ConfigDict(extra="ignore", strict=True)
+        name: str
+        arguments: str = ""  # a JSON object, as a string (OpenAI's)
+
+    class ToolCall(BaseModel):
+        model_config = ConfigDict(extra="ignore", strict=True)
+        id: Optional[str] = None
+        type: Literal["function"] = "function"
+        function: FunctionCall
+
     class Message(BaseModel):
         model_config = ConfigDict(extra="ignore", strict=True)
         role: str
         content: Union[str, list[TextPart], None] = None
+        tool_calls: Optional[list[ToolCall]] = None
+        tool_call_id: Optional[str] = None
+        name: Optional[str] = None
+
+    class Function(BaseModel):
+        # kept whole (description, parameters, strict, ...): the family's prompt shows the function as given
+        model_config = ConfigDict(extra="allow", strict=True)
+        name: str = Field(min_length=1)
+
+    class Tool(BaseModel):
+        model_config = ConfigDict(extra="ignore", strict=True)
+        type: Literal["function"]
+        function: Function
 
     class StreamOptions(BaseModel):
         model_config = ConfigDict(extra="ignore", strict=True)
         include_usage: bool = False
 
     class ChatCompletionRequest(BaseModel):
-        # Parameters this server does not implement (penalties, logit_bias, tools, …) are ignored.
+        # Parameters this server does not implement (penalties, logit_bias, ...) are ignored.
         model_config = ConfigDict(extra="ignore", strict=True)
         model: str = "instructglm"
         messages: list[Message] = Field(min_length=1)
@@ -190,6 +228,8 @@ def _schemas():
         stream_options: Optional[StreamOptions] = None
         stop: Union[str, list[str], None] = None
         seed: Optional[int] = None
+        tools: Optional[list[Tool]] = None
+        tool_choice: Union[str, dict, None] = None
 
     return ChatCompletionRequest
 
@@ -202,29 +242,81 @@ def _text(content: Any) -> str:
     return "".join(part.text for part in content)
 
 
-def messages_to_chat(messages: list) -> tuple[str, list[tuple[str, str]]]:
-    """(query, history) from OpenAI chat messages; see the module docstring for the rules."""
-    system: list[str] = []
-    turns: list[list] = []  # [role, text] with consecutive same-role messages joined
+def request_messages(messages: list) -> list[dict]:
+    """OpenAI chat messages as the message dicts `instructglm.data.messages.Message.from_dict` reads:
+    `developer` is `system`, a `tool` result gets the name of the call its `tool_call_id` answers.
+
+    Raises:
+        APIError: a role other than system, developer, user, assistant or tool (400 naming the message).
+    """
+    call_names: dict[str, str] = {}
+    out = []
     for i, message in enumerate(messages):
         role = "system" if message.role == "developer" else message.role
-        if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"messages[{i}].role {message.role!r} is not supported; use system, user or assistant", param=f"messages[{i}].role")
-        text = _text(message.content)
-        if role == "system":
-            system.append(text)
-        elif turns and turns[-1][0] == role:
-            turns[-1][1] += "\n" + text
-        else:
-            turns.append([role, text])
-    if not turns or turns[-1][0] != "user":
-        raise APIError(400, "the last non-system message must come from the user (it is the question answered)", param="messages")
-    if turns[0][0] != "user":
-        raise APIError(400, "the conversation must start with a user message (after any system messages)", param="messages")
-    if system and any(system):
-        turns[0][1] = "\n".join(s for s in system if s) + "\n\n" + turns[0][1]
-    history = [(turns[j][1], turns[j + 1][1]) for j in range(0, len(turns) - 1, 2)]
-    return turns[-1][1], history
+        if role not in ("system", "user", "assistant", "tool"):
+            raise APIError(
+                400, f"messages[{i}].role {message.role!r} is not supported; use system, user, assistant or tool", param=f"messages[{i}].role"
+            )
+        entry: dict[str, Any] = {"role": role, "content": _text(message.content)}
+        if message.tool_calls:
+            entry["tool_calls"] = [{"name": call.function.name, "arguments": call.function.arguments} for call in message.tool_calls]
+            call_names.update({call.id: call.function.name for call in message.tool_calls if call.id})
+        if role == "tool":
+            name = message.name or call_names.get(message.tool_call_id or "", "")
+            if name:
+                entry["name"] = name
+        out.append(entry)
+    return out
+
+
+def conversation_of_request(req: Any) -> tuple[list, list | None]:
+    """(`Message` records, tools or None) of a chat completion request.
+
+    Raises:
+        APIError: a bad message (unknown role, tool calls that are not JSON objects, ...), 400 naming it.
+    """
+    from instructglm.data.messages import Message
+    from instructglm.data.records import BadRow
+
+    messages = []
+    for i, entry in enumerate(request_messages(req.messages)):
+        try:
+            messages.append(Message.from_dict(entry, f"messages[{i}]"))
+        except BadRow as bad:
+            raise APIError(400, bad.detail, param=f"messages[{i}]") from None
+    offered = req.tools and req.tool_choice != "none"
+    tools = [tool.model_dump(exclude_none=True) for tool in req.tools] if offered else None
+    return messages, tools
+
+
+def prompt_ids_of(prompter: Any, messages: list, tools: list | None) -> list[int]:
+    """The prompt ids of a request's conversation; what the run's format cannot show is a 400.
+
+    Raises:
+        APIError: tools (or tool calls, tool results) for a text prompt — naming the model family —, or a
+            conversation the format refuses.
+    """
+    from instructglm.errors import BadValue
+
+    uses_tools = bool(tools) or any(m.tool_calls or m.role == "observation" for m in messages)
+    if uses_tools and not prompter.uses_tools:
+        raise APIError(400, prompter.no_tools_reason(), param="tools" if tools else "messages", code="tools_not_supported")
+    try:
+        return prompter.prompt_ids(messages, tools)
+    except BadValue as err:
+        raise APIError(400, str(err), param="messages") from None
+
+
+def openai_tool_calls(calls: Any) -> list[dict]:
+    """Parsed tool calls in OpenAI's shape, each with a fresh id."""
+    return [
+        {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": call.name, "arguments": json.dumps(dict(call.arguments), ensure_ascii=False)},
+        }
+        for call in calls
+    ]
 
 
 # --- one request on the engine ------------------------------------------------------------------
@@ -295,7 +387,7 @@ def submit(engine: Any, request: Any, job: Job) -> Any:
 
 def create_app(
     engine: Any,
-    template: Any,
+    prompter: Any,
     model_id: str = "instructglm",
     api_key: str | None = None,
     defaults: GenerationArguments | None = None,
@@ -303,8 +395,9 @@ def create_app(
     max_request_bytes: int = 1_000_000,
     web: bool = False,
 ):
-    """The FastAPI app over a `BatchEngine` (whose thread starts and stops with the app); `template`
-    turns a conversation into the prompt; `web` mounts the Gradio chat at /web/ on the same engine."""
+    """The FastAPI app over a `BatchEngine` (whose thread starts and stops with the app); `prompter` (the
+    loaded model's `instructglm.infer.prompts.Prompter`) turns a conversation into the prompt and reads the
+    reply; `web` mounts the Gradio chat at /web/ on the same engine."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -312,7 +405,7 @@ def create_app(
     from pydantic import ValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from instructglm.infer.engine import GenerationRequest, encode_prompt
+    from instructglm.infer.engine import GenerationRequest
 
     defaults = defaults or GenerationArguments()
     ChatCompletionRequest = _schemas()
@@ -412,7 +505,8 @@ def create_app(
         sampling = {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p} if settings.samples else {}
         return GenerationRequest(
             prompt_ids=prompt_ids, max_new_tokens=settings.max_new_tokens, stop_strings=tuple(stops),
-            seed=req.seed, stream=req.stream, **sampling,
+            seed=req.seed, stream=req.stream, stop_ids=frozenset(prompter.stop_ids),
+            skip_special_tokens=prompter.skip_special_tokens, **sampling,
         )
 
     def usage(c) -> dict:
@@ -444,11 +538,15 @@ def create_app(
         logger.error("request %s: generation failed", ident, exc_info=event.error)
         return internal_error(ident)
 
+    def plain_text(handle: Any) -> str:
+        """A reply's text without special tokens (a tool call shown as text when the request offered no tools)."""
+        return tokenizer.decode(handle.token_ids, skip_special_tokens=True).strip()
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = parse(await read_body(request))
-        query, history = messages_to_chat(req.messages)
-        prompt_ids = encode_prompt(tokenizer, build_prompt(template, query, history))
+        messages, tools = conversation_of_request(req)
+        prompt_ids = prompt_ids_of(prompter, messages, tools)
         generation = engine_request(req, prompt_ids)
         ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         job = Job(dispatch_for(asyncio.get_running_loop()))
@@ -468,12 +566,19 @@ def create_app(
             finally:
                 handle.cancel()  # no-op when finished; stops the work if the handler is left early
             completion = event.completion
+            reply = prompter.reply(completion.text)
+            finish = completion.finish_reason
+            if reply.tool_calls and tools:
+                message = {"role": "assistant", "content": reply.content or None, "tool_calls": openai_tool_calls(reply.tool_calls)}
+                finish = "tool_calls"
+            else:
+                message = {"role": "assistant", "content": plain_text(handle) if reply.tool_calls else reply.content}
             return {
                 "id": ident,
                 "object": "chat.completion",
                 "created": now,
                 "model": model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text}, "finish_reason": completion.finish_reason}],
+                "choices": [{"index": 0, "message": message, "finish_reason": finish}],
                 "usage": usage(completion),
             }
 
@@ -492,11 +597,27 @@ def create_app(
         def content(text: str) -> str:
             return before + json.dumps(text, ensure_ascii=False) + after
 
+        reply_stream = prompter.stream()
+
         def close(event: Any) -> str:
-            """The last chunks: the finish reason, the usage if asked, [DONE]; or the error."""
+            """The last chunks: the rest of the reply (its tool calls), the finish reason, the usage if asked,
+            [DONE]; or the error."""
             if event.kind == "error":
                 return f"data: {json.dumps(failed(ident, event).body())}\n\ndata: [DONE]\n\n"
-            out = chunk({}, event.completion.finish_reason)
+            shown = reply_stream.shown
+            rest, reply = reply_stream.finish()
+            finish = event.completion.finish_reason
+            if reply.tool_calls and tools:
+                calls = [{"index": i, **call} for i, call in enumerate(openai_tool_calls(reply.tool_calls))]
+                out = (content(rest) if rest else "") + chunk({"tool_calls": calls})
+                finish = "tool_calls"
+            elif reply.tool_calls:
+                text = plain_text(handle)  # no tools offered: the call as the model wrote it
+                missing = text[len(shown) :] if text.startswith(shown) else text
+                out = content(missing) if missing else ""
+            else:
+                out = content(rest) if rest else ""
+            out += chunk({}, finish)
             if include_usage:
                 body = {"id": ident, "object": "chat.completion.chunk", "created": now, "model": model_id, "choices": [], "usage": usage(event.completion)}
                 out += f"data: {json.dumps(body)}\n\n"
@@ -510,7 +631,8 @@ def create_app(
                     batch = [await job.events.get()]
                     while not job.events.empty():
                         batch.append(job.events.get_nowait())
-                    out = "".join(content(e.text) for e in batch if e.kind == "tokens" and e.text)
+                    pieces = (reply_stream.feed(e.text) for e in batch if e.kind == "tokens" and e.text)
+                    out = "".join(content(piece) for piece in pieces if piece)
                     last = batch[-1]
                     if last.kind != "tokens":
                         yield out + close(last)
@@ -527,7 +649,7 @@ def create_app(
 
         from instructglm.serve.web import build_app
 
-        gr.mount_gradio_app(app, build_app(engine, template, defaults), path=WEB_PATH)
+        gr.mount_gradio_app(app, build_app(engine, prompter, defaults), path=WEB_PATH)
     if api_key is not None:
         app.add_middleware(RequireKey, api_key=api_key)
     return app
@@ -538,11 +660,14 @@ def main(model_args: ModelArguments, args: ServeArguments, engine_args: EngineAr
 
     from instructglm.infer.engine import BatchEngine
 
-    model, tokenizer, template = load_from_args(model_args)
-    engine = BatchEngine(model, tokenizer, max_batch_size=engine_args.max_batch_size, max_queue=args.max_queue, decode=engine_args.decode)
+    model, tokenizer, prompter = load_from_args(model_args)
+    engine = BatchEngine(
+        model, tokenizer, max_batch_size=engine_args.max_batch_size, max_queue=args.max_queue, decode=engine_args.decode,
+        stop_ids=prompter.stop_ids,
+    )
     app = create_app(
         engine,
-        template,
+        prompter,
         model_id=args.model_id or "instructglm",
         api_key=args.api_key or os.environ.get("INSTRUCTGLM_API_KEY") or None,
         defaults=defaults,

@@ -3,8 +3,9 @@
     instructglm web --model_name_or_path THUDM/chatglm-6b --adapter output/alpaca --port 7860
     instructglm serve ... --web true      # the same page at /web/ beside the OpenAI API, one loaded model
 
-Answers stream into the chat as they are generated; the conversation so far is the history of
-the next question; "Clear History" starts over; the Maximum length, Top P and Temperature
+Answers stream into the chat as they are generated, prompted in the model family's format with the
+run's template (`instructglm.infer.prompts.Prompter`); the conversation so far is the history of
+the next question (kept as messages, so a ChatGLM3 or GLM-4 tool call stays one); "Clear History" starts over; the Maximum length, Top P and Temperature
 sliders set the decoding of each answer (temperature 0 decodes greedily; Maximum length counts
 prompt and answer, and never runs past the model's context). The app binds 127.0.0.1 unless
 `--host` says otherwise and never creates a public share link.
@@ -35,11 +36,14 @@ class WebArguments:
 ARGUMENTS = (ModelArguments, WebArguments, EngineArguments, GenerationArguments)
 
 
-def build_app(engine: Any, template: Any, defaults: GenerationArguments | None = None):
-    """The Gradio Blocks app over a running `BatchEngine` (not launched)."""
+def build_app(engine: Any, prompter: Any, defaults: GenerationArguments | None = None):
+    """The Gradio Blocks app over a running `BatchEngine` (not launched); `prompter` is the loaded model's
+    `instructglm.infer.prompts.Prompter`. The history state is the conversation as message dicts."""
     import gradio as gr
 
+    from instructglm.data.messages import Message
     from instructglm.infer.engine import GenerationFailed, QueueFull, stream_answer
+    from instructglm.infer.prompts import reply_text
 
     defaults = defaults or GenerationArguments()
 
@@ -53,9 +57,11 @@ def build_app(engine: Any, template: Any, defaults: GenerationArguments | None =
         )
         messages = list(messages or []) + [{"role": "user", "content": query}, {"role": "assistant", "content": ""}]
         answer = ""
+        asked = [*(history or []), {"role": "user", "content": query}]
         yield messages, history, ""
         try:
-            for piece in stream_answer(engine, template, query, [tuple(h) for h in history], settings):
+            stream = stream_answer(engine, prompter, [Message.from_dict(m) for m in asked], settings)
+            for piece in stream:
                 answer += piece
                 messages[-1] = {"role": "assistant", "content": answer}
                 yield messages, history, ""
@@ -65,7 +71,8 @@ def build_app(engine: Any, template: Any, defaults: GenerationArguments | None =
             raise gr.Error("the server is busy: too many requests waiting; try again shortly") from None
         except GenerationFailed as err:
             raise gr.Error(str(err)) from None
-        yield messages, list(history) + [(query, answer)], ""
+        messages[-1] = {"role": "assistant", "content": reply_text(stream.message)}
+        yield messages, asked + [stream.message.to_dict()], ""
 
     def clear() -> tuple:
         return [], [], ""
@@ -101,11 +108,11 @@ def launch(app, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
 def main(model_args: ModelArguments, args: WebArguments, engine_args: EngineArguments, defaults: GenerationArguments) -> int:
     from instructglm.infer.engine import BatchEngine
 
-    model, tokenizer, template = load_from_args(model_args)
-    engine = BatchEngine(model, tokenizer, max_batch_size=engine_args.max_batch_size, decode=engine_args.decode)
+    model, tokenizer, prompter = load_from_args(model_args)
+    engine = BatchEngine(model, tokenizer, max_batch_size=engine_args.max_batch_size, decode=engine_args.decode, stop_ids=prompter.stop_ids)
     engine.start()
     try:
-        launch(build_app(engine, template, defaults), args.host, args.port)
+        launch(build_app(engine, prompter, defaults), args.host, args.port)
     finally:
         engine.stop()
     return 0
