@@ -128,8 +128,8 @@ class TrainingArguments(transformers.TrainingArguments):
     def __post_init__(self) -> None:
         if self.deepspeed and importlib.util.find_spec("deepspeed") is None:
             raise MissingDependency(
-                f"--deepspeed {self.deepspeed} needs DeepSpeed, which is not installed: `pip install deepspeed` on a "
-                "CUDA machine, or drop --deepspeed (plain DDP through torchrun needs nothing extra)"
+                f"--deepspeed {self.deepspeed} needs DeepSpeed, which is not installed: `pip install 'instructglm[gpu]'` "
+                "on a CUDA machine, or drop --deepspeed (plain DDP through torchrun needs nothing extra)"
             )
         # fp16 autocast needs CUDA; falling back keeps the seed's command lines (which all pass --fp16) runnable
         # for a CPU smoke test, and the warning says the run is fp32.

@@ -380,7 +380,7 @@ def _load_kwargs(args: FinetuneArguments, training_args: TrainingArguments) -> d
             )
         if importlib.util.find_spec("bitsandbytes") is None:
             raise MissingDependency(
-                f"--quantization_bit {args.quantization_bit} needs bitsandbytes: `pip install bitsandbytes`, "
+                f"--quantization_bit {args.quantization_bit} needs bitsandbytes: `pip install 'instructglm[gpu]'`, "
                 "or drop --quantization_bit"
             )
         from transformers import BitsAndBytesConfig
