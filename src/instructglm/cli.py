@@ -59,7 +59,9 @@ def run_command(name: str, argv: list[str]) -> int:
         if isinstance(error, OSError) and not isinstance(error, UserError) and error.errno not in USER_FIXABLE_ERRNOS:
             raise  # a bug, or a failure the user cannot act on: keep the traceback
         # The message names the path or value and the fix; a traceback would only bury it.
-        print(f"instructglm {name}: error: {error}", file=sys.stderr)
+        # one write, line end included: processes of one torchrun sharing stderr then never splice their lines
+        sys.stderr.write(f"instructglm {name}: error: {error}\n")
+        sys.stderr.flush()
         return 2
 
 

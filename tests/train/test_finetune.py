@@ -215,7 +215,7 @@ def test_deepspeed_configs_and_missing_deepspeed(tiny_llama_dir, llama_dataset, 
     assert config["fp16"]["enabled"] == "auto" and config["bf16"]["enabled"] == "auto"
     if importlib.util.find_spec("deepspeed") is None:
         assert train_in_process(*common_flags(tiny_llama_dir, llama_dataset, tmp_path / "ds", deepspeed=path)) == 2
-        assert re.search(f"--deepspeed {path} needs DeepSpeed.*pip install deepspeed", capsys.readouterr().err)
+        assert re.search(f"--deepspeed {path} needs DeepSpeed.*pip install 'instructglm\\[gpu\\]'", capsys.readouterr().err)
 
 
 def test_bad_inputs_are_named(tiny_llama_dir, tmp_path, capsys):

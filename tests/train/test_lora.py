@@ -318,3 +318,23 @@ def test_seed_pt_from_the_saved_file_equals_the_one_from_the_model(tiny_chatglm_
     from_model = seed_state_dict(model)
     assert from_file.keys() == from_model.keys()
     torch.testing.assert_close(from_file, from_model, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "fields, named",
+    [
+        ({"peft_type": "LORA", "r": "eight", "lora_alpha": 16, "target_modules": ["q_proj"]}, "r is 'eight'"),
+        ({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": 5}, "target_modules is 5"),
+        ({"peft_type": "PREFIX_TUNING", "r": 8, "target_modules": ["q_proj"]}, "peft_type is 'PREFIX_TUNING'"),
+        ([1, 2], "a JSON list"),
+    ],
+)
+def test_an_adapter_config_of_wrong_types_is_named(fields, named, tmp_path):
+    import json
+
+    from instructglm.errors import BadValue
+    from instructglm.train.lora import read_adapter_config
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(fields))
+    with pytest.raises(BadValue, match=f"adapter_config.json: not a LoRA adapter config .*{named}"):
+        read_adapter_config(tmp_path)

@@ -122,14 +122,19 @@ class FinetuneArguments(SpeedArguments):  # --packing, --labelled_only_logits, -
         return "all-linear" if names == ["all-linear"] else names
 
 
+def activation_checkpointing(training_args) -> bool:
+    """Whether the run recomputes activations: `activation_checkpointing` where transformers has it, else the old name."""
+    return bool(getattr(training_args, "activation_checkpointing", None) or training_args.gradient_checkpointing)
+
+
 class TrainingArguments(transformers.TrainingArguments):
     """transformers' `TrainingArguments`, with early checks that name the flag to change."""
 
     def __post_init__(self) -> None:
         if self.deepspeed and importlib.util.find_spec("deepspeed") is None:
             raise MissingDependency(
-                f"--deepspeed {self.deepspeed} needs DeepSpeed, which is not installed: `pip install deepspeed` on a "
-                "CUDA machine, or drop --deepspeed (plain DDP through torchrun needs nothing extra)"
+                f"--deepspeed {self.deepspeed} needs DeepSpeed, which is not installed: `pip install 'instructglm[gpu]'` "
+                "on a CUDA machine, or drop --deepspeed (plain DDP through torchrun needs nothing extra)"
             )
         # fp16 autocast needs CUDA; falling back keeps the seed's command lines (which all pass --fp16) runnable
         # for a CPU smoke test, and the warning says the run is fp32.
@@ -145,11 +150,12 @@ class TrainingArguments(transformers.TrainingArguments):
         # the CPU; otherwise every process would silently train its own copy and race on the output files.
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
             self.use_cpu = True
-        # The seed's and our README's --gradient_checkpointing is transformers' deprecated alias of
-        # --activation_checkpointing: take it as the new name, so it keeps working without a FutureWarning.
+        # The seed's and our README's --gradient_checkpointing is, from transformers 5.2x on, the deprecated alias
+        # of --activation_checkpointing: take it as the new name there, so it works without a FutureWarning
+        # (older 5.x have only the old name, which is then the one used).
         for old, new in (("gradient_checkpointing", "activation_checkpointing"),
                          ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
-            if getattr(self, new) is None and getattr(self, old) is not None:
+            if hasattr(self, new) and getattr(self, new) is None and getattr(self, old) is not None:
                 setattr(self, new, getattr(self, old))
         if self.fsdp and str(self.fsdp).lower() not in ("false", "[]") and not torch.cuda.is_available():
             # accelerate builds its FSDP plugin only for accelerator back ends; on the CPU the Trainer

@@ -49,7 +49,7 @@ import torch
 from instructglm.data.io import write_json
 from instructglm.errors import BadValue, MissingDependency, MissingFile, UserError
 from instructglm.layout import DATA_META, LOSS_PLOT_FILE, RUN_CONFIG, SEED_ADAPTER_FILE
-from instructglm.train.args import FinetuneArguments, TrainingArguments
+from instructglm.train.args import FinetuneArguments, TrainingArguments, activation_checkpointing
 from instructglm.train.callbacks import LossPlotCallback, NonFiniteGuard, RunRecordCallback
 from instructglm.train.collator import collator_for
 from instructglm.train.trainer import InstructGLMTrainer, check_speed_flags, packing_data, trainer_kwargs_for
@@ -157,8 +157,8 @@ def load_base(args: FinetuneArguments, training_args: TrainingArguments):
     if args.quantization_bit:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.activation_checkpointing)
-    elif training_args.activation_checkpointing:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=activation_checkpointing(training_args))
+    elif activation_checkpointing(training_args):
         # The frozen embeddings give no grad to the checkpointed blocks' inputs; this gives them one.
         model.enable_input_require_grads()
     return model, tokenizer
@@ -380,7 +380,7 @@ def _load_kwargs(args: FinetuneArguments, training_args: TrainingArguments) -> d
             )
         if importlib.util.find_spec("bitsandbytes") is None:
             raise MissingDependency(
-                f"--quantization_bit {args.quantization_bit} needs bitsandbytes: `pip install bitsandbytes`, "
+                f"--quantization_bit {args.quantization_bit} needs bitsandbytes: `pip install 'instructglm[gpu]'`, "
                 "or drop --quantization_bit"
             )
         from transformers import BitsAndBytesConfig

@@ -158,13 +158,38 @@ def read_adapter_config(path: str | os.PathLike) -> LoraConfig:
         raise MissingFile(f"{path} has no {ADAPTER_CONFIG}: it is not a peft adapter dir")
     try:
         with open(config_path, encoding="utf-8") as f:
-            json.load(f)
+            fields = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BadValue(
             f"{config_path}: not valid JSON ({error}; {os.path.getsize(config_path)} bytes), so the adapter there "
             "cannot be used: it was cut off while being written; use another checkpoint or retrain"
         ) from error
-    return LoraConfig.from_pretrained(str(path))
+    problems = _config_problems(fields)
+    if problems:
+        raise BadValue(f"{config_path}: not a LoRA adapter config ({'; '.join(problems)}); use the adapter dir `train` wrote")
+    try:
+        return LoraConfig.from_pretrained(str(path))
+    except (TypeError, ValueError) as error:
+        raise BadValue(f"{config_path}: peft cannot read it ({error}); use the adapter dir `train` wrote") from error
+
+
+def _config_problems(fields) -> list[str]:
+    """What makes a parsed adapter_config.json unusable as a LoRA config (peft itself fails on these with a TypeError)."""
+    if not isinstance(fields, dict):
+        return [f"a JSON {type(fields).__name__}, not an object"]
+    problems = []
+    if fields.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type is {fields.get('peft_type')!r}, not 'LORA'")
+    rank = fields.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        problems.append(f"r is {rank!r}, not a positive integer")
+    alpha = fields.get("lora_alpha")
+    if alpha is not None and (not isinstance(alpha, (int, float)) or isinstance(alpha, bool)):
+        problems.append(f"lora_alpha is {alpha!r}, not a number")
+    targets = fields.get("target_modules")
+    if not (isinstance(targets, str) or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
+        problems.append(f"target_modules is {targets!r}, not a module name or a list of them")
+    return problems
 
 
 def _read_peft_weights(path: str) -> dict[str, torch.Tensor]:
