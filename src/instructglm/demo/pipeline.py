@@ -123,10 +123,11 @@ def evaluate_base_and_adapter(base_dir: Path, adapter: Path, eval_jsonl: Path, r
     Returns the results (`instructglm.eval.results.EvalResults`): `results.models[0]` is the base
     (the model before training), `results.models[1]` the adapter.
     """
-    from instructglm.eval.evaluate import EvalArguments, EvalGenerationArguments, evaluate_models, load_eval_rows, write_outputs
+    from instructglm.eval.evaluate import EvalArguments, evaluate_models, load_eval_rows, write_outputs
+    from instructglm.infer.generate import BatchGenerationArguments
 
     data = load_eval_rows(eval_jsonl)
-    settings = EvalGenerationArguments(max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    settings = BatchGenerationArguments(max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
     args = EvalArguments(
         model_name_or_path=str(base_dir), data=str(eval_jsonl), output_dir=str(report_dir),
         dtype="float32", device="cpu", batch_size=batch_size, max_seq_length=MAX_SEQ_LENGTH,

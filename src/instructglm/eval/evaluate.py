@@ -130,7 +130,6 @@ class EvalArguments:
 
 
 # Scored against references: greedy, bounded answers by default, by the same rule as `predict`.
-EvalGenerationArguments = BatchGenerationArguments  # the name instructglm.demo.pipeline imports
 
 ARGUMENTS = (EvalArguments, BatchGenerationArguments)
 
@@ -615,7 +614,7 @@ def _summary_table(results: EvalResults) -> str:
     return "\n".join(lines)
 
 
-def main(args: EvalArguments, settings: EvalGenerationArguments) -> int:
+def main(args: EvalArguments, settings: BatchGenerationArguments) -> int:
     from instructglm.eval.benchmark import format_benchmark_table, load_benchmark
 
     require_eval_deps()  # before any model loads: a missing extra fails in a second, not after generation
