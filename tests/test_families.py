@@ -92,7 +92,7 @@ def test_same_commands_for_every_family(family, conversations, chatglm3_tokenize
     import torch
 
     from instructglm.models.loading import load_causal_lm, load_tokenizer
-    from instructglm.train.lora import load_adapter
+    from instructglm.models.lora import load_adapter
 
     model_dir = _model_dir(family, tmp_path / "model", chatglm3_tokenizer_dir)
     jsonl, data, run = tmp_path / "chat.jsonl", tmp_path / "data", tmp_path / "run"

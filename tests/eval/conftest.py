@@ -59,7 +59,7 @@ def train_adapter(base_dir: Path, rows: list[dict], path: Path, steps: int = 200
     from instructglm.data.tokenize import RowEncoder
     from instructglm.infer.load import load_model
     from instructglm.train.collator import collator_for
-    from instructglm.train.lora import attach_lora
+    from instructglm.models.lora import attach_lora
 
     model, tokenizer, _ = load_model(str(base_dir), device="cpu", dtype="float32")
     model_type = model.config.model_type

@@ -13,7 +13,8 @@ import torch
 
 from instructglm import cli
 from instructglm.eval.evaluate import attach_adapter, detach_adapter, load_eval_rows, model_labels
-from instructglm.infer.generate import GenerationArguments, generate_batch
+from instructglm.infer.generate import GenerationArguments
+from instructglm.infer.engine import generate_batch
 from instructglm.infer.load import load_model
 from tests.eval.conftest import write_jsonl
 
@@ -231,7 +232,7 @@ def test_flag_values_and_templates(run_eval, glm_base, number_jsonl, tmp_path, c
 
 
 def test_a_conversation_jsonl_is_prompted_in_the_familys_format_with_the_last_answer_as_reference(run_eval, chatglm3_base, tmp_path):
-    from instructglm.infer.generate import generate_batch
+    from instructglm.infer.engine import generate_batch
     from instructglm.infer.prompts import prompter_for
 
     rows = [

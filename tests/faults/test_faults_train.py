@@ -73,7 +73,7 @@ def final_adapter_state(run_dir: Path, model_dir: Path) -> str:
     """'none' when the run dir has no final adapter, 'whole' when it loads in both layouts; anything else fails."""
     from transformers import AutoModelForCausalLM
 
-    from instructglm.train.lora import load_adapter
+    from instructglm.models.lora import load_adapter
 
     if not (run_dir / "adapter_config.json").exists():
         return "none"

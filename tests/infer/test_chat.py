@@ -14,7 +14,8 @@ import torch
 from instructglm.data.messages import Message
 from instructglm.errors import BadValue
 from instructglm.infer.chat import BOT, chat, chat_loop, process_response, stream_chat
-from instructglm.infer.generate import GenerationArguments, generate_batch
+from instructglm.infer.generate import GenerationArguments
+from instructglm.infer.engine import generate_batch
 from instructglm.infer.load import load_model
 from tests.infer.helpers import cli, cli_env
 

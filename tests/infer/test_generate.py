@@ -9,7 +9,8 @@ import pytest
 
 from instructglm.data.messages import Message
 from instructglm.infer.engine import BatchEngine, stream_answer
-from instructglm.infer.generate import GenerationArguments, generate_batch
+from instructglm.infer.generate import GenerationArguments
+from instructglm.infer.engine import generate_batch
 from instructglm.infer.load import load_model
 from tests.infer.helpers import reference_completion
 

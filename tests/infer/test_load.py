@@ -39,7 +39,7 @@ def test_template_flag_overrides_saved_one(llama_dir, llama_adapter):
 
 
 def test_seed_pt_adapter_loads_like_the_peft_dir(llama_dir, llama_adapter, tmp_path):
-    from instructglm.train.lora import seed_state_dict
+    from instructglm.models.lora import seed_state_dict
 
     tuned, tokenizer, _ = load_model(str(llama_dir), adapter=str(llama_adapter), device="cpu")
     run = tmp_path / "seed_run"

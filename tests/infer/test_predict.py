@@ -224,7 +224,7 @@ def test_prompt_longer_than_the_context_is_skipped_not_generated(tuned, tmp_path
     huge = "hello " * 200_000  # 1.2 MB: generating it would try to allocate the attention of 200k tokens
     data = [{"context": "hi"}, {"context": huge}, {"context": "hello " * 253}, {"context": "say hello"}]
     from instructglm.infer.engine import BatchEngine, encode_prompt
-    from instructglm.infer.generate import generate_batch
+    from instructglm.infer.engine import generate_batch
 
     generated = []
     real = BatchEngine.submit
@@ -308,7 +308,7 @@ def test_max_length_bounds_the_answers_and_max_new_tokens_defaults_to_256(llama_
     code, _, err = _run_cli("predict", "--model_name_or_path", str(llama_dir), "--device", "cpu", "--input", str(inp),
                             "--output", str(tmp_path / "out.jsonl"), "--max_length", "12")
     assert code == 0, err
-    from instructglm.infer.generate import generate_batch
+    from instructglm.infer.engine import generate_batch
 
     model, tokenizer, prompter = load_model(str(llama_dir), device="cpu")
     prompts = [prompter.context_ids(line["context"]) for line in _lines(tmp_path / "out.jsonl")]

@@ -14,7 +14,8 @@ import time
 import pytest
 
 from instructglm.infer.engine import BatchEngine
-from instructglm.infer.generate import GenerationArguments, generate_batch
+from instructglm.infer.generate import GenerationArguments
+from instructglm.infer.engine import generate_batch
 from instructglm.infer.load import load_model
 from instructglm.serve.web import TITLE, build_app, launch
 from tests.infer.helpers import free_port

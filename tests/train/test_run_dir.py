@@ -66,8 +66,8 @@ def test_cut_off_adapter_config_is_named(run_with_checkpoints, capsys):
     (out / "checkpoint-6" / "adapter_config.json").write_text("")
     message = one_line_error(capsys, *common_flags(**flags, max_steps=8), "--resume_from_checkpoint", str(out / "checkpoint-6"))
     assert "adapter_config.json is cut off" in message
-    from instructglm.train.lora import load_adapter
-    from tests.train.test_lora import base
+    from instructglm.models.lora import load_adapter
+    from tests.models.test_lora import base
 
     with pytest.raises(ValueError, match=re.escape(str(out / "checkpoint-6" / "adapter_config.json")) + ": not valid JSON"):
         load_adapter(base(flags["model_dir"]), str(out / "checkpoint-6"))
@@ -141,8 +141,8 @@ def staged_run(run_dir, tmp_path):
 
 def final_adapter_state(run_dir, model_dir) -> str:
     """'none' (no adapter_config.json) or 'whole' (loads); anything else fails the test."""
-    from instructglm.train.lora import load_adapter
-    from tests.train.test_lora import base
+    from instructglm.models.lora import load_adapter
+    from tests.models.test_lora import base
 
     if not (run_dir / "adapter_config.json").exists():
         return "none"

@@ -367,7 +367,7 @@ def attach_adapter(base: Any, adapter: str) -> Any:
             targets the base lacks), in one line naming the adapter.
         MissingFile: the path holds no adapter.
     """
-    from instructglm.train.lora import load_adapter
+    from instructglm.models.lora import load_adapter
 
     try:
         model = load_adapter(base, adapter, is_trainable=False)
@@ -419,7 +419,7 @@ def evaluate_generation(
     from tqdm.auto import tqdm
 
     from instructglm.eval.perplexity import sequence_limit
-    from instructglm.infer.generate import generate_batch
+    from instructglm.infer.engine import generate_batch
     from instructglm.infer.prompts import reply_text
 
     require_eval_deps()

@@ -1194,6 +1194,24 @@ def stream_answer(
     return AnswerStream(engine, prompter, request)
 
 
+def generate_batch(
+    model: Any, tokenizer: Any, prompts: Sequence[Any], settings: GenerationArguments, prompter: Any = None
+) -> list[Completion]:
+    """One `Completion` per prompt (a text, or token ids), all prompts decoded together by the batching
+    engine (`instructglm.infer.engine`): greedy answers are the one-at-a-time answers. With a `prompter`
+    (the loaded model's `instructglm.infer.prompts.Prompter`) answers stop at its stop ids and are decoded
+    as it reads them; otherwise at the model's eos ids, without special tokens.
+
+    With `--max_length` (no `--max_new_tokens`), each answer's budget is max_length minus its own
+    prompt's length, as one at a time.
+
+    Raises:
+        BadValue: a prompt leaves no room for an answer under `--max_length`.
+    """
+    options = {} if prompter is None else {"stop_ids": prompter.stop_ids, "skip_special_tokens": prompter.skip_special_tokens}
+    return generate_all(model, tokenizer, prompts, settings, max_batch_size=max(1, len(prompts)), **options)
+
+
 def generate_all(
     model: Any,
     tokenizer: Any,

@@ -3,8 +3,10 @@
 Prompts come from the loaded model's `instructglm.infer.prompts.Prompter` (the family's format and
 the run's template) as token ids, or are texts encoded with the tokenizer's special tokens.
 
-- `generate_batch`: one decoded `Completion` per prompt, through the batching engine
-  (`instructglm.infer.engine`, which also runs `serve`, `web`, `predict` and `eval`).
+- The settings every command shares (`GenerationArguments`, `BatchGenerationArguments`,
+  `EngineArguments`) and what a generation returns (`Completion`); decoding many prompts at once
+  is the batching engine's (`instructglm.infer.engine.generate_batch`, which also runs `serve`,
+  `web`, `predict` and `eval`).
 - `generate_kwargs`: the one place where decoding settings become `model.generate` arguments,
   for THUDM's chat API (`instructglm.infer.chat.chat` / `stream_chat`), which takes any further
   `generate` argument (beams, logits processors): `generate_ids` (several prompts, left padded)
@@ -226,26 +228,6 @@ def generate_ids(model: Any, tokenizer: Any, prompts: Sequence[Any], settings: G
         out = model.generate(**inputs, **kwargs)
     lengths = [int(n) for n in inputs["attention_mask"].sum(dim=1).tolist()]
     return out[:, width:].tolist(), lengths, kwargs["max_new_tokens"]
-
-
-def generate_batch(
-    model: Any, tokenizer: Any, prompts: Sequence[Any], settings: GenerationArguments, prompter: Any = None
-) -> list[Completion]:
-    """One `Completion` per prompt (a text, or token ids), all prompts decoded together by the batching
-    engine (`instructglm.infer.engine`): greedy answers are the one-at-a-time answers. With a `prompter`
-    (the loaded model's `instructglm.infer.prompts.Prompter`) answers stop at its stop ids and are decoded
-    as it reads them; otherwise at the model's eos ids, without special tokens.
-
-    With `--max_length` (no `--max_new_tokens`), each answer's budget is max_length minus its own
-    prompt's length, as one at a time.
-
-    Raises:
-        BadValue: a prompt leaves no room for an answer under `--max_length`.
-    """
-    from instructglm.infer.engine import generate_all
-
-    options = {} if prompter is None else {"stop_ids": prompter.stop_ids, "skip_special_tokens": prompter.skip_special_tokens}
-    return generate_all(model, tokenizer, prompts, settings, max_batch_size=max(1, len(prompts)), **options)
 
 
 class _Cancelled:

@@ -197,10 +197,10 @@ def check_adapter_files(adapter: str) -> None:
 
 
 def attach_adapter(model: Any, adapter: str) -> Any:
-    """`train.lora.load_adapter` for inference, with unreadable adapter weights named as the user's to fix."""
+    """`models.lora.load_adapter` for inference, with unreadable adapter weights named as the user's to fix."""
     from safetensors import SafetensorError
 
-    from instructglm.train.lora import load_adapter
+    from instructglm.models.lora import load_adapter
 
     try:
         return load_adapter(model, adapter, is_trainable=False)

@@ -49,11 +49,7 @@ import torch
 from instructglm.data.io import write_json
 from instructglm.errors import BadValue, MissingDependency, MissingFile, UserError
 from instructglm.layout import DATA_META, LOSS_PLOT_FILE, RUN_CONFIG, SEED_ADAPTER_FILE
-from instructglm.train.args import FinetuneArguments, TrainingArguments, activation_checkpointing
-from instructglm.train.callbacks import LossPlotCallback, NonFiniteGuard, RunRecordCallback
-from instructglm.train.collator import collator_for
-from instructglm.train.trainer import InstructGLMTrainer, check_speed_flags, packing_data, trainer_kwargs_for
-from instructglm.train.lora import (
+from instructglm.models.lora import (
     ADAPTER_WEIGHT_FILES,
     SEED_LORA_ALPHA,
     attach_lora,
@@ -61,6 +57,10 @@ from instructglm.train.lora import (
     read_adapter_config,
     seed_state_dict_from_saved,
 )
+from instructglm.train.args import FinetuneArguments, TrainingArguments, activation_checkpointing
+from instructglm.train.callbacks import LossPlotCallback, NonFiniteGuard, RunRecordCallback
+from instructglm.train.collator import collator_for
+from instructglm.train.trainer import InstructGLMTrainer, check_speed_flags, packing_data, trainer_kwargs_for
 from instructglm.train.run_dir import STAGING_DIR, prepare_output_dir, publish_staged_run, run_fingerprint
 
 ARGUMENTS = (FinetuneArguments, TrainingArguments)

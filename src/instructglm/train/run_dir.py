@@ -34,7 +34,7 @@ from typing import Any
 
 from instructglm.errors import BadValue, MissingFile, OutputExists
 from instructglm.layout import DATA_META, LOSS_PLOT_FILE, RUN_CONFIG, SEED_ADAPTER_FILE
-from instructglm.train.lora import ADAPTER_CONFIG, ADAPTER_WEIGHT_FILES
+from instructglm.models.lora import ADAPTER_CONFIG, ADAPTER_WEIGHT_FILES
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR + step
 TRAINER_STATE = "trainer_state.json"
@@ -192,7 +192,7 @@ def run_fingerprint(finetune_args, training_args) -> dict[str, Any]:
         if flags[name] and os.path.exists(flags[name]):
             flags[name] = os.path.abspath(flags[name])
     if flags["lora_alpha"] is None and not finetune_args.is_resume:
-        from instructglm.train.lora import SEED_LORA_ALPHA
+        from instructglm.models.lora import SEED_LORA_ALPHA
 
         flags["lora_alpha"] = SEED_LORA_ALPHA  # what a fresh adapter gets without --lora_alpha
     if os.path.isfile(finetune_args.dataset_path):

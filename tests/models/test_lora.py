@@ -1,4 +1,4 @@
-"""peft set-up and adapter loading: both layouts round-trip, every mismatch is a named error."""
+"""`instructglm.models.lora`: peft set-up and adapter loading; both layouts round-trip, every mismatch is a named error."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from instructglm.errors import BadValue, MissingFile
-from instructglm.train.lora import attach_lora, load_adapter, lora_config, seed_state_dict
+from instructglm.models.lora import attach_lora, load_adapter, lora_config, seed_state_dict
+from tests.train.conftest import reverse_jsonl, tiny_chatglm_dir, tiny_llama_dir  # noqa: F401  (the training tests' tiny models)
 
 
 def base(model_dir):
@@ -233,7 +234,8 @@ def embedding_run(tmp_path_factory, untied_chatglm_dir, untied_dataset):
 
 def greedy(model_dir, adapter=None) -> tuple[list[str], torch.Tensor]:
     """Greedy answers to PROMPTS and the logits of the first, as `chat`/`predict`/`serve` load the adapter."""
-    from instructglm.infer.generate import GenerationArguments, generate_batch
+    from instructglm.infer.generate import GenerationArguments
+    from instructglm.infer.engine import generate_batch
     from instructglm.infer.load import load_model
 
     model, tokenizer, _ = load_model(str(model_dir), None if adapter is None else str(adapter), dtype="float32", device="cpu")
@@ -310,7 +312,7 @@ def test_truncated_adapter_weights_are_named(tiny_llama_dir, tmp_path):
 def test_seed_pt_from_the_saved_file_equals_the_one_from_the_model(tiny_chatglm_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from instructglm.train.lora import seed_state_dict_from_saved
+    from instructglm.models.lora import seed_state_dict_from_saved
 
     model = trained_adapter(tiny_chatglm_dir, target=EMBEDDING_TARGETS.split(","))
     model.save_pretrained(str(tmp_path / "adapter"))
@@ -333,7 +335,7 @@ def test_an_adapter_config_of_wrong_types_is_named(fields, named, tmp_path):
     import json
 
     from instructglm.errors import BadValue
-    from instructglm.train.lora import read_adapter_config
+    from instructglm.models.lora import read_adapter_config
 
     (tmp_path / "adapter_config.json").write_text(json.dumps(fields))
     with pytest.raises(BadValue, match=f"adapter_config.json: not a LoRA adapter config .*{named}"):
