@@ -431,7 +431,8 @@ def apply_2d_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     one pass over the whole head: swapping the quarters of both halves is one `flip`, and rotate_half's minus sign
     is already in `sin` (`ChatGLMRotaryEmbedding`); the products and sums are the per-half ones, bit for bit.
 
-    x: (B, T, nh, hs); cos, sin: (B, T, 1, hs).
+    x: (..., hs), e.g. (B, T, nh, hs); cos, sin: `ChatGLMRotaryEmbedding`'s (B, T, 1, hs), or with more unit dims
+    before the last to broadcast over x's.
     """
     swapped = x.unflatten(-1, (2, 2, -1)).flip(-2).flatten(-3)  # per half: [h2, h1]
     return x * cos + swapped * sin
@@ -499,11 +500,12 @@ class SelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden_states.shape
         mixed = self.query_key_value(hidden_states).view(batch, length, self.num_heads, 3 * self.head_dim)
-        query, key, value = mixed.chunk(3, dim=-1)  # each (B, T, nh, hs): q/k/v interleaved per head
-        cos, sin = rotary
-        query = apply_2d_rotary(query, cos, sin).transpose(1, 2)  # (B, nh, T, hs)
-        key = apply_2d_rotary(key, cos, sin).transpose(1, 2)
-        value = value.transpose(1, 2)
+        # per head [q | k | v]; q and k are rotated together, (B, T, nh, 2, hs)
+        query_key = mixed[..., : 2 * self.head_dim].unflatten(-1, (2, self.head_dim))
+        cos, sin = (part[:, :, :, None] for part in rotary)  # (B, T, 1, 1, hs)
+        query, key = apply_2d_rotary(query_key, cos, sin).unbind(-2)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)  # (B, nh, T, hs)
+        value = mixed[..., 2 * self.head_dim :].transpose(1, 2)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_id)  # (B, nh, past + T, hs)
 
