@@ -413,7 +413,7 @@ class ChatGLMRotaryEmbedding(nn.Module):
         """cos and sin [B, T, 1, hs]: the position stream's angles on the first half of a head, the block
         position's on the second, each half as [freqs, freqs]; sin is negated on the first quarter of each half,
         so `apply_2d_rotary` rotates with one multiply-add (x * cos + swapped-quarters(x) * sin)."""
-        freqs = position_ids.float()[..., None] * self.inv_freq  # (B, 2, T, hs/4)
+        freqs = position_ids.float()[..., None] * self.inv_freq.to(position_ids.device)  # (B, 2, T, hs/4)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, 2, T, hs/2)
         cos, sin = emb.cos(), emb.sin()
         quarter = emb.shape[-1] // 2
