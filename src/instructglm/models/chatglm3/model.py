@@ -252,7 +252,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
     Each pair becomes (x0 * c - x1 * s, x1 * c + x0 * s): here x_rot * cos + pair-swapped(x_rot) * sin, with the
     minus sign already in `sin` (`rotary_for_pairs`), which is the same products and sums, bit for bit.
-    x: (B, T, nh, hs); cos, sin: (B, T, 1, rot).
+    x: (..., hs), e.g. (B, T, nh, hs); cos, sin: `rotary_for_pairs`'s (B, T, 1, rot), or with more unit dims before
+    the last to broadcast over x's.
     """
     rotated_dims = cos.shape[-1]
     x_rot, x_pass = x[..., :rotated_dims], x[..., rotated_dims:]
@@ -328,21 +329,21 @@ class SelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden_states.shape
         mixed = self.query_key_value(hidden_states)
+        cos, sin = rotary
+        heads, size, groups = self.num_heads, self.head_dim, self.num_key_value_heads
+        # query and key heads are rotated together, in one pass
         if self.multi_query_attention:
             # rows: [all query heads | g key heads | g value heads]
-            query, key, value = mixed.split(
-                [self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim, self.num_key_value_heads * self.head_dim],
-                dim=-1,
-            )
-            query = query.view(batch, length, self.num_heads, self.head_dim)
-            key = key.view(batch, length, self.num_key_value_heads, self.head_dim)
-            value = value.view(batch, length, self.num_key_value_heads, self.head_dim)
+            query_key = mixed[..., : (heads + groups) * size].view(batch, length, heads + groups, size)
+            query, key = apply_rotary(query_key, cos, sin).split([heads, groups], dim=2)
+            value = mixed[..., (heads + groups) * size :].view(batch, length, groups, size)
         else:
             # without MQA THUDM lays the rows out per head: [q | k | v] of head 0, then head 1...
-            query, key, value = mixed.view(batch, length, self.num_heads, 3 * self.head_dim).chunk(3, dim=-1)
-        cos, sin = rotary
-        query = apply_rotary(query, cos, sin).transpose(1, 2)  # (B, nh, T, hs)
-        key = apply_rotary(key, cos, sin).transpose(1, 2)  # (B, g, T, hs)
+            mixed = mixed.view(batch, length, heads, 3 * size)
+            query_key = mixed[..., : 2 * size].unflatten(-1, (2, size))  # (B, T, nh, 2, hs)
+            query, key = apply_rotary(query_key, cos[:, :, :, None], sin[:, :, :, None]).unbind(-2)
+            value = mixed[..., 2 * size :]
+        query, key = query.transpose(1, 2), key.transpose(1, 2)  # (B, nh, T, hs), (B, g, T, hs)
         value = value.transpose(1, 2)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
@@ -400,10 +401,14 @@ class GLMBlock(GradientCheckpointingLayer):
         normed = self.input_layernorm(hidden_states)
         attention_output, probs = self.self_attention(normed, rotary, attention_mask, implementation, cache)
         residual = normed if self.residual_from_norm else hidden_states
-        hidden_states = residual + F.dropout(attention_output, p=self.hidden_dropout, training=self.training)
+        hidden_states = residual + self._dropout(attention_output)
         normed = self.post_attention_layernorm(hidden_states)
         residual = normed if self.residual_from_norm else hidden_states
-        return residual + F.dropout(self.mlp(normed), p=self.hidden_dropout, training=self.training), probs
+        return residual + self._dropout(self.mlp(normed)), probs
+
+    def _dropout(self, states: torch.Tensor) -> torch.Tensor:
+        # F.dropout returns its input outside training; skipping the call saves its overhead per decode step
+        return F.dropout(states, p=self.hidden_dropout, training=True) if self.training else states
 
 
 class GLMTransformer(nn.Module):
