@@ -593,6 +593,14 @@ class ChatGLM3Model(ChatGLM3PreTrainedModel):
                 f"{length} new tokens, 1 = real token; or packed rows' segment ids), got shape "
                 f"{tuple(attention_mask.shape)}"
             )
+        implementation = self.config._attn_implementation or "eager"
+        if output_attentions:
+            implementation = "eager"  # only the eager path materialises the probabilities
+        check_flex_attention_device(implementation, inputs_embeds.device, self.training)
+        # built (and the mask's values checked) before positions are counted from the mask
+        mask = chatglm_attention_mask(
+            attention_mask, past_length, length, implementation, inputs_embeds.dtype, inputs_embeds.device
+        )
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = position_ids_from_mask(attention_mask, length)
@@ -603,13 +611,6 @@ class ChatGLM3Model(ChatGLM3PreTrainedModel):
         position_ids = position_ids.to(inputs_embeds.device).expand(batch, length)
         rotary = rotary_for_pairs(*self.rotary_pos_emb(position_ids, inputs_embeds.dtype))  # 2 x (B, T, 1, rot)
 
-        implementation = self.config._attn_implementation or "eager"
-        if output_attentions:
-            implementation = "eager"  # only the eager path materialises the probabilities
-        check_flex_attention_device(implementation, inputs_embeds.device, self.training)
-        mask = chatglm_attention_mask(
-            attention_mask, past_length, length, implementation, inputs_embeds.dtype, inputs_embeds.device
-        )
 
         hidden_states, all_hidden_states, all_attentions = self.encoder(
             inputs_embeds, rotary, mask, implementation, cache, output_attentions, output_hidden_states
