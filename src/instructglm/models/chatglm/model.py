@@ -48,13 +48,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
+from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils import TransformersKwargs, logging
 from transformers.utils.output_capturing import capture_outputs
 
 from instructglm.errors import BadValue
@@ -65,6 +66,9 @@ logger = logging.get_logger(__name__)
 # transformers 5.24 renamed the cache argument and output field `past_key_values` -> `cache` (the old name warns
 # there); 5.17, the oldest release supported, knows only `past_key_values`. Outputs fill whichever field exists.
 CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
+
+# generate's model_kwargs that carry the 2-D positions of generated tokens (see `prefix_lm_continuation`)
+CONTINUATION_KEYS = ("prefix_lm_rows", "prefix_lm_prompt_length")
 
 # Backends whose mask form can express ChatGLM's prefix-LM mask (flash attention takes only a padding mask):
 # eager and sdpa take the dense bool mask, flex_attention a `BlockMask` (transformers' `flex_attention_forward`).
@@ -176,6 +180,41 @@ def prefix_lm_positions(
     return position_ids, sop_index
 
 
+def prefix_lm_continuation(
+    input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, config: ChatGLMConfig
+) -> torch.LongTensor | None:
+    """How the 2-D positions go on for tokens appended to each row after its `<sop>`, or None.
+
+    From `<sop>` on a row's position is the mask token's (or, without one, keeps counting with the index) and the
+    block position counts up, so the positions of generated tokens follow from three numbers per row: [b, 3] =
+    (`<sop>` index, position at `<sop>`, position step: 0 when anchored at a mask token, else 1). None when some row
+    has no `<sop>` (its next tokens' positions depend on their ids) or the mask holds packed rows; callers then
+    number the whole sequence with `prefix_lm_positions`. See `continued_positions`.
+    """
+    length = input_ids.shape[1]
+    if attention_mask is not None and bool((attention_mask > 1).any()):
+        return None
+    position_ids, sop_index = prefix_lm_positions(input_ids, attention_mask, config)
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask > 0
+    sop = torch.where(real, sop_index, length).amin(dim=1)  # (B,), one row per sequence
+    if bool((sop >= length).any()):
+        return None
+    row_start = real.long().argmax(dim=1)  # first real token
+    at_sop = position_ids[:, 0].gather(1, sop[:, None])[:, 0]
+    step = (at_sop == sop - row_start).long()  # an anchor (a mask token) lies before <sop>: the position stays
+    return torch.stack((sop, at_sop, step), dim=1)
+
+
+def continued_positions(rows: torch.LongTensor, start: int, end: int) -> torch.LongTensor:
+    """[b, 2, end - start] positions of the tokens at indices start..end-1, all at or after their row's `<sop>`.
+
+    rows: `prefix_lm_continuation`'s [b, 3]. Equal to `prefix_lm_positions` of the whole sequence on those tokens.
+    """
+    index = torch.arange(start, end, device=rows.device)  # (q,)
+    sop, at_sop, step = rows[:, 0, None], rows[:, 1, None], rows[:, 2, None]  # (B, 1) each
+    return torch.stack((at_sop + step * (index - sop), index - sop + 1), dim=1)
+
+
 def prefix_lm_allowed(
     query_segment: torch.Tensor,
     key_segment: torch.Tensor,
@@ -226,7 +265,13 @@ def prefix_lm_mask(
     return allowed[:, None, :, :]  # (B, 1, q, T)
 
 
-def _check_attention_mask(attention_mask: torch.Tensor, past_length: int, query_length: int) -> None:
+def _check_attention_mask(attention_mask: torch.Tensor, past_length: int, query_length: int) -> bool:
+    """Check the mask's form against the tokens; return whether it is a 2-D mask after a cache with every token real.
+
+    That answer lets one new token after a cache attend without a mask (as with no mask at all). After a cache the
+    values are read with one host sync (min and max together); inside a compiled step none is read (no check, and
+    the mask is used as given), so the step has no graph break.
+    """
     if attention_mask.dim() == 4:
         if attention_mask.dtype != torch.bool:
             raise ValueError(
@@ -238,17 +283,24 @@ def _check_attention_mask(attention_mask: torch.Tensor, past_length: int, query_
                 f"4-D attention_mask of shape {tuple(attention_mask.shape)} does not fit {query_length} new tokens "
                 f"after {past_length} cached ones (expected [b, 1, >= {query_length}, {past_length + query_length}])"
             )
-    elif attention_mask.dim() == 2:
-        if attention_mask.shape[-1] != past_length + query_length:
-            raise ValueError(
-                f"attention_mask has {attention_mask.shape[-1]} columns but there are {past_length} cached and "
-                f"{query_length} new tokens; pass the padding mask of the whole sequence so far"
-            )
-        check_segment_ids(attention_mask)
-        if past_length and bool((attention_mask > 1).any()):
-            raise ValueError("packed rows (segment ids above 1 in attention_mask) cannot continue a KV cache")
-    else:
+        return False
+    if attention_mask.dim() != 2:
         raise ValueError(f"attention_mask must be 2-D [b, s] or THUDM's 4-D bool mask, got shape {tuple(attention_mask.shape)}")
+    if attention_mask.shape[-1] != past_length + query_length:
+        raise ValueError(
+            f"attention_mask has {attention_mask.shape[-1]} columns but there are {past_length} cached and "
+            f"{query_length} new tokens; pass the padding mask of the whole sequence so far"
+        )
+    if not past_length:
+        check_segment_ids(attention_mask)
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    low, high = torch.stack((attention_mask.min(), attention_mask.max())).tolist()
+    if low < 0 or high > 1:
+        check_segment_ids(attention_mask)  # names negative or fractional values
+        raise ValueError("packed rows (segment ids above 1 in attention_mask) cannot continue a KV cache")
+    return low == 1
 
 
 def _dense_as_block_mask(allowed: torch.BoolTensor):
@@ -284,8 +336,7 @@ def prefix_lm_inputs(
     (`prepare_inputs_for_generation` computes them from the whole sequence).
     """
     thudm_mask = attention_mask is not None and attention_mask.dim() == 4
-    if attention_mask is not None:
-        _check_attention_mask(attention_mask, past_length, query_length)
+    all_real = attention_mask is None or _check_attention_mask(attention_mask, past_length, query_length)
     sop_index = None
     if past_length == 0:
         if input_ids is None:
@@ -306,7 +357,7 @@ def prefix_lm_inputs(
     if thudm_mask:
         allowed = ~attention_mask[:, :, -query_length:, :]
         return (_dense_as_block_mask(allowed) if implementation == "flex_attention" else allowed), position_ids
-    if attention_mask is None and query_length == 1:
+    if all_real and query_length == 1:
         return None, position_ids  # one new token, no padding: every key is visible
     device = position_ids.device
     if sop_index is None:  # after a cache (or from embeddings): every key is at or before the query, causal is the rule
@@ -326,43 +377,65 @@ def prefix_lm_inputs(
 
 
 class ChatGLMRotaryEmbedding(nn.Module):
-    """cos/sin of the 2-D positions for one half of a head (rotary dim = head_dim / 2), shared by all layers.
+    """cos/sin of the 2-D positions for both halves of a head (rotary dim = head_dim / 2 each), shared by all layers.
 
     THUDM stored `inv_freq` per layer in fp16 (`rotary_emb.inv_freq` in checkpoints, ignored on load there and
-    here); the same fp16-rounded values are recomputed here, so no buffer needs loading or device placement.
+    here). The same fp16-rounded values live here in one non-persistent float32 buffer, computed on the CPU once:
+    `_init_weights` refills it after transformers' meta-device loading, and `_apply` keeps it float32 (a model cast
+    to bfloat16 would otherwise round THUDM's values) and refills it when the module leaves the meta device.
     """
+
+    inv_freq: torch.Tensor
 
     def __init__(self, config: ChatGLMConfig, base: float = 10000.0):
         super().__init__()
         self.dim = config.head_dim // 2
         self.base = base
+        # on the device modules are being built on (meta under transformers' loader or `torch.device("meta")`)
+        self.register_buffer("inv_freq", self.compute_inv_freq().to(torch.get_default_device()), persistent=False)
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        """(hs/4,) float32 on the CPU: 1 / base^(2i / dim), rounded to fp16 as THUDM stored it."""
+        exponent = torch.arange(0, self.dim, 2, device="cpu", dtype=torch.float32) / self.dim
+        return (1.0 / self.base**exponent).half().float()
+
+    def _apply(self, fn, recurse=True):
+        was_meta = self.inv_freq.is_meta
+        super()._apply(fn, recurse)
+        if self.inv_freq.is_meta:
+            self.inv_freq = self.inv_freq.float()  # no data yet: `_init_weights` or a later move fills it
+        elif was_meta or self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self.compute_inv_freq().to(self.inv_freq.device)
+        return self
 
     @torch.no_grad()
     def forward(self, position_ids: torch.LongTensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        device = position_ids.device
-        exponent = torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim
-        inv_freq = (1.0 / self.base**exponent).half().float()  # (hs/4,), THUDM's fp16 values
-        freqs = position_ids.float()[..., None] * inv_freq  # (B, 2, T, hs/4)
+        """cos and sin [B, T, 1, hs]: the position stream's angles on the first half of a head, the block
+        position's on the second, each half as [freqs, freqs]; sin is negated on the first quarter of each half,
+        so `apply_2d_rotary` rotates with one multiply-add (x * cos + swapped-quarters(x) * sin)."""
+        freqs = position_ids.float()[..., None] * self.inv_freq.to(position_ids.device)  # (B, 2, T, hs/4)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, 2, T, hs/2)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        quarter = emb.shape[-1] // 2
+        sin = torch.cat((-sin[..., :quarter], sin[..., quarter:]), dim=-1)  # rotate_half's sign, folded in
+        batch, _, length, half = emb.shape
+        cos = cos.transpose(1, 2).reshape(batch, length, 1, 2 * half)  # (B, T, 1, hs): both streams side by side
+        sin = sin.transpose(1, 2).reshape(batch, length, 1, 2 * half)
+        return cos.to(dtype), sin.to(dtype)
 
 
 def apply_2d_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first half of every head by the positions, the second half by the block positions.
 
-    x: (B, T, nh, hs); cos, sin: (B, 2, T, hs/2).
+    Each half is rotated like `x * cos + rotate_half(x) * sin` (rotate_half(h) = [-h2, h1] on its quarters), in
+    one pass over the whole head: swapping the quarters of both halves is one `flip`, and rotate_half's minus sign
+    is already in `sin` (`ChatGLMRotaryEmbedding`); the products and sums are the per-half ones, bit for bit.
+
+    x: (..., hs), e.g. (B, T, nh, hs); cos, sin: `ChatGLMRotaryEmbedding`'s (B, T, 1, hs), or with more unit dims
+    before the last to broadcast over x's.
     """
-    halves = x.chunk(2, dim=-1)
-    rotated = []
-    for half, c, s in zip(halves, cos.unbind(1), sin.unbind(1)):
-        c, s = c[:, :, None, :], s[:, :, None, :]  # (B, T, 1, hs/2), broadcast over heads
-        rotated.append(half * c + rotate_half(half) * s)
-    return torch.cat(rotated, dim=-1)
+    swapped = x.unflatten(-1, (2, 2, -1)).flip(-2).flatten(-3)  # per half: [h2, h1]
+    return x * cos + swapped * sin
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -427,11 +500,12 @@ class SelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden_states.shape
         mixed = self.query_key_value(hidden_states).view(batch, length, self.num_heads, 3 * self.head_dim)
-        query, key, value = mixed.chunk(3, dim=-1)  # each (B, T, nh, hs): q/k/v interleaved per head
-        cos, sin = rotary
-        query = apply_2d_rotary(query, cos, sin).transpose(1, 2)  # (B, nh, T, hs)
-        key = apply_2d_rotary(key, cos, sin).transpose(1, 2)
-        value = value.transpose(1, 2)
+        # per head [q | k | v]; q and k are rotated together, (B, T, nh, 2, hs)
+        query_key = mixed[..., : 2 * self.head_dim].unflatten(-1, (2, self.head_dim))
+        cos, sin = (part[:, :, :, None] for part in rotary)  # (B, T, 1, 1, hs)
+        query, key = apply_2d_rotary(query_key, cos, sin).unbind(-2)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)  # (B, nh, T, hs)
+        value = mixed[..., 2 * self.head_dim :].transpose(1, 2)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_id)  # (B, nh, past + T, hs)
 
@@ -506,7 +580,8 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     # `output_hidden_states` / `output_attentions` are recorded by hooks on these modules (transformers'
     # `capture_outputs`); attention weights exist only under the eager backend
     _can_record_outputs = {"hidden_states": GLMBlock, "attentions": SelfAttention}
-    # THUDM saved a per-layer inv_freq buffer that its own loader ignored; it is recomputed here
+    # THUDM saved a per-layer inv_freq buffer that its own loader ignored; the model's one is not saved (see
+    # `ChatGLMRotaryEmbedding`), so the checkpoints' keys are ignored
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
     def __init__(self, config: ChatGLMConfig, *args, **kwargs):
@@ -518,6 +593,12 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         if problems := config.unsupported_options():
             raise BadValue("This ChatGLM-6B config uses options InstructGLM does not support: " + "; ".join(problems))
         super().__init__(config, *args, **kwargs)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers loads on the meta device and re-creates non-persistent buffers empty: refill inv_freq
+        super()._init_weights(module)
+        if isinstance(module, ChatGLMRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq())
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -573,7 +654,6 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.word_embeddings = value
 
-    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -584,15 +664,46 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         use_cache: bool | None = None,
         *,
         past_key_values: Cache | None = None,
+        return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> BaseModelOutputWithPast:
-        """Final hidden states (B, T, C); `cache` is created when `use_cache` and none is given, and updated."""
-        cache = _one_cache(cache, past_key_values)
+    ) -> BaseModelOutputWithPast | tuple:
+        """Final hidden states (B, T, C); `cache` is created when `use_cache` and none is given, and updated.
+
+        Returns a `BaseModelOutputWithPast`, or with `return_dict=False` the tuple `(hidden states, cache)` (the
+        cache only when there is one). Hidden states and attention weights are recorded by transformers'
+        `capture_outputs` hooks when asked for; otherwise no `ModelOutput` is built for a tuple.
+        """
+        inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                      cache=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache)
+        if records_outputs(self.config, kwargs):
+            return self._forward_recorded(**inputs, return_dict=return_dict, **kwargs)
+        hidden_states, cache = self._run(**inputs, **kwargs)
+        if not (self.config.return_dict if return_dict is None else return_dict):
+            return (hidden_states,) if cache is None else (hidden_states, cache)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache})
+
+    @capture_outputs
+    def _forward_recorded(self, **inputs) -> BaseModelOutputWithPast:
+        hidden_states, cache = self._run(**inputs)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache})
+
+    def _run(
+        self,
+        input_ids: torch.LongTensor | None,
+        position_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None,
+        inputs_embeds: torch.Tensor | None,
+        use_cache: bool | None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, Cache | None]:
+        """The forward itself: (final hidden states, the cache or None)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if self.config._attn_implementation not in SUPPORTED_ATTENTION:
+        implementation = self.config._attn_implementation
+        if implementation not in SUPPORTED_ATTENTION:
             raise ValueError(
-                f"attn_implementation={self.config._attn_implementation!r} is not available for ChatGLM-6B (its "
+                f"attn_implementation={implementation!r} is not available for ChatGLM-6B (its "
                 f"prefix-LM mask needs an explicit mask); use one of {list(SUPPORTED_ATTENTION)}"
             )
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -601,33 +712,39 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)  # (B, T, C)
-        check_flex_attention_device(self.config._attn_implementation, inputs_embeds.device, self.training)
+        check_flex_attention_device(implementation, inputs_embeds.device, self.training)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         past_length = cache.get_seq_length() if cache is not None else 0
         mask, position_ids = prefix_lm_inputs(
-            input_ids,
-            attention_mask,
-            position_ids,
-            past_length,
-            inputs_embeds.shape[1],
-            self.config,
-            self.config._attn_implementation,
+            input_ids, attention_mask, position_ids, past_length, inputs_embeds.shape[1], self.config, implementation
         )
         if position_ids.shape[-2:] != (2, inputs_embeds.shape[1]):
             raise ValueError(
                 f"position_ids must have shape [b, 2, {inputs_embeds.shape[1]}] (position, block position), "
                 f"got {tuple(position_ids.shape)}"
             )
-        rotary = self.rotary_emb(position_ids.to(inputs_embeds.device), inputs_embeds.dtype)  # 2 x (B, 2, T, hs/2)
+        rotary = self.rotary_emb(position_ids.to(inputs_embeds.device), inputs_embeds.dtype)  # 2 x (B, T, 1, hs)
         if isinstance(mask, torch.Tensor):
             mask = mask.to(inputs_embeds.device)
 
         hidden_states = inputs_embeds
         for layer in self.layers:
             hidden_states = layer(hidden_states, rotary, attention_mask=mask, cache=cache, **kwargs)
-        hidden_states = self.final_layernorm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache})
+        return self.final_layernorm(hidden_states), cache
+
+
+def records_outputs(config, kwargs: dict) -> bool:
+    """Whether a forward is asked (in `kwargs`, else by the config) for hidden states or attention weights.
+
+    `output_hidden_states` may also be an index or a list of them (transformers' selection), so any value other than
+    None / False asks.
+    """
+    for name in ("output_hidden_states", "output_attentions"):
+        value = kwargs.get(name, getattr(config, name, False))
+        if value is not None and value is not False:
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -672,7 +789,6 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         )
         self.lm_head.weight = embeddings
 
-    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -685,15 +801,19 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         *,
         past_key_values: Cache | None = None,
+        return_dict: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | tuple:
         """Logits and, given `labels`, the mean next-token cross-entropy (labels shifted inside, -100 ignored).
 
         `attention_mask`: the tokenizer's 2-D padding mask, THUDM's 4-D bool mask (then also pass its
         [b, 2, s] `position_ids`), or None (every token real). `logits_to_keep=n` computes only the last n logits.
         `output_attentions=True` gives attention weights under `attn_implementation="eager"` only (as in
-        transformers, sdpa has none).
+        transformers, sdpa has none). `return_dict=False` returns `(loss, logits, cache, hidden states, attentions)`
+        without the ones that are None, like `ModelOutput.to_tuple`, and builds no `ModelOutput` on the way.
         """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        recorded = records_outputs(self.config, kwargs)
         outputs = self.transformer(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -701,22 +821,25 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             cache=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            return_dict=True,
+            return_dict=recorded,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
+        if recorded:
+            hidden_states, cache = outputs.last_hidden_state, getattr(outputs, CACHE_FIELD)
+            all_hidden_states, attentions = outputs.hidden_states, outputs.attentions
+        else:
+            hidden_states, cache = outputs[0], outputs[1] if len(outputs) > 1 else None
+            all_hidden_states = attentions = None
         if logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:, :]
         logits = self.lm_head(hidden_states)  # (B, T, vocab)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if not return_dict:
+            return tuple(v for v in (loss, logits, cache, all_hidden_states, attentions) if v is not None)
         return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+            loss=loss, logits=logits, hidden_states=all_hidden_states, attentions=attentions, **{CACHE_FIELD: cache}
         )
 
     # -- generation ---------------------------------------------------------------------------------------------------
@@ -742,6 +865,20 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
             kwargs.pop("position_ids")
         return super().generate(inputs, *args, **kwargs)
 
+    def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> None:
+        """Called once by `generate` before the first step: notes how each row's positions continue after `<sop>`.
+
+        transformers would track 1-D position counters here; ChatGLM's 2-D positions of generated tokens follow
+        from three numbers per row (`prefix_lm_continuation`), kept in `model_kwargs` (expanded with the batch for
+        beams and `num_return_sequences`), so no step re-numbers the whole sequence.
+        """
+        if inputs_tensor.dim() == 2 and not inputs_tensor.is_floating_point():
+            rows = prefix_lm_continuation(inputs_tensor, model_kwargs.get("attention_mask"), self.config)
+            if rows is not None:
+                model_kwargs[CONTINUATION_KEYS[0]] = rows
+                model_kwargs[CONTINUATION_KEYS[1]] = inputs_tensor.shape[1]
+        return None
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
@@ -751,22 +888,28 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         use_cache: bool = True,
         *,
         past_key_values: Cache | None = None,
+        prefix_lm_rows: torch.LongTensor | None = None,
+        prefix_lm_prompt_length: int | None = None,
         **kwargs,
     ) -> dict:
-        """The not-yet-cached tokens with their 2-D positions, computed from the whole sequence so far.
+        """The not-yet-cached tokens with their 2-D positions.
 
-        New tokens after `<sop>` keep the mask token's position and count up the block position, which only the
-        whole sequence tells; the position ids transformers tracks in `kwargs` (1-D counters) are ignored. The
-        cache comes as `cache` (transformers >= 5.24) or `past_key_values` (older).
+        New tokens after `<sop>` keep the mask token's position and count up the block position: generated tokens
+        get them from `prefix_lm_rows` (noted before the first step, see `_prepare_position_ids_for_generation`),
+        anything else from numbering the whole sequence so far. The cache comes as `cache` (transformers >= 5.24)
+        or `past_key_values` (older).
         """
         if inputs_embeds is not None:
             raise ValueError("ChatGLM-6B generates from input_ids (its masks and positions come from the token ids)")
         cache = _one_cache(cache, past_key_values)
         past_length = cache.get_seq_length() if cache is not None else 0
-        position_ids, _ = prefix_lm_positions(input_ids, attention_mask, self.config)
+        if prefix_lm_rows is not None and past_length >= prefix_lm_prompt_length:
+            position_ids = continued_positions(prefix_lm_rows, past_length, input_ids.shape[1])
+        else:
+            position_ids = prefix_lm_positions(input_ids, attention_mask, self.config)[0][..., past_length:]
         model_inputs = {
             "input_ids": input_ids[:, past_length:],
-            "position_ids": position_ids[..., past_length:],
+            "position_ids": position_ids,
             "attention_mask": attention_mask,
             "cache": cache,
             "use_cache": use_cache,

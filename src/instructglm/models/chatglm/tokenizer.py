@@ -38,10 +38,11 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import sentencepiece as spm
 from transformers import AddedToken, BatchEncoding, PreTrainedTokenizer
 from transformers.tokenization_utils_base import TruncationStrategy
 from transformers.utils import PaddingStrategy
+
+from instructglm.errors import BadValue, MissingDependency, MissingFile
 
 # GLM's blank-infilling markers (THUDM's SPTokenizer list): control pieces in ice_text.model, so
 # sentencepiece never produces them from text and decodes them to nothing.
@@ -77,6 +78,22 @@ def encode_whitespace(text: str, max_blank_length: int = _MAX_BLANK) -> str:
     return _SPACE_RUN.sub(blank_run, text)
 
 
+def import_sentencepiece(needed_by: str):
+    """The `sentencepiece` module, imported on first use so that this module (which `import instructglm`
+    registers with transformers' Auto classes) imports without it, e.g. for model-only scripts.
+
+    Raises:
+        MissingDependency: sentencepiece is not installed, naming what needs it and the pip command.
+    """
+    try:
+        import sentencepiece
+    except ImportError as error:
+        raise MissingDependency(
+            f"{needed_by} needs the sentencepiece package, which is not installed: run pip install 'sentencepiece>=0.2'"
+        ) from error
+    return sentencepiece
+
+
 def train_glm_sentencepiece(lines: Iterable[str], vocab_size: int = 1000) -> bytes:
     """Train a small unigram sentencepiece model laid out like `ice_text.model`; returns its bytes.
 
@@ -88,6 +105,7 @@ def train_glm_sentencepiece(lines: Iterable[str], vocab_size: int = 1000) -> byt
         lines: training texts, e.g. a few hundred; whitespace is rewritten as the tokenizer does.
         vocab_size: upper bound; a small corpus yields fewer pieces (the limit is soft).
     """
+    spm = import_sentencepiece("train_glm_sentencepiece")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=(encode_whitespace(line) for line in lines),
@@ -179,12 +197,12 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         **kwargs: Any,
     ) -> None:
         if not vocab_file or not os.path.isfile(vocab_file):
-            raise FileNotFoundError(
+            raise MissingFile(
                 f"ChatGLMTokenizer needs the sentencepiece model `ice_text.model`; {vocab_file!r} is not a file. "
                 "Pass the directory that holds it (hub layout: ice_text.model + tokenizer_config.json)."
             )
         if num_image_tokens < 0 or max_blank_length < 2:
-            raise ValueError(
+            raise BadValue(
                 f"num_image_tokens must be >= 0 and max_blank_length >= 2, got {num_image_tokens} and "
                 f"{max_blank_length}; fix them in tokenizer_config.json."
             )
@@ -196,7 +214,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         if specific:
             kwargs["model_specific_special_tokens"] = specific
         self.vocab_file = vocab_file
-        self.sp_model = spm.SentencePieceProcessor(model_file=vocab_file)
+        self.sp_model = import_sentencepiece(type(self).__name__).SentencePieceProcessor(model_file=vocab_file)
         self.num_image_tokens = num_image_tokens
         self.max_blank_length = max_blank_length
         self.do_lower_case = do_lower_case
@@ -218,7 +236,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         wanted = {**named, "gmask_token": gmask_token, "end_token": end_token}
         missing = [f"{name}={str(tok)!r}" for name, tok in wanted.items() if not self._in_model(str(tok))]
         if missing:
-            raise ValueError(
+            raise BadValue(
                 f"{vocab_file}: the sentencepiece model has no piece for {', '.join(missing)}. Fix "
                 "tokenizer_config.json, or train the model with ChatGLM's symbols (train_glm_sentencepiece)."
             )
@@ -551,7 +569,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
         if not os.path.isdir(save_directory):
-            raise FileNotFoundError(f"save_vocabulary needs an existing directory; {save_directory!r} is not one.")
+            raise MissingFile(f"save_vocabulary needs an existing directory; {save_directory!r} is not one.")
         name = (filename_prefix + "-" if filename_prefix else "") + self.vocab_files_names["vocab_file"]
         path = os.path.join(save_directory, name)
         with open(path, "wb") as handle:

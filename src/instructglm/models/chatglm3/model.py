@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
+from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -98,6 +99,28 @@ def causal_rows_allowed(
     return allowed | pad_query if pad_query_sees_all else allowed
 
 
+def padding_mask_is_all_real(padding_mask: torch.Tensor, past_length: int) -> bool:
+    """Check a 2-D padding mask (or packed rows' segment ids, without a cache) and say whether every token is real.
+
+    After a cache the values are read with one host sync (min and max together), and inside a compiled step
+    (`torch.compile` of a static-cache decode step) not at all: no check, and the mask is used as given, so the
+    step has no graph break.
+
+    Raises:
+        ValueError: negative or fractional values, a packed row split in several runs, or packed rows after a cache.
+    """
+    if not past_length:
+        check_segment_ids(padding_mask)
+        return bool((padding_mask == 1).all())
+    if torch.compiler.is_compiling():
+        return False
+    low, high = torch.stack((padding_mask.min(), padding_mask.max())).tolist()
+    if low < 0 or high > 1:
+        check_segment_ids(padding_mask)  # names negative or fractional values
+        raise ValueError("packed rows (segment ids above 1 in attention_mask) cannot continue a KV cache")
+    return low == 1
+
+
 def chatglm_attention_mask(
     padding_mask: torch.Tensor | None,
     past_length: int,
@@ -117,12 +140,8 @@ def chatglm_attention_mask(
         flex_attention: a `BlockMask` of the same pattern (never None with more than one query: flex has no
         causal flag).
     """
-    if padding_mask is not None:
-        check_segment_ids(padding_mask)
-        if past_length and bool((padding_mask > 1).any()):
-            raise ValueError("packed rows (segment ids above 1 in attention_mask) cannot continue a KV cache")
-        if bool((padding_mask == 1).all()):
-            padding_mask = None
+    if padding_mask is not None and padding_mask_is_all_real(padding_mask, past_length):
+        padding_mask = None
     if padding_mask is None and (query_length == 1 or (past_length == 0 and implementation not in ("eager", "flex_attention"))):
         return None
     total = past_length + query_length
@@ -181,8 +200,13 @@ class RotaryEmbedding(nn.Module):
     """cos/sin of the positions for the rotated half of a head (kv_channels / 2 dims, kv_channels / 4 angles).
 
     THUDM stored an `inv_freq` buffer (`transformer.rotary_pos_emb.inv_freq` in checkpoints) that its forward never
-    read; it is ignored on load and recomputed here, so nothing needs loading or device placement.
+    read: it recomputed theta on the module's device every call. Here theta is computed once per device into a
+    non-persistent float32 buffer (`theta`, never saved; the checkpoints' key is ignored): again on every move
+    (`_apply`, which also keeps it float32 when the model is cast) and by `_init_weights` after transformers'
+    meta-device loading. ChatGLM2's float16 angles are still computed per call, in float16, as its code did.
     """
+
+    theta: torch.Tensor
 
     def __init__(self, config: ChatGLM3Config):
         super().__init__()
@@ -190,28 +214,51 @@ class RotaryEmbedding(nn.Module):
         self.base = 10000 * config.rope_ratio
         # ChatGLM2's code computed theta, positions and their product in the weights' dtype
         self.angles_in_float16 = config.chatglm_version == 2
+        default = torch.get_default_device()
+        theta = self.compute_theta(torch.float32, "cpu" if default.type == "meta" else default)
+        self.register_buffer("theta", theta.to(default), persistent=False)
+
+    def compute_theta(self, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        """(dim/2,) 1 / base^(2i / dim), computed in `dtype` on `device` (THUDM's recipe)."""
+        return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=dtype, device=device) / self.dim))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.theta.is_meta:
+            self.theta = self.theta.float()  # no data yet: `_init_weights` or a later move fills it
+        else:
+            self.theta = self.compute_theta(torch.float32, self.theta.device)
+        return self
 
     @torch.no_grad()
     def forward(self, position_ids: torch.LongTensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        device = position_ids.device
-        compute = torch.float16 if self.angles_in_float16 and dtype == torch.float16 else torch.float32
-        theta = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=compute, device=device) / self.dim))
-        angles = (position_ids.to(compute)[..., None] * theta).float()  # (B, T, dim/2)
+        if self.angles_in_float16 and dtype == torch.float16:
+            angles = (position_ids.half()[..., None] * self.compute_theta(torch.float16, position_ids.device)).float()
+        else:
+            angles = position_ids.float()[..., None] * self.theta.to(position_ids.device)  # (B, T, dim/2)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of the first 2 * cos.shape[-1] dims of every head.
+def rotary_for_pairs(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`RotaryEmbedding`'s (B, T, rot/2) cos and sin laid out for `apply_rotary`, once per forward: (B, T, 1, rot),
+    each value twice (both dims of its pair), sin negated on the even dims."""
+    cos = torch.stack((cos, cos), dim=-1).flatten(-2)[:, :, None, :]
+    sin = torch.stack((-sin, sin), dim=-1).flatten(-2)[:, :, None, :]
+    return cos, sin
 
-    x: (B, T, nh, hs); cos, sin: (B, T, rot/2).
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of the first cos.shape[-1] dims of every head.
+
+    Each pair becomes (x0 * c - x1 * s, x1 * c + x0 * s): here x_rot * cos + pair-swapped(x_rot) * sin, with the
+    minus sign already in `sin` (`rotary_for_pairs`), which is the same products and sums, bit for bit.
+    x: (..., hs), e.g. (B, T, nh, hs); cos, sin: `rotary_for_pairs`'s (B, T, 1, rot), or with more unit dims before
+    the last to broadcast over x's.
     """
-    rotated_dims = 2 * cos.shape[-1]
+    rotated_dims = cos.shape[-1]
     x_rot, x_pass = x[..., :rotated_dims], x[..., rotated_dims:]
-    pairs = x_rot.reshape(*x_rot.shape[:-1], -1, 2)  # (B, T, nh, rot/2, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
-    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
-    return torch.cat((rotated, x_pass), dim=-1)
+    swapped = x_rot.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
+    return torch.cat((x_rot * cos + swapped * sin, x_pass), dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -282,21 +329,21 @@ class SelfAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, length, _ = hidden_states.shape
         mixed = self.query_key_value(hidden_states)
+        cos, sin = rotary
+        heads, size, groups = self.num_heads, self.head_dim, self.num_key_value_heads
+        # query and key heads are rotated together, in one pass
         if self.multi_query_attention:
             # rows: [all query heads | g key heads | g value heads]
-            query, key, value = mixed.split(
-                [self.num_heads * self.head_dim, self.num_key_value_heads * self.head_dim, self.num_key_value_heads * self.head_dim],
-                dim=-1,
-            )
-            query = query.view(batch, length, self.num_heads, self.head_dim)
-            key = key.view(batch, length, self.num_key_value_heads, self.head_dim)
-            value = value.view(batch, length, self.num_key_value_heads, self.head_dim)
+            query_key = mixed[..., : (heads + groups) * size].view(batch, length, heads + groups, size)
+            query, key = apply_rotary(query_key, cos, sin).split([heads, groups], dim=2)
+            value = mixed[..., (heads + groups) * size :].view(batch, length, groups, size)
         else:
             # without MQA THUDM lays the rows out per head: [q | k | v] of head 0, then head 1...
-            query, key, value = mixed.view(batch, length, self.num_heads, 3 * self.head_dim).chunk(3, dim=-1)
-        cos, sin = rotary
-        query = apply_rotary(query, cos, sin).transpose(1, 2)  # (B, nh, T, hs)
-        key = apply_rotary(key, cos, sin).transpose(1, 2)  # (B, g, T, hs)
+            mixed = mixed.view(batch, length, heads, 3 * size)
+            query_key = mixed[..., : 2 * size].unflatten(-1, (2, size))  # (B, T, nh, 2, hs)
+            query, key = apply_rotary(query_key, cos[:, :, :, None], sin[:, :, :, None]).unbind(-2)
+            value = mixed[..., 2 * size :]
+        query, key = query.transpose(1, 2), key.transpose(1, 2)  # (B, nh, T, hs), (B, g, T, hs)
         value = value.transpose(1, 2)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
@@ -354,10 +401,14 @@ class GLMBlock(GradientCheckpointingLayer):
         normed = self.input_layernorm(hidden_states)
         attention_output, probs = self.self_attention(normed, rotary, attention_mask, implementation, cache)
         residual = normed if self.residual_from_norm else hidden_states
-        hidden_states = residual + F.dropout(attention_output, p=self.hidden_dropout, training=self.training)
+        hidden_states = residual + self._dropout(attention_output)
         normed = self.post_attention_layernorm(hidden_states)
         residual = normed if self.residual_from_norm else hidden_states
-        return residual + F.dropout(self.mlp(normed), p=self.hidden_dropout, training=self.training), probs
+        return residual + self._dropout(self.mlp(normed)), probs
+
+    def _dropout(self, states: torch.Tensor) -> torch.Tensor:
+        # F.dropout returns its input outside training; skipping the call saves its overhead per decode step
+        return F.dropout(states, p=self.hidden_dropout, training=True) if self.training else states
 
 
 class GLMTransformer(nn.Module):
@@ -419,7 +470,8 @@ class ChatGLM3PreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _supports_flex_attn = True
     _can_compile_fullgraph = False
-    # THUDM saved a rotary inv_freq buffer that its forward never read; the angles are recomputed here
+    # THUDM saved a rotary inv_freq buffer that its forward never read; the model's theta is not saved (see
+    # `RotaryEmbedding`), so the checkpoints' key is ignored
     _keys_to_ignore_on_load_unexpected = [r"rotary_pos_emb\.inv_freq"]
 
     def __init__(self, config: ChatGLM3Config, *args, **kwargs):
@@ -431,6 +483,12 @@ class ChatGLM3PreTrainedModel(PreTrainedModel):
         if problems := config.unsupported_options():
             raise BadValue("This ChatGLM2/3 config uses options InstructGLM does not support: " + "; ".join(problems))
         super().__init__(config, *args, **kwargs)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # transformers loads on the meta device and re-creates non-persistent buffers empty: refill theta
+        super()._init_weights(module)
+        if isinstance(module, RotaryEmbedding):
+            init.copy_(module.theta, module.compute_theta(torch.float32, module.theta.device))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -535,6 +593,14 @@ class ChatGLM3Model(ChatGLM3PreTrainedModel):
                 f"{length} new tokens, 1 = real token; or packed rows' segment ids), got shape "
                 f"{tuple(attention_mask.shape)}"
             )
+        implementation = self.config._attn_implementation or "eager"
+        if output_attentions:
+            implementation = "eager"  # only the eager path materialises the probabilities
+        check_flex_attention_device(implementation, inputs_embeds.device, self.training)
+        # built (and the mask's values checked) before positions are counted from the mask
+        mask = chatglm_attention_mask(
+            attention_mask, past_length, length, implementation, inputs_embeds.dtype, inputs_embeds.device
+        )
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = position_ids_from_mask(attention_mask, length)
@@ -543,15 +609,8 @@ class ChatGLM3Model(ChatGLM3PreTrainedModel):
         if position_ids.shape[-1] != length or position_ids.dim() != 2:
             raise ValueError(f"position_ids must have shape [b, {length}] (one position per new token), got {tuple(position_ids.shape)}")
         position_ids = position_ids.to(inputs_embeds.device).expand(batch, length)
-        rotary = self.rotary_pos_emb(position_ids, inputs_embeds.dtype)
+        rotary = rotary_for_pairs(*self.rotary_pos_emb(position_ids, inputs_embeds.dtype))  # 2 x (B, T, 1, rot)
 
-        implementation = self.config._attn_implementation or "eager"
-        if output_attentions:
-            implementation = "eager"  # only the eager path materialises the probabilities
-        check_flex_attention_device(implementation, inputs_embeds.device, self.training)
-        mask = chatglm_attention_mask(
-            attention_mask, past_length, length, implementation, inputs_embeds.dtype, inputs_embeds.device
-        )
 
         hidden_states, all_hidden_states, all_attentions = self.encoder(
             inputs_embeds, rotary, mask, implementation, cache, output_attentions, output_hidden_states
@@ -607,6 +666,8 @@ class ChatGLM3ForConditionalGeneration(ChatGLM3PreTrainedModel, GenerationMixin)
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        output_attentions = bool(self.config.output_attentions if output_attentions is None else output_attentions)
+        output_hidden_states = bool(self.config.output_hidden_states if output_hidden_states is None else output_hidden_states)
         outputs = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -616,9 +677,13 @@ class ChatGLM3ForConditionalGeneration(ChatGLM3PreTrainedModel, GenerationMixin)
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
-            return_dict=True,
+            return_dict=False,
         )
-        hidden_states = outputs.last_hidden_state
+        # (hidden states, cache, all hidden states, attentions), the ones not asked for (None) left out
+        hidden_states, rest = outputs[0], list(outputs[1:])
+        all_attentions = rest.pop() if output_attentions else None
+        all_hidden_states = rest.pop() if output_hidden_states else None
+        cache = rest.pop() if rest else None
         if isinstance(logits_to_keep, int):
             if logits_to_keep:
                 hidden_states = hidden_states[:, -logits_to_keep:, :]
@@ -628,12 +693,10 @@ class ChatGLM3ForConditionalGeneration(ChatGLM3PreTrainedModel, GenerationMixin)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.padded_vocab_size, **kwargs)
-        cache = getattr(outputs, _CACHE_FIELD)
         if not return_dict:
-            rest = tuple(v for v in (cache, outputs.hidden_states, outputs.attentions) if v is not None)
-            return ((loss,) if loss is not None else ()) + (logits,) + rest
+            return tuple(v for v in (loss, logits, cache, all_hidden_states, all_attentions) if v is not None)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions, **{_CACHE_FIELD: cache}
+            loss=loss, logits=logits, hidden_states=all_hidden_states, attentions=all_attentions, **{_CACHE_FIELD: cache}
         )
 
     def _prepare_attention_mask_for_generation(self, inputs_tensor: torch.Tensor, *args, **kwargs) -> torch.LongTensor:

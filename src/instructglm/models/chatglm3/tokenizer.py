@@ -44,12 +44,12 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import sentencepiece as spm
 from transformers import AddedToken, BatchEncoding, PreTrainedTokenizer
 from transformers.tokenization_utils_base import TruncationStrategy
 from transformers.utils import PaddingStrategy, logging
 
 from instructglm.errors import BadValue, MissingFile
+from instructglm.models.chatglm.tokenizer import import_sentencepiece
 from instructglm.models.chatglm3.versions import chatglm_version_from_name, parse_chatglm_version
 
 logger = logging.get_logger(__name__)
@@ -233,7 +233,7 @@ class ChatGLM3Tokenizer(PreTrainedTokenizer):
             _report_detection(version, reason, vocab_file)
         self.chatglm_version = version
         self.vocab_file = vocab_file
-        self.sp_model = spm.SentencePieceProcessor(model_file=vocab_file)
+        self.sp_model = import_sentencepiece(type(self).__name__).SentencePieceProcessor(model_file=vocab_file)
         self.encode_special_tokens = bool(encode_special_tokens)
         self._sp_size = self.sp_model.get_piece_size()
         names = GLM_TOKENS + (ROLE_TOKENS if version == 3 else ())
