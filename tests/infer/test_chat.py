@@ -239,6 +239,9 @@ def test_chatglm3_chat_is_build_chat_input_its_stop_ids_and_process_response(v3,
     assert streamed and streamed[-1] == (response, new_history)
     # the model's own method (THUDM's entry point) is the same call
     assert model.chat(tokenizer, '{"temperature": 21}', history, role="observation", do_sample=False, max_new_tokens=6) == (response, new_history)
+    # ... with role as THUDM's fourth positional argument
+    assert model.chat(tokenizer, '{"temperature": 21}', history, "observation", do_sample=False, max_new_tokens=6) == (response, new_history)
+    assert list(model.stream_chat(tokenizer, '{"temperature": 21}', history, "observation", do_sample=False, max_new_tokens=6))[-1] == (response, new_history)
 
 
 def test_chatglm3_tool_call_reply_is_parsed_like_thudms(v3, monkeypatch):

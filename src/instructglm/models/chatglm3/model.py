@@ -706,17 +706,17 @@ class ChatGLM3ForConditionalGeneration(ChatGLM3PreTrainedModel, GenerationMixin)
 
     # -- THUDM's chat API, written once for every model in instructglm.infer.chat -------------------------------------
 
-    def chat(self, tokenizer, query, history=None, **kwargs):
-        """One chat turn, as THUDM's `model.chat`; see `instructglm.infer.chat.chat`."""
+    def chat(self, tokenizer, query, history=None, role="user", **kwargs):
+        """One chat turn, as THUDM's `model.chat` (role is its fourth argument); see `instructglm.infer.chat.chat`."""
         from instructglm.infer.chat import chat
 
-        return chat(self, tokenizer, query, history, **kwargs)
+        return chat(self, tokenizer, query, history, role, **kwargs)
 
-    def stream_chat(self, tokenizer, query, history=None, **kwargs):
+    def stream_chat(self, tokenizer, query, history=None, role="user", **kwargs):
         """Like `chat`, yielding the answer as it grows; see `instructglm.infer.chat.stream_chat`."""
         from instructglm.infer.chat import stream_chat
 
-        return stream_chat(self, tokenizer, query, history, **kwargs)
+        return stream_chat(self, tokenizer, query, history, role, **kwargs)
 
 
 __all__ = [
