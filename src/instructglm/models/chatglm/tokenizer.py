@@ -42,7 +42,8 @@ from transformers import AddedToken, BatchEncoding, PreTrainedTokenizer
 from transformers.tokenization_utils_base import TruncationStrategy
 from transformers.utils import PaddingStrategy
 
-from instructglm.errors import BadValue, MissingDependency, MissingFile
+from instructglm.errors import BadValue, MissingFile
+from instructglm.models.spm import import_sentencepiece
 
 # GLM's blank-infilling markers (THUDM's SPTokenizer list): control pieces in ice_text.model, so
 # sentencepiece never produces them from text and decodes them to nothing.
@@ -76,22 +77,6 @@ def encode_whitespace(text: str, max_blank_length: int = _MAX_BLANK) -> str:
         return _blank(max_blank_length) * full + (_blank(rest) if rest >= 2 else " " * rest)
 
     return _SPACE_RUN.sub(blank_run, text)
-
-
-def import_sentencepiece(needed_by: str):
-    """The `sentencepiece` module, imported on first use so that this module (which `import instructglm`
-    registers with transformers' Auto classes) imports without it, e.g. for model-only scripts.
-
-    Raises:
-        MissingDependency: sentencepiece is not installed, naming what needs it and the pip command.
-    """
-    try:
-        import sentencepiece
-    except ImportError as error:
-        raise MissingDependency(
-            f"{needed_by} needs the sentencepiece package, which is not installed: run pip install 'sentencepiece>=0.2'"
-        ) from error
-    return sentencepiece
 
 
 def train_glm_sentencepiece(lines: Iterable[str], vocab_size: int = 1000) -> bytes:

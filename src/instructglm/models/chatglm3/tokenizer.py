@@ -49,8 +49,8 @@ from transformers.tokenization_utils_base import TruncationStrategy
 from transformers.utils import PaddingStrategy, logging
 
 from instructglm.errors import BadValue, MissingFile
-from instructglm.models.chatglm.tokenizer import import_sentencepiece
 from instructglm.models.chatglm3.versions import chatglm_version_from_name, parse_chatglm_version
+from instructglm.models.spm import import_sentencepiece
 
 logger = logging.get_logger(__name__)
 
