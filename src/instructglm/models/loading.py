@@ -162,6 +162,38 @@ def load_causal_lm(model_name_or_path: str, flag: str = "--model_name_or_path", 
         raise
 
 
+def load_strictly(load, class_name: str, name_or_path, *args: Any, **kwargs: Any) -> tuple[Any, dict]:
+    """(model, loading info) from `load`, a native class's inherited `from_pretrained`, made strict.
+
+    transformers only warns about missing tensors and re-initialises them randomly; a GLM checkpoint with missing
+    or mis-shaped tensors is a wrong or broken download, so this raises naming them.
+    `ignore_mismatched_sizes=True` restores transformers' lenient behaviour for both.
+
+    Raises:
+        BadValue: missing or mis-shaped tensors, or `weights_only=False`.
+    """
+    if kwargs.get("weights_only") is False:
+        raise BadValue("weights_only=False is refused: checkpoints are read with torch.load(weights_only=True)")
+    lenient = kwargs.get("ignore_mismatched_sizes", False)
+    kwargs.pop("output_loading_info", None)
+    kwargs["ignore_mismatched_sizes"] = True  # so the mismatches come back to us instead of a bare RuntimeError
+    model, info = load(name_or_path, *args, output_loading_info=True, **kwargs)
+    problems = []
+    if info["missing_keys"]:
+        problems.append("missing tensors: " + ", ".join(sorted(info["missing_keys"])))
+    if info["mismatched_keys"]:
+        shapes = [f"{name} (checkpoint {tuple(old)}, model {tuple(new)})" for name, old, new in info["mismatched_keys"]]
+        problems.append("tensors with the wrong shape: " + ", ".join(sorted(shapes)))
+    if problems and not lenient:
+        raise BadValue(
+            f"{name_or_path} does not hold a complete {class_name} checkpoint for its config.json: "
+            + "; ".join(problems)
+            + ". Re-download the checkpoint or fix config.json (pass ignore_mismatched_sizes=True to load anyway "
+            "with those tensors randomly initialised)."
+        )
+    return model, info
+
+
 def _broken_checkpoint(path: str, flag: str, error: BaseException) -> str:
     return f"{flag} {path}: {unreadable_weights(error)}; use a safetensors checkpoint or re-download / re-save it"
 

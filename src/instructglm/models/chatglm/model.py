@@ -602,31 +602,13 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """transformers' loader (every layout, dtype, device_map), made strict about the checkpoint's tensors.
+        """transformers' loader (every layout, dtype, device_map), strict about the checkpoint's tensors: see
+        `instructglm.models.loading.load_strictly` (missing or mis-shaped tensors raise BadValue naming them)."""
+        from instructglm.models.loading import load_strictly
 
-        transformers only warns about missing tensors and re-initialises them randomly; a ChatGLM checkpoint with
-        missing or mis-shaped tensors is a wrong or broken download, so this raises naming them.
-        `ignore_mismatched_sizes=True` restores transformers' lenient behaviour for both.
-        """
-        if kwargs.get("weights_only") is False:
-            raise ValueError("weights_only=False is refused: checkpoints are read with torch.load(weights_only=True)")
-        lenient = kwargs.get("ignore_mismatched_sizes", False)
         want_info = kwargs.pop("output_loading_info", False)
-        kwargs["ignore_mismatched_sizes"] = True  # so the mismatches come back to us instead of a bare RuntimeError
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs)
-        problems = []
-        if info["missing_keys"]:
-            problems.append("missing tensors: " + ", ".join(sorted(info["missing_keys"])))
-        if info["mismatched_keys"]:
-            shapes = [f"{name} (checkpoint {tuple(old)}, model {tuple(new)})" for name, old, new in info["mismatched_keys"]]
-            problems.append("tensors with the wrong shape: " + ", ".join(sorted(shapes)))
-        if problems and not lenient:
-            raise ValueError(
-                f"{pretrained_model_name_or_path} does not hold a complete {cls.__name__} checkpoint for its "
-                f"config.json: " + "; ".join(problems) + ". Re-download the checkpoint or fix config.json "
-                "(pass ignore_mismatched_sizes=True to load anyway with those tensors randomly initialised)."
-            )
-        if hasattr(model, "_tie_like_thudm"):
+        model, info = load_strictly(super().from_pretrained, cls.__name__, pretrained_model_name_or_path, *model_args, **kwargs)
+        if hasattr(model, "_tie_like_thudm"):  # the LM ties its head like THUDM; the bare model has none
             model._tie_like_thudm()
         return (model, info) if want_info else model
 

@@ -44,13 +44,12 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from transformers import AddedToken, BatchEncoding, PreTrainedTokenizer
-from transformers.tokenization_utils_base import TruncationStrategy
-from transformers.utils import PaddingStrategy, logging
+from transformers import AddedToken, BatchEncoding
+from transformers.utils import logging
 
 from instructglm.errors import BadValue, MissingFile
 from instructglm.models.chatglm3.versions import chatglm_version_from_name, parse_chatglm_version
-from instructglm.models.spm import import_sentencepiece
+from instructglm.models.spm import SentencePieceTokenizer, import_sentencepiece
 
 logger = logging.get_logger(__name__)
 
@@ -184,7 +183,7 @@ def _has_file(name_or_path: str, filename: str, hub_kwargs: Mapping[str, Any]) -
 # ---- the tokenizer -------------------------------------------------------------------------------------------------
 
 
-class ChatGLM3Tokenizer(PreTrainedTokenizer):
+class ChatGLM3Tokenizer(SentencePieceTokenizer):
     """The ChatGLM2-6B / ChatGLM3-6B tokenizer: `tokenizer.model` (sentencepiece) plus the GLM special ids.
 
     Loads from a directory in the hub layout (`tokenizer.model` + `tokenizer_config.json`); after
@@ -203,6 +202,7 @@ class ChatGLM3Tokenizer(PreTrainedTokenizer):
 
     vocab_files_names = {"vocab_file": VOCAB_FILE}
     model_input_names = ["input_ids", "attention_mask"]
+    splits_special_tokens_in_text = False  # role tokens are split out by `encode_special_tokens` alone
     padding_side = "left"
 
     def __init__(
@@ -357,8 +357,9 @@ class ChatGLM3Tokenizer(PreTrainedTokenizer):
             return [(text, False)] if text else []
         return [(part, i % 2 == 1) for i, part in enumerate(_ROLE_PATTERN.split(text)) if part]
 
-    def _encode_texts(self, texts: Sequence[str], as_pieces: bool = False) -> list[list]:
-        """Ids (or pieces) of each text, with one sentencepiece call for the whole batch."""
+    def _encode_texts(self, texts: Sequence[str], as_pieces: bool = False, split_special_tokens: bool = False) -> list[list]:
+        """Ids (or pieces) of each text, with one sentencepiece call for the whole batch (`split_special_tokens`
+        does not apply: only `encode_special_tokens` splits role tokens out of text)."""
         plans = [self._segments(text) for text in texts]
         if all(len(plan) <= 1 and not (plan and plan[0][1]) for plan in plans):  # the usual case: no role tokens
             return self.sp_model.encode(list(texts), out_type=str if as_pieces else int) if texts else []
@@ -382,102 +383,6 @@ class ChatGLM3Tokenizer(PreTrainedTokenizer):
 
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         return self._encode_texts([text], as_pieces=True)[0]
-
-    def _encode_plus(
-        self,
-        text: Any,
-        text_pair: Any = None,
-        add_special_tokens: bool = True,
-        padding_strategy: PaddingStrategy = PaddingStrategy.DO_NOT_PAD,
-        truncation_strategy: TruncationStrategy = TruncationStrategy.DO_NOT_TRUNCATE,
-        max_length: int | None = None,
-        stride: int = 0,
-        is_split_into_words: bool = False,
-        pad_to_multiple_of: int | None = None,
-        padding_side: str | None = None,
-        return_tensors: Any = None,
-        return_token_type_ids: bool | None = None,
-        return_attention_mask: bool | None = None,
-        return_overflowing_tokens: bool = False,
-        return_special_tokens_mask: bool = False,
-        return_length: bool = False,
-        verbose: bool = True,
-        **kwargs: Any,
-    ) -> BatchEncoding:
-        """A list of plain strings (and pairs) takes the batched path; everything else the base class's."""
-        options = dict(
-            add_special_tokens=add_special_tokens,
-            truncation_strategy=truncation_strategy,
-            max_length=max_length,
-            stride=stride,
-            pad_to_multiple_of=pad_to_multiple_of,
-            padding_side=padding_side,
-            return_tensors=return_tensors,
-            return_token_type_ids=return_token_type_ids,
-            return_attention_mask=return_attention_mask,
-            return_overflowing_tokens=return_overflowing_tokens,
-            return_special_tokens_mask=return_special_tokens_mask,
-            return_length=return_length,
-            verbose=verbose,
-        )
-        kwargs.pop("split_special_tokens", None)  # nothing is split out of text here
-        if not kwargs.get("return_offsets_mapping"):
-            kwargs.pop("return_offsets_mapping", None)
-        if is_split_into_words or kwargs or not _all_str(text) or not (text_pair is None or _all_str(text_pair)):
-            return super()._encode_plus(
-                text, text_pair, padding_strategy=padding_strategy, is_split_into_words=is_split_into_words, **options, **kwargs
-            )
-        if text_pair is not None and len(text_pair) != len(text):
-            raise ValueError(f"`text` has {len(text)} texts but `text_pair` has {len(text_pair)}; give one pair per text.")
-        ids = self._encode_texts(list(text) + list(text_pair or []))
-        firsts, seconds = ids[: len(text)], ids[len(text) :] or [None] * len(text)
-
-        simple = truncation_strategy == TruncationStrategy.DO_NOT_TRUNCATE and not (
-            return_token_type_ids or return_overflowing_tokens or return_special_tokens_mask or return_length
-        )
-        if simple:
-            if add_special_tokens:
-                input_ids = [self.build_inputs_with_special_tokens(a, b) for a, b in zip(firsts, seconds)]
-            else:
-                input_ids = [a + b if b is not None else a for a, b in zip(firsts, seconds)]
-            for row in input_ids:
-                self._eventual_warn_about_too_long_sequence(row, max_length, verbose)
-            outputs: dict[str, list] = {"input_ids": input_ids}
-            if padding_strategy == PaddingStrategy.DO_NOT_PAD:
-                if return_attention_mask is not False:
-                    outputs["attention_mask"] = [[1] * len(row) for row in input_ids]
-                return BatchEncoding(outputs, tensor_type=return_tensors)
-        else:
-            outputs = {}
-            for first, second in zip(firsts, seconds):
-                row = self.prepare_for_model(
-                    first,
-                    pair_ids=second,
-                    add_special_tokens=add_special_tokens,
-                    truncation=truncation_strategy.value,
-                    max_length=max_length,
-                    stride=stride,
-                    return_token_type_ids=return_token_type_ids,
-                    return_attention_mask=False,
-                    return_overflowing_tokens=return_overflowing_tokens,
-                    return_special_tokens_mask=return_special_tokens_mask,
-                    return_length=return_length,
-                    verbose=verbose,
-                )
-                for key, value in row.items():
-                    outputs.setdefault(key, []).append(value)
-            if return_tensors and return_overflowing_tokens:
-                outputs.pop("overflowing_tokens", None)
-                outputs.pop("num_truncated_tokens", None)
-        padded = self.pad(
-            outputs,
-            padding=padding_strategy.value,
-            max_length=max_length,
-            pad_to_multiple_of=pad_to_multiple_of,
-            padding_side=padding_side,
-            return_attention_mask=return_attention_mask,
-        )
-        return BatchEncoding(dict(padded), tensor_type=return_tensors)
 
     def build_inputs_with_special_tokens(self, token_ids_0: list[int], token_ids_1: list[int] | None = None) -> list[int]:
         """[gMASK, sop] + A, or for a pair [gMASK, sop] + A + B + [eos]."""
@@ -616,10 +521,6 @@ def _report_detection(version: int, reason: str, where: str) -> None:
         )
     else:
         logger.info(f"{where}: ChatGLM{version} tokenizer ({reason})")
-
-
-def _all_str(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
 
 
 __all__ = [
