@@ -7,12 +7,14 @@
 #      the best batch in 80 GB, with and without gradient checkpointing, MFU; one ChatGLM3-6B-shape run
 #   3. train step: LoRA forward+backward tok/s and peak memory at the 6B shape, sdpa vs eager (bench/model_step.py)
 #   4. decode: tokens/s at batch 1 and 8, adapter unmerged vs merged vs plain generate
+#   5. serve engine: decode tokens/s at the 6B shape through the batching engine, 1/8/32 concurrent requests,
+#      static (CUDA-graph) vs dynamic cache (bench/serve_load.py)
 # The whole script keeps to GPU_CHECK_SECONDS (default 470): each step gets at most its own limit and what
 # is left; gpu_train.py gets a time budget of its own and lists what it skipped.
 #
-# Run through the device tool from the repo root, carrying the goldens (../shared does not travel) and the
-# sentencepiece wheels (`import instructglm` registers the native tokenizers, which import sentencepiece; the GPU
-# image may not have it; /.whl/ is git-ignored):
+# Run through the device tool from the repo root, carrying the goldens (../shared does not travel). No step
+# builds a tokenizer (sentencepiece is imported only then), so the image's packages suffice; sentencepiece wheels
+# under /.whl/ (git-ignored) are installed for the run only if present and the image lacks it:
 #   mkdir -p .shared && cp -r ../shared/fixtures .shared/ && echo /.shared/ >> .git/info/exclude
 #   for v in 3.10 3.11 3.12; do pip download 'sentencepiece>=0.2' --only-binary=:all: --no-deps \
 #     --python-version $v --platform manylinux2014_x86_64 -d .whl; done
@@ -38,14 +40,14 @@ table="$OUT/gpu_check.md"
 } > "$table"
 
 # sentencepiece from the carried wheels when the image lacks it, into a temporary dir (not the image's Python)
-if ! $PY -c "import sentencepiece" 2> /dev/null; then
+if [[ -d .whl ]] && ! $PY -c "import sentencepiece" 2> /dev/null; then
   DEPS=$(mktemp -d)
   trap 'rm -rf "$DEPS"' EXIT
   if $PY -m pip install --quiet --no-index --find-links .whl --target "$DEPS" sentencepiece > "$OUT/deps.log" 2>&1; then
     export PYTHONPATH="$DEPS:$PYTHONPATH"
     echo "sentencepiece installed from .whl/ for this run" >> "$table"
   else
-    echo "sentencepiece is missing and .whl/ has none for this Python (see deps.log): steps importing instructglm fail" >> "$table"
+    echo "sentencepiece is missing and .whl/ has none for this Python (see deps.log); no step needs it" >> "$table"
   fi
 fi
 
@@ -70,13 +72,15 @@ if [[ $DEVICE == cpu ]]; then
   step train 240 $PY bench/gpu_train.py --device cpu --tiny --budget-s 60 --simulate-oom-tokens 5000 --out-json "$OUT/gpu_train.json"
   step train_step 240 $PY bench/model_step.py --device cpu --steps 1
   step decode 240 $PY bench/decode_speed.py --device cpu --new_tokens 4 --repeats 1
+  step serve_engine 240 $PY bench/serve_load.py --decode --device cpu
 else
   step parity 120 $PY bench/gpu_parity.py --device cuda
-  # leave ~130 s for the train step and decode after it
-  train_budget=$(( $(left) - 160 )); (( train_budget > 240 )) && train_budget=240
+  # leave ~220 s for the train step, decode and the serve engine after it
+  train_budget=$(( $(left) - 250 )); (( train_budget > 200 )) && train_budget=200
   step train $((train_budget + 60)) $PY bench/gpu_train.py --device cuda --budget-s "$train_budget" --out-json "$OUT/gpu_train.json"
   step train_step 90 $PY bench/model_step.py --device cuda --real-shape --steps 3
   step decode 90 $PY bench/decode_speed.py --device cuda --real-shape --repeats 3
+  step serve_engine 90 $PY bench/serve_load.py --device cuda --real-shape
 fi
 echo "total: $((SECONDS - START)) s of ${BUDGET} s" >> "$table"
 cat "$table"
