@@ -94,3 +94,39 @@ def test_unreadable_tokenizer_config(tmp_path, chatglm6b_tokenizer_dir):
     (target / "tokenizer_config.json").write_text("")
     with pytest.raises(UserError, match="tokenizer_config.json"):
         load_tokenizer(str(target))
+
+
+def test_a_checkpoints_own_code_never_runs_even_when_stdin_says_yes(tmp_path):
+    """transformers asks "Do you wish to run the custom code? [y/N]" on stdin for an `auto_map` model it cannot
+    load; the loader passes trust_remote_code=False, so a "y" there runs nothing and the error is one line."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.tiny_models import tiny_llama_dir
+
+    model = tiny_llama_dir(tmp_path / "remote", tokenizer="char")
+    marker = tmp_path / "PWNED"
+    (model / "modeling_evil.py").write_text(f"import pathlib; pathlib.Path({str(marker)!r}).touch()\n")
+    config = json.loads((model / "config.json").read_text())
+    config["model_type"] = "evilmodel"
+    config["auto_map"] = {"AutoConfig": "modeling_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilLM"}
+    (model / "config.json").write_text(json.dumps(config))
+    script = (
+        "import sys\n"
+        "from instructglm.errors import UserError\n"
+        "from instructglm.models.loading import load_causal_lm, load_tokenizer\n"
+        "for load in (load_tokenizer, load_causal_lm):\n"
+        "    try:\n"
+        "        load(sys.argv[1])\n"
+        "    except UserError as error:\n"
+        "        print('refused:', error)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(model)], input="y\n" * 10, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert not marker.exists(), done.stdout + done.stderr
+    assert done.returncode == 0, done.stderr
+    refusals = [line for line in done.stdout.splitlines() if line.startswith("refused:")]
+    assert len(refusals) == 1 and "needs its own Python code (auto_map)" in refusals[0], done.stdout  # the model
+    with pytest.raises(BadValue, match="trust_remote_code=True is refused"):
+        load_causal_lm(str(model), trust_remote_code=True)

@@ -390,3 +390,19 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.samefile(a, b)
     except OSError:  # one does not exist (yet)
         return os.path.realpath(a) == os.path.realpath(b)
+
+
+def umask_modes(directory: str | os.PathLike) -> None:
+    """Give the files directly in `directory` that are narrower than the umask allows (0o666 & ~umask) that mode.
+
+    safetensors (0.8) creates its files 0600, whatever the umask, so an adapter or a merged model saved through
+    transformers would be unreadable to the other users and services a 0644 neighbour serves.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    wanted = 0o666 & ~mask
+    for entry in Path(directory).iterdir():
+        if entry.is_file() and not entry.is_symlink():
+            mode = entry.stat().st_mode & 0o777
+            if mode | wanted != mode:  # only widen, up to what the umask allows
+                entry.chmod(mode | wanted)

@@ -66,7 +66,7 @@ def merge(model_name_or_path: str, adapter: str, output: str | Path, max_shard_s
     model, _, _ = load_model(model_name_or_path, adapter, dtype="float32" if dtype == "auto" else dtype, device="cpu")
     merged = model.merge_and_unload()
     if dtype == "auto":
-        stored = _stored_dtype(AutoConfig.from_pretrained(model_name_or_path))
+        stored = _stored_dtype(AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=False))
         if stored is not None:
             merged = merged.to(stored)
     _remove_stale_partials(output)

@@ -94,10 +94,12 @@ def load_tokenizer(model_name_or_path: str, flag: str = "--model_name_or_path"):
         else:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
+            # never the checkpoint's own code: transformers would otherwise ask on stdin, and a "y" would run it
+            tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=False)
     except (OSError, ValueError) as error:
         if isinstance(error, UserError):
             raise
+        _refuse_remote_code(model_name_or_path, flag, error)
         where = f" (it holds: {_listing(model_name_or_path)})" if os.path.isdir(model_name_or_path) else ""
         raise MissingFile(
             f"{flag} {model_name_or_path}: no usable tokenizer there{where}: {error}. Copy the tokenizer files "
@@ -147,8 +149,15 @@ def load_causal_lm(model_name_or_path: str, flag: str = "--model_name_or_path", 
         )
     if kwargs.get("weights_only") is False:
         raise BadValue("weights_only=False is refused: checkpoints are read with torch.load(weights_only=True)")
+    if kwargs.pop("trust_remote_code", False):
+        raise BadValue("trust_remote_code=True is refused: InstructGLM never runs a checkpoint's own code")
     try:
-        return AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(model_name_or_path, trust_remote_code=False, **kwargs)
+    except ValueError as error:
+        if isinstance(error, UserError):
+            raise
+        _refuse_remote_code(model_name_or_path, flag, error)
+        raise
     except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as error:
         if not is_unreadable_weights(error):
             raise
@@ -160,6 +169,15 @@ def load_causal_lm(model_name_or_path: str, flag: str = "--model_name_or_path", 
                 f"{_listing(model_name_or_path)}); download the checkpoint into it"
             ) from error
         raise
+
+
+def _refuse_remote_code(name: str, flag: str, error: BaseException) -> None:
+    """Raise BadValue when `error` is transformers refusing a checkpoint that only its own code (`auto_map`) loads."""
+    if "trust_remote_code" in str(error):
+        raise BadValue(
+            f"{flag} {name}: this checkpoint needs its own Python code (auto_map), which InstructGLM never runs; "
+            "use a model transformers or InstructGLM implements (see the README's model families)"
+        ) from error
 
 
 def load_strictly(load, class_name: str, name_or_path, *args: Any, **kwargs: Any) -> tuple[Any, dict]:
