@@ -184,6 +184,36 @@ def test_tokenize_messages_for_text_families_flattens_and_drops_tool_rows(chat_j
     assert counts.dropped_unsupported == 1 and counts.kept == 2
 
 
+def test_chatglm_rounds_for_another_family_warn_to_reconvert(tmp_path, v3_tokenizer, v2_tokenizer, chatglm6b_tokenizer, capsys):
+    """History data converted to ChatGLM-6B's `[Round i]` prompts (convert's default for it), then tokenized for
+    ChatGLM3 (the rounds become one user turn) or ChatGLM2 (other rounds): the tokenizer says so."""
+    from instructglm.data.tokenize import tokenize_jsonl
+
+    source = tmp_path / "history.json"
+    source.write_text(json.dumps([{"instruction": "再见", "input": "", "output": "再见", "history": [["你好", "你好！"]]}],
+                                 ensure_ascii=False), encoding="utf-8")
+    jsonl = tmp_path / "rounds.jsonl"
+    convert(str(jsonl), data_path=str(source))
+    capsys.readouterr()
+    for i, (tokenizer, advice) in enumerate(((v3_tokenizer, "--template messages"), (v2_tokenizer, "--template chatglm2"))):
+        tokenize_jsonl(jsonl, tmp_path / f"out{i}", tokenizer, 128, model_type="chatglm", progress=False)
+        warning = capsys.readouterr().err
+        assert "holds 'chatglm' round prompts" in warning and advice in warning, warning
+    tokenize_jsonl(jsonl, tmp_path / "out6b", chatglm6b_tokenizer, 128, model_type="chatglm", progress=False)
+    assert "round prompts" not in capsys.readouterr().err  # ChatGLM-6B's own format
+
+
+def test_a_file_of_tool_rows_for_a_text_family_advises_the_family_not_the_length(tmp_path, chat_jsonl, v2_tokenizer):
+    """Every row dropped as unsupported: the advice is a family that shows tools, not --max_seq_length."""
+    tool_rows = [line for line in chat_jsonl.read_text(encoding="utf-8").splitlines() if '"tools"' in line]
+    path = tmp_path / "tools.jsonl"
+    path.write_text("\n".join(tool_rows) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as error:
+        tokenize_dataset(path, v2_tokenizer, 512, model_type="chatglm", progress=False)
+    assert "the model family cannot express" in str(error.value) and "tools need ChatGLM3" in str(error.value)
+    assert "--max_seq_length" not in str(error.value)
+
+
 def test_tokenize_truncates_conversations_at_turns_and_counts_them(chat_jsonl, v3_tokenizer):
     full, _ = tokenize_dataset(chat_jsonl, v3_tokenizer, 512, model_type="chatglm", progress=False)
     limit = len(full[0]["input_ids"]) - 3

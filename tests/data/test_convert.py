@@ -386,6 +386,18 @@ def test_format_preference_takes_chosen_as_the_answer(tmp_path):
     ]
 
 
+def test_alpaca_shaped_preference_pairs_take_alpacas_template(tmp_path):
+    """instruction/input + chosen/rejected (LLaMA-Factory's Alpaca-style DPO rows): the Alpaca prompt, as the same
+    rows without the pair would get."""
+    rows = [{"instruction": "Add", "input": "2 and 2", "chosen": "4", "rejected": "5"}]
+    path = _write_json(tmp_path / "pairs.json", rows)
+    meta = convert(str(tmp_path / "o.jsonl"), data_path=str(path), format="preference")
+    plain = convert(str(tmp_path / "p.jsonl"), data_path=str(_write_json(tmp_path / "a.json", [
+        {"instruction": "Add", "input": "2 and 2", "output": "4"}])))
+    assert meta["template"] == plain["template"] == "alpaca"
+    assert read_jsonl(tmp_path / "o.jsonl") == read_jsonl(tmp_path / "p.jsonl")
+
+
 def test_format_preference_prompt_chosen_rejected_jsonl(tmp_path):
     path = tmp_path / "pairs.jsonl"
     lines = [

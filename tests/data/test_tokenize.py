@@ -170,6 +170,8 @@ def test_bad_lines_are_named_and_nothing_is_written(tmp_path, llama_tokenizer):
     for line in (2, 3, 4, 5):
         assert f"{path}:{line}:" in message
     assert "['instruction', 'output']" in message
+    assert f"{path}:5: expected string fields context and target (or messages): target is int" in message
+    assert f"{path}:3: expected string fields context and target (or messages): missing context, target" in message
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["bad.jsonl"]
 

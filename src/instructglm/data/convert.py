@@ -136,6 +136,14 @@ def _choose_format(format: str, fields: list[str], source: str) -> str:
     return detected
 
 
+def _default_template(format: str, fields: list[str]) -> str:
+    """The format's default template; Alpaca-shaped preference pairs (instruction + chosen) take Alpaca's, as the
+    same rows without `chosen`/`rejected` would."""
+    if format == "preference" and "instruction" in fields:
+        return FORMATS["alpaca"].default_template
+    return FORMATS[format].default_template
+
+
 def convert(
     save_path: str,
     data_path: str | None = None,
@@ -167,7 +175,7 @@ def convert(
     if fields is None:
         raise DataError(f"{source}: no JSON object found; is it an instruction dataset (formats: {describe_formats()})?")
     format = _choose_format(format, fields, source)
-    chosen = get_template(template or FORMATS[format].default_template)
+    chosen = get_template(template or _default_template(format, fields))
     skipped = Skipped()
     written = 0
 

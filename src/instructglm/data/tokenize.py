@@ -423,8 +423,7 @@ def read_jsonl_rows(jsonl_path: str | os.PathLike) -> JsonlRows:
                 bad.append(f"{location}: {problem}")
                 continue
         elif not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("context", "target")):
-            seen = sorted(row) if isinstance(row, dict) else type(row).__name__
-            bad.append(f"{location}: expected string fields context and target (or messages), found {seen}")
+            bad.append(f"{location}: {_not_a_text_row(row)}")
             continue
         elif problem := text_problem(row["context"]) or text_problem(row["target"]):
             bad.append(f"{location}: invalid_unicode: {problem}")
@@ -564,7 +563,7 @@ def _tokenize_rows(encoder: RowEncoder, rows: JsonlRows, num_proc: int, batch_si
                 bar.update(batch_counts.rows)
     jsonl_path = rows.path
     if counts.kept == 0:
-        raise DataError(f"{jsonl_path}: every row was dropped ({counts.summary()}); raise --max_seq_length")
+        raise DataError(f"{jsonl_path}: every row was dropped ({counts.summary()}); {_advice(counts)}")
     table = datasets.table.InMemoryTable(pa.concat_tables(tables).combine_chunks())
     # an in-memory dataset is never cached; a given fingerprint spares hashing every token
     return datasets.Dataset(table, fingerprint=uuid.uuid4().hex), counts, dropped_at
@@ -701,6 +700,10 @@ def read_convert_meta(jsonl_path: str | os.PathLike) -> dict[str, Any] | None:
     return meta
 
 
+# templates that are one model family's chat rounds, and whose they are
+ROUND_TEMPLATES = {"chatglm": "ChatGLM-6B", "chatglm2": "ChatGLM2-6B"}
+
+
 def _template_of(convert_meta: dict[str, Any] | None, rows: JsonlRows) -> tuple[str, str]:
     """(template, template_source): convert's, else the one every context shows (a jsonl of conversations
     shows `messages`), else unknown."""
@@ -714,6 +717,14 @@ def _dataset_meta(jsonl_path, rows: JsonlRows, tokenizer, encoder: RowEncoder, m
     convert_meta = read_convert_meta(jsonl_path)
     template, template_source = _template_of(convert_meta, rows)
     family = encoder.family
+    if template in ROUND_TEMPLATES and template != family.chat_template:
+        print(
+            f"warning: {jsonl_path} holds {template!r} round prompts ({ROUND_TEMPLATES[template]}'s chat format), "
+            f"but {family.name} chats in its own format, so each whole prompt becomes one "
+            f"{'user turn' if family.role_tokens else 'query'}; reconvert with `instructglm convert --template "
+            f"{'messages' if family.role_tokens else family.chat_template}` to train in the format it chats in",
+            file=sys.stderr,
+        )
     meta: dict[str, Any] = {
         "template": template,
         "template_source": template_source,
@@ -846,3 +857,25 @@ def template_line(meta: dict[str, Any], jsonl_path: str) -> str:
         f"template: unknown (no usable {sidecar}, and the contexts match no registered template); recorded as "
         "'unknown' in the dataset's meta: run `instructglm convert` to record the template"
     )
+
+
+def _not_a_text_row(row: Any) -> str:
+    """Why a line is not a context/target row: the fields missing or not strings, by name."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object with string fields context and target (or messages), found a {type(row).__name__}"
+    missing = [k for k in ("context", "target") if k not in row]
+    wrong = [f"{k} is {type(row[k]).__name__}" for k in ("context", "target") if k in row and not isinstance(row[k], str)]
+    problems = ([f"missing {', '.join(missing)}"] if missing else []) + wrong
+    return f"expected string fields context and target (or messages): {'; '.join(problems)} (fields: {sorted(row)})"
+
+
+def _advice(counts: "TokenizeCounts") -> str:
+    """What to change when nothing is left, for the reasons that dropped the rows."""
+    advice = []
+    if counts.dropped_prompt_too_long:
+        advice.append("raise --max_seq_length")
+    if counts.dropped_unsupported:
+        advice.append("use a model family that can show these conversations (tools need ChatGLM3, GLM-4 or a chat-template model)")
+    if counts.dropped_empty_target:
+        advice.append("check the targets, which encode to no tokens")
+    return "; ".join(advice) or "check the data"
