@@ -104,6 +104,7 @@ def build_tiny_chatglm(path: str | Path, seed: int = 0, tokenizer_dir: str | Pat
     from transformers import AutoTokenizer
 
     import instructglm  # noqa: F401  (registers ChatGLM with the Auto classes)
+    from instructglm.data.io import umask_modes
     from instructglm.models.chatglm import ChatGLMForConditionalGeneration
 
     path = Path(path)
@@ -114,6 +115,7 @@ def build_tiny_chatglm(path: str | Path, seed: int = 0, tokenizer_dir: str | Pat
         model = ChatGLMForConditionalGeneration(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    umask_modes(path)  # safetensors writes model.safetensors 0600 whatever the umask
     return path
 
 
@@ -220,8 +222,10 @@ def main(args: DemoArguments) -> int:
         question = " / ".join(line for line in row["context"].strip().splitlines() if line)
         print(f"\nQ: {question}\nA: {row['prediction']}   [{mark}; expected {row['target']}]")
     print()
-    for name in ("exact_match", "bleu-4", "rouge-l", "loss"):
-        print(f"[demo] {name:<11} before {base.metrics[name]:8.2f}   after {tuned.metrics[name]:8.2f}")
+    # exact match on the final line's scale (the fraction of answers that are right); BLEU/ROUGE are eval's 0-100
+    print(f"[demo] {'exact match':<11} before {before:8.2f}   after {after:8.2f}   (fraction of answers)")
+    for name, scale in (("bleu-4", "0-100"), ("rouge-l", "0-100"), ("loss", "nats/token")):
+        print(f"[demo] {name:<11} before {base.metrics[name]:8.2f}   after {tuned.metrics[name]:8.2f}   ({scale})")
     print(f"\n[demo] total {time.perf_counter() - start:.0f}s; loss plot {out / 'loss.png'}; predictions {out / 'demo_results.json'}")
     print(f"[demo] report (base vs adapter, open in a browser): {report_dir / 'report.html'}")
     print(f"exact match: before={before:.2f} after={after:.2f}", flush=True)

@@ -69,6 +69,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from instructglm.errors import BadValue
 from instructglm.infer.generate import EngineArguments, GenerationArguments, context_limit
 from instructglm.infer.load import ModelArguments, load_from_args
 
@@ -95,6 +96,24 @@ class ServeArguments:
     max_request_bytes: int = field(default=1_000_000, metadata={"help": "Largest request body in bytes."})
     max_queue: int = field(default=256, metadata={"help": "Requests allowed to wait for a batch row; more get 503."})
     web: bool = field(default=False, metadata={"help": f"Also serve the Gradio chat at {WEB_PATH}/, from the same loaded model and batch."})
+
+    def __post_init__(self):
+        check_port(self.port)
+        for name in ("max_tokens_limit", "max_request_bytes"):
+            if getattr(self, name) < 1:
+                raise BadValue(f"--{name} must be at least 1, got {getattr(self, name)}: the server would refuse every request")
+        if self.max_queue < 0:
+            raise BadValue(f"--max_queue must be 0 or more, got {self.max_queue}")
+
+
+def check_port(port: int) -> None:
+    """A TCP port: 1..65535, or 0 for any free one (the server logs the one it got).
+
+    Raises:
+        BadValue: outside 0..65535.
+    """
+    if not 0 <= port <= 65535:
+        raise BadValue(f"--port {port} is not a TCP port; give 1..65535, or 0 for any free port")
 
 
 ARGUMENTS = (ModelArguments, ServeArguments, EngineArguments, GenerationArguments)
@@ -234,6 +253,10 @@ def _schemas():
     return ChatCompletionRequest
 
 
+# What a torch.Generator takes as its seed.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
 def _text(content: Any) -> str:
     if content is None:
         return ""
@@ -262,6 +285,13 @@ def request_messages(messages: list) -> list[dict]:
             entry["tool_calls"] = [{"name": call.function.name, "arguments": call.function.arguments} for call in message.tool_calls]
             call_names.update({call.id: call.function.name for call in message.tool_calls if call.id})
         if role == "tool":
+            if message.tool_call_id and message.tool_call_id not in call_names:
+                raise APIError(
+                    400,
+                    f"messages[{i}].tool_call_id {message.tool_call_id!r} matches no tool call of an earlier assistant message "
+                    f"(their ids: {', '.join(map(repr, call_names)) or 'none'}); answer a call the conversation made",
+                    param=f"messages[{i}].tool_call_id",
+                )
             name = message.name or call_names.get(message.tool_call_id or "", "")
             if name:
                 entry["name"] = name
@@ -471,6 +501,9 @@ def create_app(
             raise APIError(400, f"the request body is not valid JSON ({err})") from None
         except RecursionError:
             raise APIError(400, "the request body is nested too deeply to parse; send a chat completion request") from None
+        seed = payload.get("seed") if isinstance(payload, dict) else None
+        if isinstance(seed, int) and not isinstance(seed, bool) and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise APIError(400, f"seed is {seed}, outside the range {SEED_RANGE[0]}..{SEED_RANGE[1]} (a 64-bit seed)", param="seed")
         try:
             return ChatCompletionRequest.model_validate(payload)
         except ValidationError as err:
