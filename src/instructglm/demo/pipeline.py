@@ -139,6 +139,18 @@ def evaluate_base_and_adapter(base_dir: Path, adapter: Path, eval_jsonl: Path, r
     return results
 
 
+def metric_lines(before: dict, after: dict) -> list[str]:
+    """The summary table of base vs adapter metrics (eval's), each line naming its scale.
+
+    Exact match is shown as the fraction of right answers, the scale of the demo's final line
+    (`exact match: before=0.00 after=0.89`); eval's metrics hold it in percent like BLEU and ROUGE.
+    """
+    lines = [f"[demo] {'exact match':<11} before {before['exact_match'] / 100:8.2f}   after {after['exact_match'] / 100:8.2f}   (fraction of answers)"]
+    for name, scale in (("bleu-4", "0-100"), ("rouge-l", "0-100"), ("loss", "nats/token")):
+        lines.append(f"[demo] {name:<11} before {before[name]:8.2f}   after {after[name]:8.2f}   ({scale})")
+    return lines
+
+
 def _stage(name: str, started: float) -> float:
     now = time.perf_counter()
     print(f"[demo] {name} done in {now - started:.1f}s", flush=True)
@@ -222,10 +234,8 @@ def main(args: DemoArguments) -> int:
         question = " / ".join(line for line in row["context"].strip().splitlines() if line)
         print(f"\nQ: {question}\nA: {row['prediction']}   [{mark}; expected {row['target']}]")
     print()
-    # exact match on the final line's scale (the fraction of answers that are right); BLEU/ROUGE are eval's 0-100
-    print(f"[demo] {'exact match':<11} before {before:8.2f}   after {after:8.2f}   (fraction of answers)")
-    for name, scale in (("bleu-4", "0-100"), ("rouge-l", "0-100"), ("loss", "nats/token")):
-        print(f"[demo] {name:<11} before {base.metrics[name]:8.2f}   after {tuned.metrics[name]:8.2f}   ({scale})")
+    for line in metric_lines(base.metrics, tuned.metrics):
+        print(line)
     print(f"\n[demo] total {time.perf_counter() - start:.0f}s; loss plot {out / 'loss.png'}; predictions {out / 'demo_results.json'}")
     print(f"[demo] report (base vs adapter, open in a browser): {report_dir / 'report.html'}")
     print(f"exact match: before={before:.2f} after={after:.2f}", flush=True)
