@@ -17,10 +17,17 @@ together, a finished row's place goes to the next at once, and rows are handed o
 a time sorted by prompt length (less padding). The output is in input order: as soon as the rows
 before it are done a row is appended to `--output` and flushed to disk, so an interrupted run
 (Ctrl-C, kill, crash) loses only rows not yet written: rerun the same command and it continues
-after the last complete line, dropping a half-written one, never writing a row twice.
-`--overwrite true` starts over. With greedy decoding (the default here), batched output equals
-one-at-a-time output; sampled rows (`--do_sample true`) are reproducible, row i drawing from
-`--seed` + i, whatever the batch size or resume point.
+after the last complete line, dropping a half-written one, never writing a row twice. The run's settings
+(model, adapter, --lora_alpha, dtype, template, generation settings; the seed when sampling) are recorded
+in a sidecar beside the output, `<output>.predict.json`, with a fingerprint of the input: a rerun with
+other settings is refused, naming the ones that differ, rather than finishing the file with another
+model. An existing `--output` is changed only once it is proven to be this run's: its sidecar records
+these settings and every complete line is its input row with a prediction; anything else (a file predict
+did not write, a directory) is refused untouched. `--overwrite true` starts over.
+
+With greedy decoding (the default here), batched output equals one-at-a-time output; sampled rows
+(`--do_sample true`) are reproducible, row i drawing from `--seed` + i, whatever the batch size or
+resume point.
 
 A row whose prompt does not fit is not generated: with `--max_new_tokens` (the default here),
 when its prompt tokens plus `--max_new_tokens` exceed the model's context; with `--max_length`,
@@ -28,7 +35,9 @@ when its prompt alone reaches `--max_length` or the model's context. It is writt
 others, with `"prediction": null` and a `"skipped"` reason, and counted in the closing summary,
 so the output keeps one line per input row and a rerun resumes past it instead of failing on it
 again. (Generating it anyway would run past the positions the model was trained on, or try to
-allocate the attention of a megabyte-long prompt.)
+allocate the attention of a megabyte-long prompt.) A row whose prompt is not valid text is written the
+same way (a lone UTF-16 surrogate escape such as `"\\ud83d"`, which no tokenizer can encode). When `--max_new_tokens`
+alone fills the model's context, so that every row would be skipped, the run is refused up front.
 """
 
 from __future__ import annotations
@@ -316,8 +325,8 @@ def text_problem(value: Any, name: str) -> str | None:
         found = LONE_SURROGATE.search(value)
         if found:
             return (
-                f"field `{name}` is not valid text: a lone UTF-16 surrogate \\u{ord(found.group()):04x} at character "
-                f"{found.start()} (half of an escaped pair); fix the row"
+                f"field `{name}` holds a lone UTF-16 surrogate \\u{ord(found.group()):04x} at character {found.start()} "
+                "(half of an escaped pair, which no tokenizer can encode); fix the row"
             )
     elif isinstance(value, dict):
         return next((p for k, v in value.items() if (p := text_problem(v, f"{name}.{k}")) is not None), None)
@@ -529,6 +538,6 @@ def main(model_args: ModelArguments, args: PredictArguments, settings: BatchGene
     result = predict_rows(
         model, prompter, rows, args.output, settings, args.batch_size, args.overwrite, args.seed, args.decode, run=run
     )
-    skipped = f" ({result.skipped} skipped, prompt too long or not expressible: `prediction` null, reason in `skipped`)" if result.skipped else ""
+    skipped = f" ({result.skipped} skipped, prompt too long, not expressible or not valid text: `prediction` null, reason in `skipped`)" if result.skipped else ""
     print(f"predict: {result.written} row(s) written now{skipped}, {len(rows)} in {args.output}")
     return 0

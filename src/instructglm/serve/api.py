@@ -27,7 +27,8 @@ A reply that is a tool call (ChatGLM3's, GLM-4's) comes back, when the request o
 OpenAI's `tool_calls` (`{"id", "type": "function", "function": {"name", "arguments": "<JSON>"}}`) with
 `finish_reason: "tool_calls"`, plain and streaming (one `tool_calls` delta after any text); without
 `tools` it is the reply's text. `tool_choice: "none"` offers no tools; any other value is treated as
-"auto". A tool result names its tool through `tool_call_id` (the assistant call with that id) or `name`.
+"auto". A tool result names its tool through `tool_call_id` (the assistant call with that id; an id
+no earlier call has is a 400 naming it) or `name`.
 
 Concurrent requests share the model's forward passes (`instructglm.infer.engine.BatchEngine`):
 a new request joins the running batch at the next decode step, up to `--max_batch_size` rows;
@@ -41,8 +42,10 @@ prompt's forward, its sampling, its text) gets a 500 and the rest of its batch g
 with a hard-coded name work.
 
 Parameters are checked strictly: `max_tokens`, `max_completion_tokens`, `n` and `seed` must be
-JSON integers (not `true`, `"5"` or `5.5`), `temperature` and `top_p` numbers, `stream` a
-boolean; anything else is a 400 naming the parameter. A temperature below 1e-5 (0 included)
+JSON integers (not `true`, `"5"` or `5.5`), `seed` one a 64-bit generator takes (-2**63 to
+2**64 - 1), `temperature` and `top_p` numbers, `stream` a boolean; anything else is a 400 naming the
+parameter. `--port` is 0..65535 (0: any free port, logged); `--max_tokens_limit` and
+`--max_request_bytes` are at least 1. A temperature below 1e-5 (0 included)
 decodes greedily (see `MIN_SAMPLING_TEMPERATURE`).
 
 Limits and errors: `--api_key` (or INSTRUCTGLM_API_KEY) requires `Authorization: Bearer <key>`
