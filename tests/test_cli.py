@@ -45,3 +45,23 @@ def test_user_errors_end_in_one_line_not_a_traceback(argv, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"instructglm {argv[0]}: error: ") and "Traceback" not in err
     assert str(tmp_path) in err  # the message names the path that is wrong
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["chat", "--bogus", "1"],
+        ["serve", "--trust_remote_code", "true"],
+        ["web", "--bogus=1"],
+        ["predict", "--input", "i.jsonl", "--output", "o.jsonl", "--bogus", "1"],
+        ["merge", "--adapter", "a", "--output", "o", "--trust_remote_code", "true"],
+        ["eval", "--model_name_or_path", "m", "--data", "d", "--output_dir", "o", "--bogus", "1"],
+        ["train", "--dataset_path", "d", "--output_dir", "o", "--bogus", "1"],
+    ],
+    ids=lambda argv: argv[0],
+)
+def test_an_unknown_flag_is_one_line_naming_it(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    flag = next(a for a in argv if a.startswith(("--bogus", "--trust"))).split("=")[0]
+    assert err.startswith(f"instructglm {argv[0]}: error: unknown flag(s) {flag}") and err.count("\n") == 1

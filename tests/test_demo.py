@@ -130,3 +130,29 @@ def test_demo_learns_the_held_out_prompts(tmp_path, capsys):
     results = json.loads((tmp_path / "demo_results.json").read_text(encoding="utf-8"))
     hits = sum(p["prediction"] == p["target"] for p in results["predictions"])
     assert f"{hits / len(results['predictions']):.2f}" == f"{after:.2f}"
+
+
+def test_the_summary_shows_exact_match_on_the_final_lines_scale():
+    """The summary once printed `exact_match ... after 22.62` beside `exact match: before=0.00 after=0.23`."""
+    from instructglm.demo.pipeline import metric_lines
+
+    before = {"exact_match": 0.0, "bleu-4": 1.5, "rouge-l": 2.5, "loss": 4.0}
+    after = {"exact_match": 22.62, "bleu-4": 40.0, "rouge-l": 50.0, "loss": 0.5}
+    lines = metric_lines(before, after)
+    assert lines[0].split() == ["[demo]", "exact", "match", "before", "0.00", "after", "0.23", "(fraction", "of", "answers)"]
+    assert not any("22.62" in line for line in lines)
+    assert [line.split()[-1] for line in lines[1:]] == ["(0-100)", "(0-100)", "(nats/token)"]
+
+
+def test_the_demo_base_model_files_get_the_umask_mode(tmp_path):
+    import os
+
+    from instructglm.demo.pipeline import build_tiny_chatglm
+
+    old = os.umask(0o022)
+    try:
+        path = build_tiny_chatglm(tmp_path / "base", hidden_size=32)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in path.iterdir() if p.is_file()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes

@@ -15,7 +15,7 @@ import errno
 import importlib
 import sys
 
-from instructglm.errors import UserError
+from instructglm.errors import BadValue, UserError
 
 # command name -> (module, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -53,7 +53,9 @@ def run_command(name: str, argv: list[str]) -> int:
         module.ARGUMENTS, prog=f"instructglm {name}", description=module.__doc__, formatter_class=_HelpFormatter
     )
     try:
-        parsed = parser.parse_args_into_dataclasses(args=argv)  # argument dataclasses validate here
+        *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)  # dataclasses validate here
+        if unknown:
+            raise BadValue(unknown_flags_message(name, unknown))
         return module.main(*parsed) or 0
     except (UserError, OSError) as error:
         if isinstance(error, OSError) and not isinstance(error, UserError) and error.errno not in USER_FIXABLE_ERRNOS:
@@ -63,6 +65,13 @@ def run_command(name: str, argv: list[str]) -> int:
         sys.stderr.write(f"instructglm {name}: error: {error}\n")
         sys.stderr.flush()
         return 2
+
+
+def unknown_flags_message(name: str, unknown: list[str]) -> str:
+    """One line naming the flags (or stray values) `instructglm <name>` does not take."""
+    flags = [arg.split("=", 1)[0] for arg in unknown if arg.startswith("-")]
+    what = f"unknown flag(s) {', '.join(flags)}" if flags else f"unexpected value(s) {' '.join(unknown)}"
+    return f"{what}: `instructglm {name}` does not take them (a typo?); see `instructglm {name} --help` for its flags"
 
 
 # Operating-system refusals that name a path the user can free, unlock or move (the OSError's text

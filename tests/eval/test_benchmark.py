@@ -122,8 +122,10 @@ def test_shots_that_do_not_fit_are_dropped_and_counted(glm_base):
     assert 0 < result["5-shot"]["shots_dropped"] <= result["5-shot"]["questions"] == 5
     table = format_benchmark_table({"base": result, "other": result})
     assert "base 0-shot" in table and "other 5-shot" in table and "geography" in table and "average" in table
-    with pytest.raises(BadValue, match="raise --max_seq_length"):
-        score_benchmark(model, tokenizer, benchmark, shots=0, max_seq_length=20)
+    # no question fits 20 tokens even without shots: every one is left out, counted and located, none scored
+    none_fit = score_benchmark(model, tokenizer, benchmark, shots=0, max_seq_length=20)
+    assert none_fit["questions"] == 0 and none_fit["questions_too_long"] == 5 and none_fit["average"] is None
+    assert none_fit["too_long"][0].startswith(str(ASSETS / "ceval" / "val"))
 
 
 def test_layout_errors_name_the_file_and_the_fix(tmp_path):
@@ -178,3 +180,41 @@ def test_a_role_token_family_answers_inside_its_chat_format(chatglm3_base):
                 scores.append(sum(logprobs[t - 1, ids[t]].item() for t in range(header, len(ids))))
             expected.append(CHOICES[max(range(4), key=lambda i: scores[i])])
         assert result["predictions"][subject.name] == expected
+
+
+def _ceval_copy(tmp_path: Path) -> Path:
+    import shutil
+
+    root = tmp_path / "ceval"
+    shutil.copytree(ASSETS / "ceval", root)
+    return root
+
+
+def test_a_subject_without_questions_is_left_out_of_the_average_and_none_at_all_is_none(glm_base, tmp_path):
+    _, tokenizer, _ = load_model(str(glm_base), device="cpu")
+    (b_id,) = tokenizer("B", add_special_tokens=False)["input_ids"]
+    model = AlwaysLetter(len(tokenizer), b_id)
+    root = _ceval_copy(tmp_path)
+    (root / "val" / "geography_val.csv").write_text("id,question,A,B,C,D,answer\n", encoding="utf-8")
+    result = score_benchmark(model, tokenizer, load_benchmark(root), shots=0)
+    assert result["subjects"]["geography"]["accuracy"] is None
+    assert result["average"] == pytest.approx(100 / 3) and result["overall"] == pytest.approx(100 / 3)
+    (root / "val" / "arithmetic_val.csv").write_text("id,question,A,B,C,D,answer\n", encoding="utf-8")
+    empty = score_benchmark(model, tokenizer, load_benchmark(root), shots=0)
+    assert empty["questions"] == 0 and empty["average"] is None and empty["overall"] is None
+    table = format_benchmark_table({"base": {"benchmark": "ceval", "split": "val", "0-shot": empty}})
+    assert [line.split()[-1] for line in table.splitlines() if line.startswith(("average", "overall"))] == ["-", "-"]
+
+
+def test_a_question_too_long_for_any_prompt_is_left_out_counted_and_located(glm_base, tmp_path, capsys):
+    model, tokenizer, _ = load_model(str(glm_base), device="cpu")
+    root = _ceval_copy(tmp_path)
+    path = root / "val" / "geography_val.csv"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[1] = "0," + "很长的问题" * 20000 + ",西藏,新疆,内蒙古,青海,B"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = score_benchmark(model, tokenizer, load_benchmark(root), shots=0, max_seq_length=256)
+    assert result["questions"] == 4 and result["questions_too_long"] == 1
+    assert result["subjects"]["geography"]["questions"] == 1
+    assert result["too_long"] == [f"{path}:2 ({result['too_long'][0].split('(')[1]}"]
+    assert "1 benchmark question(s) left out" in capsys.readouterr().err

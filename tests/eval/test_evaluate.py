@@ -259,3 +259,47 @@ def test_a_conversation_jsonl_is_prompted_in_the_familys_format_with_the_last_an
     expected = [prompter.reply(c.text).content.strip() for c in generate_batch(model, tokenizer, prompts, GenerationArguments(max_new_tokens=5, do_sample=False), prompter)]
     lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [line["predictions"]["base"] for line in lines] == expected
+
+
+def test_a_row_that_is_not_valid_text_is_left_out_counted_and_located(run_eval, glm_base, number_rows, tmp_path, capsys):
+    """A lone surrogate escape ("\\ud83d") used to end the eval in a TypeError from the tokenizer, rerun after rerun."""
+    data = tmp_path / "sur.jsonl"
+    lone = json.dumps({"context": "lone \ud83d s", "target": "b"})  # json.dumps escapes it as \ud83d
+    data.write_text(json.dumps(number_rows[0]) + "\n" + lone + "\n" + json.dumps(number_rows[1]) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert run_eval("--model_name_or_path", glm_base, "--data", data, "--output_dir", out, "--max_new_tokens", "2") == 0
+    assert "not valid text" in capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["base"]
+    assert metrics["rows"] == 2 and metrics["data"]["skipped_rows"] == [1]
+
+
+def test_rows_without_a_target_say_what_is_missing(run_eval, glm_base, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "contexts.jsonl", [{"context": "a"}, {"context": "b"}])
+    assert run_eval("--model_name_or_path", glm_base, "--data", data, "--output_dir", tmp_path / "out") == 2
+    line = one_error_line(capsys)
+    assert "contexts.jsonl:1 has a `context` but no string `target`" in line and "instructglm predict" in line
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"context": "a", "target": "b"}, {"context": "c"}])
+    assert run_eval("--model_name_or_path", glm_base, "--data", mixed, "--output_dir", tmp_path / "out") == 2
+    assert "mixed.jsonl:2: no string target" in one_error_line(capsys)
+
+
+class _Marker:
+    """A pickled object whose unpickling would create a file (weights_only=True must refuse it)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_malicious_adapter_is_refused_as_unsafe_not_as_a_mismatch(run_eval, glm_base, number_jsonl, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil" / "chatglm-lora.pt"
+    evil.parent.mkdir()
+    torch.save({"base_model.model.x.lora_A.weight": torch.zeros(2, 2), "evil": _Marker(marker)}, evil)
+    code = run_eval("--model_name_or_path", glm_base, "--adapter", evil, "--data", number_jsonl, "--output_dir", tmp_path / "out")
+    assert code == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"instructglm eval: error: --adapter {evil} was refused as unsafe") and "does not fit" not in line
+    assert not marker.exists()

@@ -68,6 +68,30 @@ def test_chat_cli_ends_at_end_of_input(llama_dir):
     assert result.stdout.count(BOT) == 1
 
 
+def test_a_line_of_invalid_utf8_is_refused_and_the_session_goes_on(llama_dir):
+    from instructglm.infer.chat import NOT_TEXT
+
+    result = subprocess.run(
+        cli("chat", "--model_name_or_path", str(llama_dir), "--device", "cpu", "--max_new_tokens", "3"),
+        input=b"\xff\nhello\n", capture_output=True, env=cli_env(), timeout=120,
+    )
+    stdout = result.stdout.decode("utf-8")
+    assert result.returncode == 0, result.stderr.decode("utf-8", "replace")[-2000:]
+    assert NOT_TEXT in stdout and stdout.index(NOT_TEXT) < stdout.index(BOT)
+    assert stdout.count(BOT) == 1  # `hello` was still answered
+
+
+def test_chat_loop_refuses_a_line_that_is_not_text(family):
+    from instructglm.infer.chat import NOT_TEXT
+
+    _, base, adapter = family
+    model, tokenizer, prompter = load_model(str(base), adapter=str(adapter), device="cpu")
+    lines = iter(["\udcff\udcfe", "hi", "/exit"])
+    out = io.StringIO()
+    history = chat_loop(model, tokenizer, prompter, GREEDY, read=lambda prompt: next(lines), out=out)
+    assert NOT_TEXT in out.getvalue() and [m.content for m in history if m.role == "user"] == ["hi"]
+
+
 # --- THUDM's chat API on the project's generation code ------------------------------------------
 
 

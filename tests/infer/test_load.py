@@ -275,3 +275,39 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused_at_load(tmp_path):
     small = tiny_llama_dir(tmp_path / "small", vocab_size=40)  # the word tokenizer has more than 40 tokens
     with pytest.raises(BadValue, match=r"the tokenizer has \d+ tokens but the model's embedding has only 40 rows"):
         load_model(str(small), device="cpu")
+
+
+def test_a_lone_pt_adapter_takes_lora_alpha_and_warns_about_the_assumed_one(llama_dir, llama_adapter, tmp_path, capsys):
+    """A `.pt` without its run's instructglm_train.json stores no alpha: 32 is assumed (with a warning that
+    names --lora_alpha), and --lora_alpha gives the trained one back (the adapter's outputs exactly)."""
+    from instructglm.models.lora import seed_state_dict
+
+    tuned, tokenizer, _ = load_model(str(llama_dir), adapter=str(llama_adapter), device="cpu")
+    alpha = json.loads((llama_adapter / "adapter_config.json").read_text())["lora_alpha"]
+    assert alpha != 32
+    lone = tmp_path / "copied" / "chatglm-lora.pt"
+    lone.parent.mkdir()
+    torch.save(seed_state_dict(tuned), lone)
+    capsys.readouterr()
+    assumed, _, _ = load_model(str(llama_dir), adapter=str(lone), device="cpu")
+    warning = capsys.readouterr().err
+    assert "alpha assumed 32 (the 2023 scripts' value); pass --lora_alpha if it was trained with another" in warning
+    assert not torch.allclose(_logits(assumed, tokenizer), _logits(tuned, tokenizer))
+    given, _, _ = load_model(str(llama_dir), adapter=str(lone), device="cpu", lora_alpha=alpha)
+    assert "alpha assumed" not in capsys.readouterr().err
+    torch.testing.assert_close(_logits(given, tokenizer), _logits(tuned, tokenizer))
+    # a peft dir records its own alpha: the same value is accepted, another refused
+    load_model(str(llama_dir), adapter=str(llama_adapter), device="cpu", lora_alpha=alpha)
+    with pytest.raises(ValueError, match=f"lora_alpha={alpha}, not 64"):
+        load_model(str(llama_dir), adapter=str(llama_adapter), device="cpu", lora_alpha=64)
+
+
+@pytest.mark.parametrize("command", ["predict", "chat", "web", "serve", "merge", "eval"])
+def test_every_inference_command_takes_lora_alpha(command):
+    import dataclasses
+    import importlib
+
+    from instructglm.cli import COMMANDS
+
+    module = importlib.import_module(COMMANDS[command][0])
+    assert any(f.name == "lora_alpha" for args in module.ARGUMENTS for f in dataclasses.fields(args))

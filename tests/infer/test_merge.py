@@ -94,3 +94,54 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_merged_files_get_the_umask_mode_not_safetensors_0600(llama_dir, llama_adapter, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = merge(str(llama_dir), str(llama_adapter), tmp_path / "merged")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == 0o644, modes
+    assert set(modes.values()) == {0o644}, modes
+
+
+@pytest.mark.parametrize("size", ["0", "banana", "0MB", "5 pebibytes"])
+def test_a_bad_max_shard_size_is_refused_before_the_model_loads(size, llama_adapter, tmp_path, capsys):
+    from instructglm.cli import main
+
+    argv = ["merge", "--model_name_or_path", str(tmp_path / "never-loaded"), "--adapter", str(llama_adapter),
+            "--output", str(tmp_path / "out"), "--max_shard_size", size]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"instructglm merge: error: --max_shard_size {size!r} is not a positive size; give e.g. 2GB, 500MB or a byte count\n"
+
+
+def test_shard_sizes_read_as_transformers_reads_them():
+    from instructglm.infer.merge import shard_bytes
+
+    assert shard_bytes("2GB") == 2 * 10**9 and shard_bytes("500MB") == 500 * 10**6 and shard_bytes("1GiB") == 2**30
+    assert shard_bytes(1000) == 1000 and shard_bytes("1000") == 1000
+
+
+def test_a_full_disk_during_the_merge_is_one_line_naming_the_output(llama_dir, llama_adapter, tmp_path, monkeypatch, capsys):
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+
+    from instructglm.cli import main
+
+    def full_disk(self, *args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    out = tmp_path / "merged"
+    argv = ["merge", "--model_name_or_path", str(llama_dir), "--adapter", str(llama_adapter), "--output", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    last = err.rstrip("\n").split("\n")[-1]  # after the weight-loading progress bar
+    assert last.startswith("instructglm merge: error: ") and "No space left on device" in last and str(out) in last
+    assert "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".merged.partial-*"))

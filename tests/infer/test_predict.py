@@ -4,6 +4,8 @@ a `messages` conversation are prompted in the family's format; `--max_length` bo
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import time
@@ -12,7 +14,8 @@ import pytest
 
 from instructglm.infer.generate import GenerationArguments
 from instructglm.infer.load import load_model
-from instructglm.infer.predict import predict_rows, read_rows
+from instructglm.errors import BadValue
+from instructglm.infer.predict import predict_meta_path, predict_rows, read_rows
 from tests.infer.helpers import cli, cli_env
 
 GREEDY = GenerationArguments(max_new_tokens=6, do_sample=False)
@@ -123,6 +126,7 @@ def test_partial_last_line_is_dropped_and_redone(tuned, rows, tmp_path):
     lines = text.splitlines(keepends=True)
     out = tmp_path / "out.jsonl"
     out.write_text("".join(lines[:3]) + lines[3][:10], encoding="utf-8")  # a write cut off mid-line
+    shutil.copyfile(predict_meta_path(reference), predict_meta_path(out))  # the interrupted run's sidecar
     assert predict_rows(model, prompter, data, out, GREEDY, batch_size=4).written == 4
     assert out.read_text(encoding="utf-8") == text
 
@@ -130,6 +134,7 @@ def test_partial_last_line_is_dropped_and_redone(tuned, rows, tmp_path):
 def test_output_of_another_input_is_refused(tuned, rows, tmp_path):
     model, _, prompter = tuned
     out = tmp_path / "out.jsonl"
+    predict_rows(model, prompter, read_rows(rows)[:1], out, GREEDY)  # this run's sidecar, then another input's line
     out.write_text(json.dumps({"context": "something else", "prediction": "x"}) + "\n")
     with pytest.raises(ValueError, match="line 1 .*--overwrite true"):
         predict_rows(model, prompter, read_rows(rows), out, GREEDY)
@@ -317,3 +322,131 @@ def test_max_length_bounds_the_answers_and_max_new_tokens_defaults_to_256(llama_
     assert [line["prediction"] for line in _lines(tmp_path / "out.jsonl")] == [c.text for c in bounded]
     assert all(len(ids) + c.completion_tokens <= 12 for ids, c in zip(prompts, bounded))
     assert [c.text for c in bounded] != [c.text for c in unbounded]  # the bound took effect
+
+
+# --- the hostile tester's findings (B1, B2, B5 and the messages) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    [
+        '{\n  "r": 8,\n  "lora_alpha": 16\n}',  # an adapter_config.json, no final newline
+        '{"context": "hi", "prediction": "x"}',  # one unterminated line that even looks like a row
+        "".join(json.dumps({"n": i}) + "\n" for i in range(44)) + '{"half',  # more rows than the input, a half line
+    ],
+    ids=["json-document", "one-unterminated-line", "many-rows"],
+)
+def test_an_output_predict_did_not_write_is_never_modified(tuned, rows, tmp_path, foreign):
+    model, _, prompter = tuned
+    out = tmp_path / "adapter_config.json"
+    out.write_text(foreign, encoding="utf-8")
+    with pytest.raises(BadValue, match="--overwrite true"):
+        predict_rows(model, prompter, read_rows(rows), out, GREEDY)
+    assert out.read_text(encoding="utf-8") == foreign  # not one byte cut off
+    assert not predict_meta_path(out).exists()
+
+
+def test_with_its_sidecar_a_bad_line_still_refuses_before_the_partial_line_is_cut(tuned, rows, tmp_path):
+    model, _, prompter = tuned
+    out = tmp_path / "out.jsonl"
+    predict_rows(model, prompter, read_rows(rows)[:2], out, GREEDY)
+    broken = "not json\n" + out.read_text(encoding="utf-8") + '{"half'
+    out.write_text(broken, encoding="utf-8")
+    with pytest.raises(BadValue, match="line 1 is not JSON"):
+        predict_rows(model, prompter, read_rows(rows), out, GREEDY)
+    assert out.read_text(encoding="utf-8") == broken
+
+
+def test_a_directory_as_output_is_one_user_error(tuned, rows, tmp_path):
+    model, _, prompter = tuned
+    with pytest.raises(BadValue, match="is a directory"):
+        predict_rows(model, prompter, read_rows(rows), tmp_path, GREEDY)
+
+
+def test_a_lone_surrogate_row_is_written_as_skipped_and_resumed_past(tuned, tmp_path):
+    model, _, prompter = tuned
+    path = tmp_path / "sur.jsonl"
+    path.write_bytes(b'{"context":"ok","target":"a"}\n{"context":"lone \\ud83d s","target":"b"}\n{"context":"hi"}\n')
+    data = read_rows(path)
+    assert data[1]["context"] == "lone \ud83d s"
+    out = tmp_path / "out.jsonl"
+    assert predict_rows(model, prompter, data, out, GREEDY) == (3, 1)
+    written = _lines(out)
+    assert written[1]["context"] == "lone \ud83d s" and written[1]["prediction"] is None
+    assert "not valid text" in written[1]["skipped"] and "\\ud83d" in written[1]["skipped"]
+    assert written[0]["prediction"] is not None and written[2]["prediction"] is not None
+    assert predict_rows(model, prompter, data, out, GREEDY) == (0, 0)  # the rerun resumes past it
+
+
+def test_a_resume_with_other_settings_or_model_is_refused(tuned, llama_dir, rows, tmp_path):
+    model, _, prompter = tuned
+    data = read_rows(rows)
+    out = tmp_path / "out.jsonl"
+    tuned_run = {"model": str(llama_dir), "adapter": "run-a"}
+    predict_rows(model, prompter, data[:3], out, GREEDY, run=tuned_run)
+    before = out.read_bytes()
+    with pytest.raises(BadValue, match=r"generation\.max_new_tokens 6 -> 5"):
+        predict_rows(model, prompter, data, out, GenerationArguments(max_new_tokens=5, do_sample=False), run=tuned_run)
+    with pytest.raises(BadValue, match=r"adapter 'run-a' -> None"):
+        predict_rows(model, prompter, data, out, GREEDY, run={"model": str(llama_dir), "adapter": None})
+    assert out.read_bytes() == before
+    assert predict_rows(model, prompter, data, out, GREEDY, run=tuned_run).written == len(CONTEXTS) - 3
+    recorded = json.loads(predict_meta_path(out).read_text(encoding="utf-8"))
+    assert recorded["settings"]["adapter"] == "run-a" and recorded["settings"]["generation.max_new_tokens"] == 6
+    assert recorded["input"]["rows"] == 3  # the input of the run that started the file
+    other = GenerationArguments(max_new_tokens=5, do_sample=False)
+    assert predict_rows(model, prompter, data, out, other, overwrite=True, run=tuned_run).written == len(CONTEXTS)
+
+
+def test_max_new_tokens_over_the_whole_context_is_refused_up_front(tuned, rows, tmp_path):
+    from instructglm.infer.generate import context_limit
+
+    model, _, prompter = tuned
+    limit = context_limit(model)
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(BadValue, match=f"--max_new_tokens {limit} alone fills the model's context of {limit}"):
+        predict_rows(model, prompter, read_rows(rows), out, GenerationArguments(max_new_tokens=limit, do_sample=False))
+    assert not out.exists() and not predict_meta_path(out).exists()
+
+
+def test_a_full_disk_is_named_with_the_output(tuned, rows, tmp_path, monkeypatch):
+    import errno
+
+    model, _, prompter = tuned
+    out = tmp_path / "out.jsonl"
+    real = os.fsync
+
+    def full(fd):
+        if os.path.exists(out) and os.path.samefile(f"/proc/self/fd/{fd}", out):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as raised:
+        predict_rows(model, prompter, read_rows(rows), out, GREEDY)
+    assert raised.value.errno == errno.ENOSPC and str(out) in str(raised.value)
+
+
+def test_an_unwritable_output_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    from instructglm.cli import main
+    from instructglm.infer import predict
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(predict, "load_from_args", no_loading)
+    monkeypatch.setattr(predict, "_read_only_fs", lambda folder: True)  # as on a read-only mount
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"context": "hi"}\n', encoding="utf-8")
+    out = tmp_path / "ro" / "out.jsonl"
+    argv = ["predict", "--model_name_or_path", str(tmp_path), "--input", str(inp), "--output", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("instructglm predict: error: --output") and "not writable" in err and err.count("\n") == 1
+
+
+def test_a_row_without_context_names_what_is_missing(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"target": "x", "id": 3}\n', encoding="utf-8")
+    with pytest.raises(BadValue, match=r":1: no string field `context`.*its fields: target, id"):
+        read_rows(path)

@@ -155,7 +155,7 @@ def test_bad_requests_get_openai_errors(server, client):
     assert _error(info.value)["param"] == "messages[0].role"
     # a text template (this run's alpaca) cannot show tool results: 400 naming the family and the template
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="tiny", messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}, {"role": "user", "content": "hi"}])
+        client.chat.completions.create(model="tiny", messages=[{"role": "tool", "content": "x", "name": "f"}, {"role": "user", "content": "hi"}])
     error = _error(info.value)
     assert error["param"] == "messages" and "causal-lm model family cannot use tools" in error["message"] and "alpaca" in error["message"]
 
@@ -464,3 +464,66 @@ def test_a_seed_makes_a_sampled_answer_reproducible(client, loaded):
     assert first == second == third
     assert other != first
     assert first != greedy(loaded, "hi", max_tokens=12).text  # it did sample
+
+
+def test_a_seed_outside_64_bits_is_a_400_naming_it(server):
+    for seed in (99999999999999999999999, 2**64, -(2**63) - 1):
+        r = httpx.post(server + "/v1/chat/completions", headers=AUTH, timeout=60,
+                       json={"messages": [{"role": "user", "content": "hi"}], "seed": seed, "max_tokens": 2, "temperature": 1})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "seed" and str(seed) in error["message"] and str(2**64 - 1) in error["message"]
+    r = httpx.post(server + "/v1/chat/completions", headers=AUTH, timeout=60,
+                   json={"messages": [{"role": "user", "content": "hi"}], "seed": 2**64 - 1, "max_tokens": 2, "temperature": 1})
+    assert r.status_code == 200, r.text
+
+
+def test_a_tool_result_answering_no_earlier_call_is_a_400_naming_the_id(server):
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "call_9"},
+        {"role": "user", "content": "and?"},
+    ]
+    r = httpx.post(server + "/v1/chat/completions", headers=AUTH, timeout=60, json={"messages": messages})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "messages[2].tool_call_id" and "'call_9'" in error["message"] and "'call_1'" in error["message"]
+
+
+def test_request_messages_resolve_a_matching_tool_call_id():
+    from instructglm.serve.api import _schemas, request_messages
+
+    request = _schemas().model_validate({"messages": [
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "w", "arguments": "{}"}}]},
+        {"role": "tool", "content": "x", "tool_call_id": "c1"},
+    ]})
+    assert request_messages(request.messages)[1] == {"role": "tool", "content": "x", "name": "w"}
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ({"port": 99999}, "--port 99999 is not a TCP port"),
+        ({"port": -1}, "--port -1 is not a TCP port"),
+        ({"max_tokens_limit": 0}, "--max_tokens_limit must be at least 1, got 0"),
+        ({"max_tokens_limit": -1}, "--max_tokens_limit must be at least 1, got -1"),
+        ({"max_request_bytes": 0}, "--max_request_bytes must be at least 1, got 0"),
+    ],
+)
+def test_serve_flags_that_cannot_work_are_refused(flags, message):
+    from instructglm.errors import BadValue
+    from instructglm.serve.api import ServeArguments
+
+    with pytest.raises(BadValue, match=message):
+        ServeArguments(**flags)
+    ServeArguments(port=0)  # any free port: uvicorn logs the one it bound
+
+
+def test_web_port_is_checked_too():
+    from instructglm.errors import BadValue
+    from instructglm.serve.web import WebArguments
+
+    with pytest.raises(BadValue, match="--port 70000 is not a TCP port"):
+        WebArguments(port=70000)

@@ -104,6 +104,7 @@ def build_tiny_chatglm(path: str | Path, seed: int = 0, tokenizer_dir: str | Pat
     from transformers import AutoTokenizer
 
     import instructglm  # noqa: F401  (registers ChatGLM with the Auto classes)
+    from instructglm.data.io import umask_modes
     from instructglm.models.chatglm import ChatGLMForConditionalGeneration
 
     path = Path(path)
@@ -114,6 +115,7 @@ def build_tiny_chatglm(path: str | Path, seed: int = 0, tokenizer_dir: str | Pat
         model = ChatGLMForConditionalGeneration(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+    umask_modes(path)  # safetensors writes model.safetensors 0600 whatever the umask
     return path
 
 
@@ -135,6 +137,18 @@ def evaluate_base_and_adapter(base_dir: Path, adapter: Path, eval_jsonl: Path, r
     results = evaluate_models(str(base_dir), [None, str(adapter)], data, settings, args)
     write_outputs(report_dir, results, args.report_rows)
     return results
+
+
+def metric_lines(before: dict, after: dict) -> list[str]:
+    """The summary table of base vs adapter metrics (eval's), each line naming its scale.
+
+    Exact match is shown as the fraction of right answers, the scale of the demo's final line
+    (`exact match: before=0.00 after=0.89`); eval's metrics hold it in percent like BLEU and ROUGE.
+    """
+    lines = [f"[demo] {'exact match':<11} before {before['exact_match'] / 100:8.2f}   after {after['exact_match'] / 100:8.2f}   (fraction of answers)"]
+    for name, scale in (("bleu-4", "0-100"), ("rouge-l", "0-100"), ("loss", "nats/token")):
+        lines.append(f"[demo] {name:<11} before {before[name]:8.2f}   after {after[name]:8.2f}   ({scale})")
+    return lines
 
 
 def _stage(name: str, started: float) -> float:
@@ -220,8 +234,8 @@ def main(args: DemoArguments) -> int:
         question = " / ".join(line for line in row["context"].strip().splitlines() if line)
         print(f"\nQ: {question}\nA: {row['prediction']}   [{mark}; expected {row['target']}]")
     print()
-    for name in ("exact_match", "bleu-4", "rouge-l", "loss"):
-        print(f"[demo] {name:<11} before {base.metrics[name]:8.2f}   after {tuned.metrics[name]:8.2f}")
+    for line in metric_lines(base.metrics, tuned.metrics):
+        print(line)
     print(f"\n[demo] total {time.perf_counter() - start:.0f}s; loss plot {out / 'loss.png'}; predictions {out / 'demo_results.json'}")
     print(f"[demo] report (base vs adapter, open in a browser): {report_dir / 'report.html'}")
     print(f"exact match: before={before:.2f} after={after:.2f}", flush=True)

@@ -40,10 +40,12 @@ what differs between the four conversations (ChatGLM3's answer follows `<|assist
 metadata line). When every letter is one token (the usual case) one forward pass per question scores
 all four; otherwise each letter's tokens are summed. Base and adapters see the same prompts. A prompt
 whose shots do not fit the model's context drops shots from the end until it does (as hendrycks'
-script does); such questions are counted.
+script does); such questions are counted. A question that does not fit even with no shots is left out
+of the scores, counted (`questions_too_long`) and located (`too_long`), with a warning.
 
-Accuracy is in percent, per subject; `average` is the mean over subjects (CMMLU's and C-Eval's
-summary), `overall` the fraction of all questions (MMLU's weighted accuracy).
+Accuracy is in percent, per subject; `average` is the mean over the subjects with questions (CMMLU's
+and C-Eval's summary), `overall` the fraction of all questions (MMLU's weighted accuracy); both are
+None (`-`) when no question was scored.
 
 Why not EleutherAI's lm-evaluation-harness: lm-eval 0.4.13 installs beside transformers 5.24 and
 peft 0.21, and its `HFLM(pretrained=model, tokenizer=...)` accepts our model objects, plain and
@@ -55,6 +57,8 @@ MMLU tasks also load their data from the hub. So the scorer is native, on traini
 """
 
 from __future__ import annotations
+
+import sys
 
 import csv
 import json
@@ -335,9 +339,13 @@ def _common_length(rows: Sequence[Sequence[int]]) -> int:
     return next((i for i in range(shortest) if len({row[i] for row in rows}) > 1), shortest)
 
 
-def _encode_items(benchmark: Benchmark, shots: int, letters: LetterEncoder, limit: int) -> list[_Item]:
-    """Every question as a scored row; shots are dropped from the end while the prompt does not fit."""
-    items = []
+def _encode_items(benchmark: Benchmark, shots: int, letters: LetterEncoder, limit: int) -> tuple[list[_Item], list[str]]:
+    """Every question as a scored row; shots are dropped from the end while the prompt does not fit.
+
+    Returns:
+        The scored rows, and the locations of the questions left out because they alone do not fit `limit`.
+    """
+    items, skipped = [], []
     for subject in benchmark.subjects:
         for question in subject.questions:
             k = min(shots, len(subject.dev))
@@ -347,14 +355,20 @@ def _encode_items(benchmark: Benchmark, shots: int, letters: LetterEncoder, limi
                 if longest <= limit or k == 0:
                     break
                 k -= 1
-            if longest > limit:
-                raise BadValue(
-                    f"{question.location}: the question alone is {len(context)} tokens, over the model's {limit}; "
-                    "raise --max_seq_length or leave the subject out with --benchmark_subjects"
-                )
+            if longest > limit:  # no prompt can hold it: left out of the scores, counted and located
+                skipped.append(f"{question.location} ({len(context)} tokens)")
+                continue
             dropped = min(shots, len(subject.dev)) - k
             items.append(_Item(subject.name, question.answer, context + answers[0], len(context), answers, dropped))
-    return items
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        print(
+            f"eval: warning: {len(skipped)} benchmark question(s) left out ({shots}-shot): each alone is over the "
+            f"{limit}-token limit (--max_seq_length, else the model's context): {shown}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return items, skipped
 
 
 def _letter_logprobs(model: Any, tokenizer: Any, items: list[_Item], batch_size: int) -> list[list[float]]:
@@ -389,8 +403,8 @@ def score_benchmark(
     from instructglm.eval.perplexity import sequence_limit
 
     limit = max_seq_length or sequence_limit(model)
-    items = _encode_items(benchmark, shots, LetterEncoder(model, tokenizer, limit), limit)
-    logprobs = _letter_logprobs(model, tokenizer, items, batch_size)
+    items, too_long = _encode_items(benchmark, shots, LetterEncoder(model, tokenizer, limit), limit)
+    logprobs = _letter_logprobs(model, tokenizer, items, batch_size) if items else []
     subjects: dict[str, dict[str, Any]] = {s.name: {"accuracy": 0.0, "correct": 0, "questions": 0} for s in benchmark.subjects}
     predictions: dict[str, list[str]] = {s.name: [] for s in benchmark.subjects}
     for item, values in zip(items, logprobs):
@@ -406,9 +420,12 @@ def score_benchmark(
     total = sum(e["questions"] for e in scored)
     return {
         "shots": shots,
-        "average": sum(e["accuracy"] for e in scored) / len(scored) if scored else 0.0,
-        "overall": 100.0 * sum(e["correct"] for e in scored) / total if total else 0.0,
+        # over the subjects with questions; None (shown `-`) when no question was scored at all
+        "average": sum(e["accuracy"] for e in scored) / len(scored) if scored else None,
+        "overall": 100.0 * sum(e["correct"] for e in scored) / total if total else None,
         "questions": total,
+        "questions_too_long": len(too_long),
+        "too_long": too_long,
         "shots_dropped": sum(item.shots_dropped > 0 for item in items),
         # subjects whose dev split has fewer rows than `shots`: their questions got only that many examples
         "short_dev": {s.name: len(s.dev) for s in benchmark.subjects if len(s.dev) < shots},
@@ -444,8 +461,8 @@ def format_benchmark_table(results: dict[str, dict[str, Any]]) -> str:
         return "-" if value is None else f"{value:.2f}"
 
     lines = [[s] + [cell(results[l][k]["subjects"][s]["accuracy"]) for l, k in columns] for s in subjects]
-    lines.append(["average"] + [f"{results[l][k]['average']:.2f}" for l, k in columns])
-    lines.append(["overall"] + [f"{results[l][k]['overall']:.2f}" for l, k in columns])
+    lines.append(["average"] + [cell(results[l][k]["average"]) for l, k in columns])
+    lines.append(["overall"] + [cell(results[l][k]["overall"]) for l, k in columns])
     widths = [max(len(row[i]) for row in [headers] + lines) for i in range(len(headers))]
 
     def render(row: list[str]) -> str:

@@ -53,7 +53,7 @@ from instructglm.eval.results import (
     write_predictions,
 )
 from instructglm.infer.generate import BatchGenerationArguments, GenerationArguments
-from instructglm.infer.load import DTYPES
+from instructglm.infer.load import DTYPES, LORA_ALPHA_HELP
 from instructglm.infer.prompts import MESSAGES
 
 BASE_LABEL = "base"
@@ -86,6 +86,7 @@ class EvalArguments:
             "adapter's training template, else the format's default."
         },
     )
+    lora_alpha: Optional[int] = field(default=None, metadata={"help": LORA_ALPHA_HELP + " Applies to every .pt --adapter."})
     dtype: str = field(default="auto", metadata={"help": f"Weights dtype: {', '.join(DTYPES)}."})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N, or auto (cuda when available)."})
     batch_size: int = field(default=8, metadata={"help": "Rows per generation and per loss/benchmark forward batch."})
@@ -121,6 +122,8 @@ class EvalArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"--{name} must be at least 1, got {value}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            problems.append(f"--lora_alpha must be a positive number, got {self.lora_alpha}")
         if not 0 <= self.seed < 2**32:
             problems.append(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
         if any(k < 0 for k in self.benchmark_shots) or not self.benchmark_shots:
@@ -211,7 +214,8 @@ def load_eval_rows(path: str | Path, template: str | None = None, max_rows: int 
             if isinstance(row, BadRow):
                 problems.append(f"{location}: {row}")
             elif not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("context", "target")):
-                problems.append(f"{location}: no string context and target")
+                missing = [k for k in ("context", "target") if not isinstance(row, dict) or not isinstance(row.get(k), str)]
+                problems.append(f"{location}: no string {' and '.join(missing)}")
             else:
                 rows.append({"row": len(rows), "context": row["context"], "target": row["target"]})
         used_template = _saved_template(jsonl_meta_path(path)) or detect_template(r["context"] for r in rows)
@@ -221,6 +225,12 @@ def load_eval_rows(path: str | Path, template: str | None = None, max_rows: int 
                 f"are already rendered (template {used_template or 'unknown'}); convert the source file again to change them",
                 file=sys.stderr,
             )
+    elif isinstance(first.get("context"), str):
+        location = next(loc for loc, row in raw if row is first)
+        raise DataError(
+            f"--data {path}: {location} has a `context` but no string `target`: eval scores each answer against its "
+            "reference, so every row needs one (to only generate answers, use `instructglm predict`, which needs only `context`)"
+        )
     else:
         data_format = detect_format(first)
         if data_format is None:
@@ -359,7 +369,7 @@ def _one_line(text: Any, shown: int = 2) -> str:
     return f"{head}: {'; '.join(details[:shown])}{more}" + (f" {hint}" if hint else "")
 
 
-def attach_adapter(base: Any, adapter: str) -> Any:
+def attach_adapter(base: Any, adapter: str, lora_alpha: int | None = None) -> Any:
     """`base` wrapped with `adapter` for inference (peft); `detach_adapter` gives the base back.
 
     Raises:
@@ -367,13 +377,24 @@ def attach_adapter(base: Any, adapter: str) -> Any:
             targets the base lacks), in one line naming the adapter.
         MissingFile: the path holds no adapter.
     """
+    import pickle
+
+    from instructglm.infer.load import warn_assumed_alpha
+    from instructglm.models.loading import is_unreadable_weights
     from instructglm.models.lora import load_adapter
 
+    if lora_alpha is None:
+        warn_assumed_alpha(adapter)
     try:
-        model = load_adapter(base, adapter, is_trainable=False)
+        model = load_adapter(base, adapter, is_trainable=False, lora_alpha=lora_alpha)
     except FileNotFoundError as error:
         raise MissingFile(f"--adapter {adapter}: {_one_line(error)}") from error
-    except ValueError as error:  # load_adapter's documented mismatch errors
+    except ValueError as error:  # load_adapter's documented errors: a refused or broken file, or a mismatch
+        cause = error.__cause__
+        if isinstance(cause, pickle.UnpicklingError):
+            raise BadValue(f"--adapter {adapter} was refused as unsafe: {_one_line(error)}") from error
+        if cause is not None and is_unreadable_weights(cause):
+            raise BadValue(f"--adapter {adapter} cannot be read: {_one_line(error)}") from error
         raise BadValue(f"--adapter {adapter} does not fit --model_name_or_path: {_one_line(error)}") from error
     model.eval()
     return model
@@ -487,13 +508,13 @@ def evaluate_models(
     base, tokenizer, _ = load_model(model_name_or_path, None, args.dtype, args.device)
     for adapter in adapters:
         if adapter is not None:
-            base = detach_adapter(attach_adapter(base, adapter))
+            base = detach_adapter(attach_adapter(base, adapter, args.lora_alpha))
     prompters = [prompter_for(base, tokenizer, adapter, model_name_or_path) for adapter in adapters]
     data = rows_that_fit(data, prompters, base)
     results = EvalResults(data=data, generation={**asdict(settings), "seed": args.seed})
     for label, adapter, prompter in zip(labels, adapters, prompters):
         print(f"eval: {label}: {len(data.rows)} rows" + (f" (adapter {adapter})" if adapter else ""), file=sys.stderr, flush=True)
-        model = base if adapter is None else attach_adapter(base, adapter)
+        model = base if adapter is None else attach_adapter(base, adapter, args.lora_alpha)
         metrics, answers, row_scores = evaluate_generation(
             model, prompter, data.rows, settings, args.batch_size, True, args.max_seq_length, args.seed
         )
@@ -518,12 +539,15 @@ def rows_that_fit(data: EvalData, prompters: Sequence[Any], model: Any) -> EvalD
     `prompts_over_context` (see `evaluate_generation`).
     """
     from instructglm.eval.perplexity import sequence_limit
+    from instructglm.infer.predict import text_problem
 
     limit = sequence_limit(model)
     kept, skipped, reasons = [], [], set()
     for row in data.rows:
-        problem = None
-        for prompter in prompters:
+        problem = next((p for k in ("context", "target", "conversation") if (p := text_problem(row.get(k), k))), None)
+        if problem is not None:  # a tokenizer cannot encode it (nor UTF-8 write it)
+            problem = "they are not valid text (a lone UTF-16 surrogate escape, e.g. \\ud83d)"
+        for prompter in prompters if problem is None else ():
             try:
                 if len(row_prompt_ids(prompter, row)) >= limit:
                     problem = f"their prompt alone fills the model's context of {limit} tokens"

@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterator, Sequence, TextIO
 from instructglm.errors import BadValue
 from instructglm.infer.generate import GenerationArguments, generate_ids, stream_token_ids
 from instructglm.infer.load import ModelArguments, load_from_args
+from instructglm.infer.predict import LONE_SURROGATE
 
 
 @dataclass
@@ -368,7 +369,13 @@ def chat_loop(
         except (EOFError, KeyboardInterrupt):
             print(file=out)
             return messages
+        except UnicodeDecodeError:
+            query = "\udcff"  # a stdin that decodes strictly: the same answer as below
         if not query:
+            continue
+        if LONE_SURROGATE.search(query):
+            # bytes that are not UTF-8 (stdin decodes them as lone surrogates): no tokenizer can encode them
+            print(NOT_TEXT, file=out, flush=True)
             continue
         if query == "/exit":
             return messages
@@ -396,8 +403,15 @@ def chat_loop(
         messages = [*asked, answer.message]
 
 
+NOT_TEXT = "(that line was not valid UTF-8 text and was not sent; type it again)"
+
+
 def main(model_args: ModelArguments, chat_args: ChatArguments, settings: GenerationArguments) -> int:
     from instructglm.infer.engine import BatchEngine
+
+    if hasattr(sys.stdin, "reconfigure"):
+        # a line of invalid UTF-8 then reads as lone surrogates, which chat_loop refuses, instead of ending the session
+        sys.stdin.reconfigure(errors="surrogateescape")
 
     model, tokenizer, prompter = load_from_args(model_args)
     decode = "auto" if chat_args.cuda_graphs else "dynamic"

@@ -22,6 +22,12 @@ from instructglm.layout import RUN_CONFIG
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
+LORA_ALPHA_HELP = (
+    "LoRA alpha of a `chatglm-lora.pt` adapter, which does not store it. Default: the `lora.alpha` of the run's "
+    f"{RUN_CONFIG} beside the file, else 32 (the 2023 scripts' value). A peft adapter dir records its own: a "
+    "different value is refused."
+)
+
 
 @dataclass
 class ModelArguments:
@@ -43,6 +49,10 @@ class ModelArguments:
             f"model family's format (ChatGLM3's role tokens, a chat template). Default: the `template` saved in the "
             f"adapter's {RUN_CONFIG}, else the model family's."
         },
+    )
+    lora_alpha: Optional[int] = field(
+        default=None,
+        metadata={"help": LORA_ALPHA_HELP},
     )
     dtype: str = field(
         default="auto",
@@ -118,6 +128,7 @@ def load_model(
     dtype: str = "auto",
     device: str = "auto",
     template: str | None = None,
+    lora_alpha: int | None = None,
 ) -> Loaded:
     """Load `(model, tokenizer, prompter)` ready for generation.
 
@@ -127,6 +138,7 @@ def load_model(
         dtype: "auto", "float32", "float16" or "bfloat16" (see `resolve_dtype`).
         device: "auto", "cpu", "cuda", "cuda:N".
         template: a template name or format string (or `messages`) overriding the saved/family one.
+        lora_alpha: alpha of a `.pt` adapter (see `LORA_ALPHA_HELP`); for a peft dir it must match its config.
 
     Returns:
         The model in eval mode (a `PeftModel` when an adapter is given), its tokenizer with left
@@ -141,6 +153,8 @@ def load_model(
     from instructglm.infer.prompts import prompter_for
     from instructglm.models.loading import load_causal_lm
 
+    if lora_alpha is not None and lora_alpha <= 0:
+        raise BadValue(f"--lora_alpha must be a positive number, got {lora_alpha}")
     if adapter is not None:
         check_adapter_files(adapter)
     device = resolve_device(device)
@@ -148,7 +162,7 @@ def load_model(
     model = load_causal_lm(model_name_or_path, dtype=resolve_dtype(dtype, device), device_map={"": device})
     check_vocabulary(model, tokenizer, model_name_or_path)
     if adapter is not None:
-        model = attach_adapter(model, adapter)
+        model = attach_adapter(model, adapter, lora_alpha)
     model.eval()
     return Loaded(model, tokenizer, prompter_for(model, tokenizer, adapter, model_name_or_path, template))
 
@@ -196,14 +210,16 @@ def check_adapter_files(adapter: str) -> None:
         raise BadValue(f"{config} is not a JSON object: the adapter was not saved completely; re-save it or use another checkpoint")
 
 
-def attach_adapter(model: Any, adapter: str) -> Any:
+def attach_adapter(model: Any, adapter: str, lora_alpha: int | None = None) -> Any:
     """`models.lora.load_adapter` for inference, with unreadable adapter weights named as the user's to fix."""
     from safetensors import SafetensorError
 
     from instructglm.models.lora import load_adapter
 
+    if lora_alpha is None:
+        warn_assumed_alpha(adapter)
     try:
-        return load_adapter(model, adapter, is_trainable=False)
+        return load_adapter(model, adapter, is_trainable=False, lora_alpha=lora_alpha)
     except pickle.UnpicklingError as error:
         refused = re.search(r"GLOBAL ([\w.]+)", str(error))
         what = f" ({refused.group(1)})" if refused else ""
@@ -220,6 +236,33 @@ def attach_adapter(model: Any, adapter: str) -> Any:
         raise BadValue(f"--adapter {adapter}: the file is truncated or not a torch checkpoint ({_first_line(error)}); re-save it") from error
 
 
+def recorded_alpha(adapter: str) -> Any:
+    """The `lora.alpha` of the run config beside a `.pt` adapter, or None (no run config, or none recorded)."""
+    from instructglm.infer.prompts import run_config_path
+
+    saved = run_config_path(adapter)
+    if saved is None:
+        return None
+    try:
+        value = json.loads(saved.read_text(encoding="utf-8"))
+        return value["lora"]["alpha"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def warn_assumed_alpha(adapter: str) -> None:
+    """A `.pt` adapter stores no alpha: say so when none is recorded beside it either, as a wrong one halves
+    (or doubles) the update silently."""
+    from instructglm.infer.prompts import warn
+    from instructglm.models.lora import SEED_LORA_ALPHA
+
+    if Path(adapter).is_file() and recorded_alpha(adapter) is None:
+        warn(
+            f"--adapter {adapter} records no LoRA alpha (no {RUN_CONFIG} with `lora.alpha` beside it): alpha assumed "
+            f"{SEED_LORA_ALPHA} (the 2023 scripts' value); pass --lora_alpha if it was trained with another"
+        )
+
+
 def _first_line(error: BaseException) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
     return text.splitlines()[0][:200] if text else type(error).__name__
@@ -227,4 +270,4 @@ def _first_line(error: BaseException) -> str:
 
 def load_from_args(args: ModelArguments):
     """`load_model` with a command's `ModelArguments`."""
-    return load_model(args.model_name_or_path, args.adapter, args.dtype, args.device, args.template)
+    return load_model(args.model_name_or_path, args.adapter, args.dtype, args.device, args.template, args.lora_alpha)

@@ -18,13 +18,16 @@ by the next merge into the same `--output`.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
-from instructglm.errors import OutputExists
-from instructglm.infer.load import load_model
+from instructglm.errors import BadValue, OutputExists
+from instructglm.infer.load import LORA_ALPHA_HELP, load_model
+from instructglm.data.io import umask_modes
 from instructglm.infer.prompts import run_config_path
 from instructglm.layout import RUN_CONFIG
 
@@ -41,29 +44,60 @@ class MergeArguments:
         default="auto",
         metadata={"help": "dtype to merge and save in: auto (the base checkpoint's), float32, float16, bfloat16."},
     )
+    lora_alpha: Optional[int] = field(default=None, metadata={"help": LORA_ALPHA_HELP})
+
+    def __post_init__(self):
+        shard_bytes(self.max_shard_size)  # refused here, before the model loads
 
 
 ARGUMENTS = (MergeArguments,)
 
 PARTIAL = ".partial-"
 
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
-def merge(model_name_or_path: str, adapter: str, output: str | Path, max_shard_size: str | int = "2GB", dtype: str = "auto") -> Path:
+
+def shard_bytes(size: str | int) -> int:
+    """The bytes of a `--max_shard_size` (an int, or e.g. `2GB`, `500MB`, `1GiB`, as transformers reads it).
+
+    Raises:
+        BadValue: not a positive size.
+    """
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size), re.IGNORECASE)
+    value = float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").upper()] if match else 0
+    if value < 1:
+        raise BadValue(f"--max_shard_size {size!r} is not a positive size; give e.g. 2GB, 500MB or a byte count")
+    return int(value)
+
+
+def merge(
+    model_name_or_path: str,
+    adapter: str,
+    output: str | Path,
+    max_shard_size: str | int = "2GB",
+    dtype: str = "auto",
+    lora_alpha: int | None = None,
+) -> Path:
     """Load base + adapter, fold the LoRA deltas into the base weights, save to `output` atomically.
 
     Raises:
         OutputExists: `output` exists and is not an empty directory (a merge never mixes with old files).
-        MissingFile / BadValue: from `load_model` (missing, unreadable or mismatched base or adapter).
+        MissingFile / BadValue: from `load_model` (missing, unreadable or mismatched base or adapter); a bad
+            `max_shard_size`.
+        OSError: the disk filled up (ENOSPC/EDQUOT), naming the output; nothing is left behind.
     """
     from transformers import AutoConfig
 
     from instructglm.models.loading import load_tokenizer
 
     output = Path(output)
+    shard_bytes(max_shard_size)
     _refuse_existing(output)
     # The LoRA deltas are added in float32 on the CPU (no fp16 rounding of B @ A), then the
     # weights go back to the dtype the base checkpoint was stored in, unless --dtype says otherwise.
-    model, _, _ = load_model(model_name_or_path, adapter, dtype="float32" if dtype == "auto" else dtype, device="cpu")
+    model, _, _ = load_model(model_name_or_path, adapter, dtype="float32" if dtype == "auto" else dtype, device="cpu", lora_alpha=lora_alpha)
     merged = model.merge_and_unload()
     if dtype == "auto":
         stored = _stored_dtype(AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=False))
@@ -75,12 +109,13 @@ def merge(model_name_or_path: str, adapter: str, output: str | Path, max_shard_s
     output.parent.mkdir(parents=True, exist_ok=True)
     partial.mkdir()  # the umask's mode, unlike mkdtemp's 0700
     try:
-        merged.save_pretrained(partial, max_shard_size=max_shard_size)
+        _save(merged, partial, output, shard_bytes(max_shard_size))
         # A fresh copy of the base's tokenizer: the loaded one was switched to left padding for generation.
         load_tokenizer(model_name_or_path)[0].save_pretrained(partial)
         saved = run_config_path(adapter)
         if saved is not None:
             shutil.copyfile(saved, partial / RUN_CONFIG)
+        umask_modes(partial)  # safetensors creates its files 0600 whatever the umask
         _fsync_tree(partial)
         _refuse_existing(output)  # something may have appeared there while the merge ran
         # rename(2) replaces an empty directory atomically, and creates an absent one.
@@ -90,6 +125,23 @@ def merge(model_name_or_path: str, adapter: str, output: str | Path, max_shard_s
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return output
+
+
+def _save(model, partial: Path, output: Path, max_shard_size: str | int) -> None:
+    """`save_pretrained` into the partial dir; a full disk (safetensors raises its own error type) is named as such."""
+    from safetensors import SafetensorError
+
+    try:
+        model.save_pretrained(partial, max_shard_size=max_shard_size)
+    except (SafetensorError, OSError) as error:
+        text = str(error)
+        full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not full and "No space left on device" not in text and "Disk quota exceeded" not in text:
+            raise
+        raise OSError(
+            errno.ENOSPC, f"No space left on device while writing the merged model for --output {output}; "
+            "free space there (the merge needs about the base model's size) and rerun", str(output)
+        ) from error
 
 
 def _refuse_existing(output: Path) -> None:
@@ -145,7 +197,7 @@ def _stored_dtype(config):
 
 
 def main(args: MergeArguments) -> int:
-    output = merge(args.model_name_or_path, args.adapter, args.output, args.max_shard_size, args.dtype)
+    output = merge(args.model_name_or_path, args.adapter, args.output, args.max_shard_size, args.dtype, args.lora_alpha)
     files = sorted(p.name for p in output.iterdir())
     print(f"merge: wrote {output} ({', '.join(files)})")
     return 0

@@ -17,10 +17,17 @@ together, a finished row's place goes to the next at once, and rows are handed o
 a time sorted by prompt length (less padding). The output is in input order: as soon as the rows
 before it are done a row is appended to `--output` and flushed to disk, so an interrupted run
 (Ctrl-C, kill, crash) loses only rows not yet written: rerun the same command and it continues
-after the last complete line, dropping a half-written one, never writing a row twice.
-`--overwrite true` starts over. With greedy decoding (the default here), batched output equals
-one-at-a-time output; sampled rows (`--do_sample true`) are reproducible, row i drawing from
-`--seed` + i, whatever the batch size or resume point.
+after the last complete line, dropping a half-written one, never writing a row twice. The run's settings
+(model, adapter, --lora_alpha, dtype, template, generation settings; the seed when sampling) are recorded
+in a sidecar beside the output, `<output>.predict.json`, with a fingerprint of the input: a rerun with
+other settings is refused, naming the ones that differ, rather than finishing the file with another
+model. An existing `--output` is changed only once it is proven to be this run's: its sidecar records
+these settings and every complete line is its input row with a prediction; anything else (a file predict
+did not write, a directory) is refused untouched. `--overwrite true` starts over.
+
+With greedy decoding (the default here), batched output equals one-at-a-time output; sampled rows
+(`--do_sample true`) are reproducible, row i drawing from `--seed` + i, whatever the batch size or
+resume point.
 
 A row whose prompt does not fit is not generated: with `--max_new_tokens` (the default here),
 when its prompt tokens plus `--max_new_tokens` exceed the model's context; with `--max_length`,
@@ -28,7 +35,9 @@ when its prompt alone reaches `--max_length` or the model's context. It is writt
 others, with `"prediction": null` and a `"skipped"` reason, and counted in the closing summary,
 so the output keeps one line per input row and a rerun resumes past it instead of failing on it
 again. (Generating it anyway would run past the positions the model was trained on, or try to
-allocate the attention of a megabyte-long prompt.)
+allocate the attention of a megabyte-long prompt.) A row whose prompt is not valid text is written the
+same way (a lone UTF-16 surrogate escape such as `"\\ud83d"`, which no tokenizer can encode). When `--max_new_tokens`
+alone fills the model's context, so that every row would be skipped, the run is refused up front.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -111,7 +121,8 @@ def read_rows(path: str | Path) -> list[dict]:
         if isinstance(row, BadRow):
             problems.append(f"{location}: not JSON ({row.detail})")
         elif not isinstance(row, dict) or not (isinstance(row.get("context"), str) or "messages" in row):
-            problems.append(f"{location}: no string field `context` (nor a `messages` conversation)")
+            fields = f"; its fields: {', '.join(map(str, row))}" if isinstance(row, dict) else f"; it is a {type(row).__name__}"
+            problems.append(f"{location}: no string field `context` (nor a `messages` conversation){fields}")
         elif (problem := conversation_problem(row)) is not None:
             problems.append(f"{location}: {problem}")
         else:
@@ -165,20 +176,28 @@ def row_prompt_ids(prompter: Any, row: dict) -> list[int]:
     return prompter.prompt_ids(conversation.messages, conversation.tools)
 
 
-def resume_point(output: Path, rows: list[dict]) -> int:
-    """How many rows `output` already holds; a trailing partial line (interrupted write) is cut off.
+def resume_point(output: Path, rows: list[dict], run: dict | None = None) -> int:
+    """How many rows `output` already holds, once it is proven to be this run's predictions file.
+
+    Nothing is changed before that proof: the sidecar `<output>.predict.json` must record this run's
+    settings (`run`, see `run_record`) and every complete line must be input row i with its prediction;
+    only then is a trailing partial line (an interrupted write) cut off.
 
     Raises:
-        BadValue: the existing lines are not this input's rows in order, so a stale or foreign
-            output file is never silently extended.
+        BadValue: `output` is a directory; it has content but no sidecar (not written by predict); the sidecar
+            records other settings (the differing ones named); the lines are not this input's rows in order.
     """
+    if output.is_dir():
+        raise BadValue(f"--output {output} is a directory; give a file path for the predictions jsonl")
     if not output.exists():
         return 0
     data = output.read_bytes()
+    if not data:
+        return 0
+    sidecar = predict_meta_path(output)
+    if run is not None:
+        check_run_record(output, sidecar, run)
     complete = data.rfind(b"\n") + 1
-    if complete < len(data):
-        with output.open("r+b") as f:
-            f.truncate(complete)
     try:
         text = data[:complete].decode("utf-8")
     except UnicodeDecodeError as err:
@@ -199,7 +218,127 @@ def resume_point(output: Path, rows: list[dict]) -> int:
                 f"--output {output} line {number} is not input row {number} with a prediction: it was written for "
                 "another input; use --overwrite true or another --output"
             )
+    if complete < len(data):  # proven ours: the half-written last line of an interrupted run goes
+        with output.open("r+b") as f:
+            f.truncate(complete)
     return len(lines)
+
+
+def predict_meta_path(output: str | Path) -> Path:
+    """The sidecar beside `--output` recording the settings its rows were generated with (see `run_record`)."""
+    from instructglm.layout import predictions_meta_path
+
+    return Path(predictions_meta_path(output))
+
+
+def run_record(prompter: Any, settings: GenerationArguments, seed: int | None, run: dict | None) -> dict:
+    """What a resumed run must share with the run that wrote `--output`: the template, the generation
+    settings, the seed when sampling, and the caller's model identity (`run`: model, adapter, dtype,
+    lora_alpha; by default the model's own name). (The input is checked row by row: see `resume_point`.)"""
+    generation = dataclasses.asdict(settings)
+    if not settings.samples:  # greedy: temperature and top_p change nothing
+        generation = {k: v for k, v in generation.items() if k not in ("temperature", "top_p")}
+    return {
+        "template": prompter.name,
+        **{f"generation.{k}": v for k, v in generation.items()},
+        **({"seed": seed} if settings.samples else {}),
+        **(run or {}),
+    }
+
+
+def check_run_record(output: Path, sidecar: Path, run: dict) -> None:
+    """Refuse to extend `output` unless its sidecar records the settings `run`.
+
+    Raises:
+        BadValue: no (readable) sidecar, or one whose settings differ (the differing ones named).
+    """
+    try:
+        recorded = json.loads(sidecar.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BadValue(
+            f"--output {output} exists but has no {sidecar.name} beside it, so it was not written by predict (or by an "
+            "older version): it is left untouched; use another --output, or --overwrite true to replace it"
+        ) from None
+    except (OSError, ValueError) as err:
+        raise BadValue(f"{sidecar} is unreadable ({err}); use --overwrite true to start --output {output} over") from None
+    settings = recorded.get("settings") if isinstance(recorded, dict) else None
+    if not isinstance(settings, dict):
+        raise BadValue(f"{sidecar} records no settings; use --overwrite true to start --output {output} over")
+    differing = [
+        f"{key} {settings.get(key)!r} -> {run.get(key)!r}" for key in sorted(set(settings) | set(run)) if settings.get(key) != run.get(key)
+    ]
+    if differing:
+        raise BadValue(
+            f"--output {output} was written with other settings than this run's ({'; '.join(differing)}); resuming would mix "
+            "them: rerun with the recorded settings, use another --output, or --overwrite true to start over"
+        )
+
+
+def input_fingerprint(rows: list[dict]) -> dict:
+    """`{"rows", "sha256"}` of the prompt fields of the input rows, recorded for the reader of the sidecar (a resume
+    compares the rows themselves, so an input that grew at its end still resumes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps({k: row.get(k) for k in PROMPT_FIELDS}, sort_keys=True).encode("utf-8") + b"\n")
+    return {"rows": len(rows), "sha256": digest.hexdigest()}
+
+
+def write_run_record(output: Path, run: dict, rows: list[dict]) -> None:
+    from instructglm.data.io import write_json
+
+    record = {"command": "predict", "output": output.name, "settings": run, "input": input_fingerprint(rows)}
+    write_json(predict_meta_path(output), record)
+
+
+def check_output_writable(output: str | Path) -> None:
+    """Fail before the model loads when `--output` (or the directory it goes in) cannot be written.
+
+    Raises:
+        BadValue: a directory as --output, or a location this process cannot write.
+    """
+    output = Path(output)
+    if output.is_dir():
+        raise BadValue(f"--output {output} is a directory; give a file path for the predictions jsonl")
+    folder = next((p for p in [output.parent, *output.parent.parents] if p.exists()), Path("."))
+    target = output if output.exists() else folder
+    if not os.access(target, os.W_OK) or _read_only_fs(folder):
+        raise BadValue(f"--output {output}: {target} is not writable (read-only or no permission); choose another --output")
+
+
+def _read_only_fs(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+# A lone UTF-16 surrogate (half of a pair, from a JSON escape like "\ud83d") is no text: tokenizers refuse it and
+# UTF-8 cannot encode it.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def text_problem(value: Any, name: str) -> str | None:
+    """Where `value` (a row field, nested lists and dicts included) holds a lone surrogate, or None."""
+    if isinstance(value, str):
+        found = LONE_SURROGATE.search(value)
+        if found:
+            return (
+                f"field `{name}` holds a lone UTF-16 surrogate \\u{ord(found.group()):04x} at character {found.start()} "
+                "(half of an escaped pair, which no tokenizer can encode); fix the row"
+            )
+    elif isinstance(value, dict):
+        return next((p for k, v in value.items() if (p := text_problem(v, f"{name}.{k}")) is not None), None)
+    elif isinstance(value, list):
+        return next((p for i, v in enumerate(value) if (p := text_problem(v, f"{name}[{i}]")) is not None), None)
+    return None
+
+
+def json_line(row: dict) -> str:
+    """One output line; a row holding a lone surrogate is written with escapes (UTF-8 cannot hold it raw)."""
+    line = json.dumps(row, ensure_ascii=False)
+    return (json.dumps(row) if LONE_SURROGATE.search(line) else line) + "\n"
 
 
 def fitting_settings(model: Any, settings: GenerationArguments) -> GenerationArguments:
@@ -243,6 +382,7 @@ def predict_rows(
     overwrite: bool = False,
     seed: int | None = None,
     decode: str = "auto",
+    run: dict | None = None,
 ) -> PredictResult:
     """Generate the rows not yet in `output` and append them in input order (see the module docstring).
 
@@ -253,21 +393,41 @@ def predict_rows(
         seed: with sampling, row i samples from its own generator seeded `seed + i`, so its answer does not
             depend on the batch it ran in, nor on where an interrupted run resumed.
         decode: the engine's decode mode ("auto": a compiled static cache on CUDA).
+        run: the model's identity for the sidecar (model, adapter, dtype, lora_alpha; see `run_record`), so a
+            resume with another model is refused; default: the model's config name.
+
+    Raises:
+        BadValue: `output` is not this run's predictions file (see `resume_point`); `max_new_tokens` alone
+            exceeds the model's context, so no row could be generated.
+        OSError: the disk is full (ENOSPC), named with `output`; the rows written so far are kept.
     """
     from tqdm.auto import tqdm
 
-    from instructglm.infer.engine import BatchEngine
+    from instructglm.infer.engine import BatchEngine, unwrap
     from instructglm.infer.prompts import Prompter, prompter_for
 
     if not isinstance(prompter, Prompter):
         prompter = prompter_for(model, prompter)
     tokenizer = prompter.tokenizer
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if overwrite and output.exists():
-        output.unlink()
-    start = resume_point(output, rows)
+    if output.is_dir():
+        raise BadValue(f"--output {output} is a directory; give a file path for the predictions jsonl")
     limit = context_limit(model)
+    if settings.max_new_tokens is not None and limit is not None and settings.max_new_tokens >= limit:
+        raise BadValue(
+            f"--max_new_tokens {settings.max_new_tokens} alone fills the model's context of {limit} tokens, so every row "
+            f"would be skipped; pass at most {limit - 1} minus the longest prompt"
+        )
+    if run is None:
+        run = {"model": getattr(unwrap(model).config, "_name_or_path", None)}
+    record = run_record(prompter, settings, seed, run)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for stale in (output, predict_meta_path(output)):
+            stale.unlink(missing_ok=True)
+    start = resume_point(output, rows, record)
+    if start == 0:
+        write_run_record(output, record, rows)
     fitted = fitting_settings(model, settings)
     # Every request that is generated fits the context (the others are skipped), so the context bounds the cache.
     engine = BatchEngine(
@@ -292,6 +452,10 @@ def predict_rows(
         """Queue a window's rows (skipped ones are done at once); returns how many were skipped."""
         queued = []
         for i in window:
+            bad_text = next((p for k in PROMPT_FIELDS if (p := text_problem(rows[i].get(k), k)) is not None), None)
+            if bad_text is not None:
+                done[i] = {**rows[i], "prediction": None, "skipped": f"not valid text: {bad_text}"}
+                continue
             try:
                 ids = row_prompt_ids(prompter, rows[i])
             except BadValue as error:
@@ -325,27 +489,55 @@ def predict_rows(
                 raise RuntimeError(f"predict: row {next_row + 1} was handed to the engine but never finished")
             lines = []
             while next_row in done:
-                lines.append(json.dumps(done.pop(next_row), ensure_ascii=False) + "\n")
+                lines.append(json_line(done.pop(next_row)))
                 next_row += 1
             if lines:
                 # One write per step, then fsync: a crash leaves whole rows plus at most one partial
                 # line, which resume_point cuts off.
-                f.write("".join(lines))
-                f.flush()
-                os.fsync(f.fileno())
+                try:
+                    f.write("".join(lines))
+                    f.flush()
+                    os.fsync(f.fileno())
+                except OSError as error:
+                    raise _named(error, output) from error
                 written += len(lines)
                 bar.update(len(lines))
     return PredictResult(written, skipped)
+
+
+def model_identity(model_args: ModelArguments) -> dict:
+    """The model a predictions file was made with, as its sidecar records it (local paths made absolute)."""
+
+    def where(path: str | None) -> str | None:
+        return str(Path(path).resolve()) if path is not None and Path(path).exists() else path
+
+    return {
+        "model": where(model_args.model_name_or_path),
+        "adapter": where(model_args.adapter),
+        "lora_alpha": model_args.lora_alpha,
+        "dtype": model_args.dtype,
+    }
+
+
+def _named(error: OSError, output: Path) -> OSError:
+    """`error` with `output` as its file name (a full disk's write error names no file), for the one-line message."""
+    if error.filename is not None:
+        return error
+    return type(error)(error.errno, f"{error.strerror} (writing --output {output}; the rows before it are kept, rerun to resume)", str(output))
 
 
 def main(model_args: ModelArguments, args: PredictArguments, settings: BatchGenerationArguments) -> int:
     from transformers import set_seed
 
     refuse_same_file(args.input, args.output)  # before --overwrite deletes anything
+    check_output_writable(args.output)  # before the model loads, which takes minutes
     rows = read_rows(args.input)
     set_seed(args.seed)
     model, _, prompter = load_from_args(model_args)
-    result = predict_rows(model, prompter, rows, args.output, settings, args.batch_size, args.overwrite, args.seed, args.decode)
-    skipped = f" ({result.skipped} skipped, prompt too long or not expressible: `prediction` null, reason in `skipped`)" if result.skipped else ""
+    run = model_identity(model_args)
+    result = predict_rows(
+        model, prompter, rows, args.output, settings, args.batch_size, args.overwrite, args.seed, args.decode, run=run
+    )
+    skipped = f" ({result.skipped} skipped, prompt too long, not expressible or not valid text: `prediction` null, reason in `skipped`)" if result.skipped else ""
     print(f"predict: {result.written} row(s) written now{skipped}, {len(rows)} in {args.output}")
     return 0

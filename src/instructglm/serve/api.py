@@ -27,7 +27,8 @@ A reply that is a tool call (ChatGLM3's, GLM-4's) comes back, when the request o
 OpenAI's `tool_calls` (`{"id", "type": "function", "function": {"name", "arguments": "<JSON>"}}`) with
 `finish_reason: "tool_calls"`, plain and streaming (one `tool_calls` delta after any text); without
 `tools` it is the reply's text. `tool_choice: "none"` offers no tools; any other value is treated as
-"auto". A tool result names its tool through `tool_call_id` (the assistant call with that id) or `name`.
+"auto". A tool result names its tool through `tool_call_id` (the assistant call with that id; an id
+no earlier call has is a 400 naming it) or `name`.
 
 Concurrent requests share the model's forward passes (`instructglm.infer.engine.BatchEngine`):
 a new request joins the running batch at the next decode step, up to `--max_batch_size` rows;
@@ -41,8 +42,10 @@ prompt's forward, its sampling, its text) gets a 500 and the rest of its batch g
 with a hard-coded name work.
 
 Parameters are checked strictly: `max_tokens`, `max_completion_tokens`, `n` and `seed` must be
-JSON integers (not `true`, `"5"` or `5.5`), `temperature` and `top_p` numbers, `stream` a
-boolean; anything else is a 400 naming the parameter. A temperature below 1e-5 (0 included)
+JSON integers (not `true`, `"5"` or `5.5`), `seed` one a 64-bit generator takes (-2**63 to
+2**64 - 1), `temperature` and `top_p` numbers, `stream` a boolean; anything else is a 400 naming the
+parameter. `--port` is 0..65535 (0: any free port, logged); `--max_tokens_limit` and
+`--max_request_bytes` are at least 1. A temperature below 1e-5 (0 included)
 decodes greedily (see `MIN_SAMPLING_TEMPERATURE`).
 
 Limits and errors: `--api_key` (or INSTRUCTGLM_API_KEY) requires `Authorization: Bearer <key>`
@@ -69,6 +72,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from instructglm.errors import BadValue
 from instructglm.infer.generate import EngineArguments, GenerationArguments, context_limit
 from instructglm.infer.load import ModelArguments, load_from_args
 
@@ -95,6 +99,24 @@ class ServeArguments:
     max_request_bytes: int = field(default=1_000_000, metadata={"help": "Largest request body in bytes."})
     max_queue: int = field(default=256, metadata={"help": "Requests allowed to wait for a batch row; more get 503."})
     web: bool = field(default=False, metadata={"help": f"Also serve the Gradio chat at {WEB_PATH}/, from the same loaded model and batch."})
+
+    def __post_init__(self):
+        check_port(self.port)
+        for name in ("max_tokens_limit", "max_request_bytes"):
+            if getattr(self, name) < 1:
+                raise BadValue(f"--{name} must be at least 1, got {getattr(self, name)}: the server would refuse every request")
+        if self.max_queue < 0:
+            raise BadValue(f"--max_queue must be 0 or more, got {self.max_queue}")
+
+
+def check_port(port: int) -> None:
+    """A TCP port: 1..65535, or 0 for any free one (the server logs the one it got).
+
+    Raises:
+        BadValue: outside 0..65535.
+    """
+    if not 0 <= port <= 65535:
+        raise BadValue(f"--port {port} is not a TCP port; give 1..65535, or 0 for any free port")
 
 
 ARGUMENTS = (ModelArguments, ServeArguments, EngineArguments, GenerationArguments)
@@ -234,6 +256,10 @@ def _schemas():
     return ChatCompletionRequest
 
 
+# What a torch.Generator takes as its seed.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
 def _text(content: Any) -> str:
     if content is None:
         return ""
@@ -262,6 +288,13 @@ def request_messages(messages: list) -> list[dict]:
             entry["tool_calls"] = [{"name": call.function.name, "arguments": call.function.arguments} for call in message.tool_calls]
             call_names.update({call.id: call.function.name for call in message.tool_calls if call.id})
         if role == "tool":
+            if message.tool_call_id and message.tool_call_id not in call_names:
+                raise APIError(
+                    400,
+                    f"messages[{i}].tool_call_id {message.tool_call_id!r} matches no tool call of an earlier assistant message "
+                    f"(their ids: {', '.join(map(repr, call_names)) or 'none'}); answer a call the conversation made",
+                    param=f"messages[{i}].tool_call_id",
+                )
             name = message.name or call_names.get(message.tool_call_id or "", "")
             if name:
                 entry["name"] = name
@@ -471,6 +504,9 @@ def create_app(
             raise APIError(400, f"the request body is not valid JSON ({err})") from None
         except RecursionError:
             raise APIError(400, "the request body is nested too deeply to parse; send a chat completion request") from None
+        seed = payload.get("seed") if isinstance(payload, dict) else None
+        if isinstance(seed, int) and not isinstance(seed, bool) and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise APIError(400, f"seed is {seed}, outside the range {SEED_RANGE[0]}..{SEED_RANGE[1]} (a 64-bit seed)", param="seed")
         try:
             return ChatCompletionRequest.model_validate(payload)
         except ValidationError as err:

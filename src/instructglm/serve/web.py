@@ -32,6 +32,11 @@ class WebArguments:
     host: str = field(default="127.0.0.1", metadata={"help": "Address to bind; 0.0.0.0 exposes the app to the network."})
     port: int = field(default=7860, metadata={"help": "TCP port."})
 
+    def __post_init__(self):
+        from instructglm.serve.api import check_port
+
+        check_port(self.port)
+
 
 ARGUMENTS = (ModelArguments, WebArguments, EngineArguments, GenerationArguments)
 
