@@ -232,8 +232,8 @@ def test_loss_plot_temp_name_is_one_the_next_run_recognises(tmp_path, monkeypatc
     [
         ("gradient_accumulation_steps", 0, "--gradient_accumulation_steps must be >= 1, got 0"),
         ("per_device_train_batch_size", 0, "--per_device_train_batch_size must be >= 1, got 0"),
-        ("learning_rate", "nan", "--learning_rate must be a finite number > 0, got nan"),
-        ("learning_rate", -1, "--learning_rate must be a finite number > 0, got -1"),
+        ("learning_rate", "nan", "--learning_rate must be a finite number >= 0, got nan"),
+        ("learning_rate", -1, "--learning_rate must be a finite number >= 0, got -1"),
         ("max_steps", 0, "--max_steps must be >= 1 (or -1: train --num_train_epochs epochs), got 0"),
         ("max_steps", -5, "--max_steps must be >= 1 (or -1: train --num_train_epochs epochs), got -5"),
         ("num_train_epochs", 0, "--num_train_epochs must be > 0 when --max_steps is not set, got 0"),
@@ -338,3 +338,29 @@ def test_last_without_a_checkpoint_starts_a_new_run(missing, tiny_llama_dir, lla
                             "--resume_from_checkpoint", "last") == 0
     assert f"--resume_from_checkpoint last: no complete checkpoint-<step> in {out}; starting a new run" in capsys.readouterr().err
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_a_jsonl_tokenized_on_the_fly_locates_its_drops_and_records_its_meta(tiny_llama_dir, tmp_path, capsys):
+    rows = reverse_rows(8)
+    rows[2] = {"context": "reverse: " + "x" * 80, "target": "x"}  # line 3: the prompt alone overflows 48 tokens
+    data = write_jsonl(tmp_path / "d.jsonl", rows)  # no convert sidecar
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert train_in_process(*common_flags(tiny_llama_dir, data, out, max_steps=1, save_steps=1, max_seq_length=48)) == 0
+    printed = capsys.readouterr().out
+    assert "1 prompt too long" in printed and f"(at {data}:3)" in printed
+    meta = json.loads((out / "instructglm_train.json").read_text())["dataset"]["meta"]
+    assert meta["counts"]["kept"] == 7 and meta["counts"]["dropped_prompt_too_long"] == 1
+    assert meta["dropped_at"] == {"dropped_prompt_too_long": [f"{data}:3"]}
+    assert meta["family"] == "causal-lm" and meta["template_source"] == "unknown"
+    assert meta["max_seq_length"] == 48 and meta["jsonl_path"] == str(data)
+
+
+def test_a_truncated_checkpoint_file_is_named_in_one_line(tiny_llama_dir, llama_dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_in_process(*common_flags(tiny_llama_dir, llama_dataset, out, max_steps=2, save_steps=2)) == 0
+    optimizer = out / "checkpoint-2" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    message = user_error(capsys, *common_flags(tiny_llama_dir, llama_dataset, out, max_steps=4, save_steps=2),
+                         "--resume_from_checkpoint", str(out / "checkpoint-2"))
+    assert f"{optimizer} was refused" in message and "truncated or corrupt" in message

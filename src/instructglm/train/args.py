@@ -192,15 +192,15 @@ def _check_schedule_flags(args) -> None:
 
     Raises:
         BadValue: naming every bad flag at once (batch size or accumulation < 1, a learning rate that is not
-            a finite number > 0, --max_steps 0 or below -1, --num_train_epochs <= 0 without --max_steps).
+            a finite number >= 0, --max_steps 0 or below -1, --num_train_epochs <= 0 without --max_steps).
     """
     problems = []
     for flag in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         value = getattr(args, flag)
         if value < 1:
             problems.append(f"--{flag} must be >= 1, got {value}")
-    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
-        problems.append(f"--learning_rate must be a finite number > 0, got {args.learning_rate}")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate >= 0):  # 0: a run that keeps its adapter
+        problems.append(f"--learning_rate must be a finite number >= 0, got {args.learning_rate}")
     if args.max_steps == 0 or args.max_steps < -1:
         problems.append(f"--max_steps must be >= 1 (or -1: train --num_train_epochs epochs), got {args.max_steps}")
     elif args.max_steps == -1 and not (math.isfinite(args.num_train_epochs) and args.num_train_epochs > 0):

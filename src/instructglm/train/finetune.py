@@ -193,12 +193,13 @@ def load_data(
     from instructglm.models.registry import family_for
 
     family = family_for(model_type, tokenizer)
-    train, eval_dataset = _load_dataset(args.dataset_path, tokenizer, args.max_seq_length, model_type, family, generation_config)
+    train, eval_dataset, meta = _load_dataset(
+        args.dataset_path, tokenizer, args.max_seq_length, model_type, family, generation_config
+    )
     if args.eval_dataset_path:
-        eval_dataset, _ = _load_dataset(
+        eval_dataset, _, _ = _load_dataset(
             args.eval_dataset_path, tokenizer, args.max_seq_length, model_type, family, generation_config, "--eval_dataset_path"
         )
-    meta = _data_meta(args.dataset_path)
     template, source = _training_template(args, meta)
     if template == "messages" and not family.role_tokens:
         # a text family wrote the conversations with its own round template: record that one, which every
@@ -489,15 +490,21 @@ def _unreadable_checkpoint_message(checkpoint: str, error: BaseException) -> str
 
 
 def _unreadable_checkpoint_file(checkpoint: Path) -> Path | None:
-    """The first pickle file of a checkpoint that `torch.load(weights_only=True)` refuses, as the Trainer loads it."""
+    """The first weight file of a checkpoint that does not load as the Trainer loads it (a pickle
+    `torch.load(weights_only=True)` refuses, a truncated file)."""
     from transformers.trainer import safe_globals
 
     from instructglm.models.loading import is_unreadable_weights
 
+    from safetensors.torch import load_file
+
     for path in sorted(checkpoint.iterdir()):
-        if path.suffix not in (".pt", ".pth", ".bin") or not path.is_file():
+        if path.suffix not in (".pt", ".pth", ".bin", ".safetensors") or not path.is_file():
             continue
         try:
+            if path.suffix == ".safetensors":
+                load_file(str(path))
+                continue
             with safe_globals():
                 torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001  only to name the file; the caller reports the error
@@ -551,17 +558,12 @@ def _load_kwargs(args: FinetuneArguments, training_args: TrainingArguments) -> d
 def _load_dataset(
     path: str, tokenizer, max_seq_length: int, model_type, family, generation_config=None, flag: str = "--dataset_path"
 ):
-    """(train, eval-or-None) from a tokenized dataset dir (tokenized for `family`), or a converted .jsonl tokenized now."""
+    """(train, eval-or-None, meta) from a tokenized dataset dir (tokenized for `family`; meta: its
+    instructglm_data.json), or a converted .jsonl tokenized now (meta: what tokenize would record of it)."""
     import datasets
 
     if os.path.isfile(path):
-        from instructglm.data.tokenize import tokenize_dataset
-
-        dataset, counts = tokenize_dataset(
-            path, tokenizer, max_seq_length, model_type=model_type, generation_config=generation_config
-        )
-        print(f"{path} tokenized on the fly for the {family.name} family: {counts.summary()}", flush=True)
-        return dataset, None
+        return _tokenize_on_the_fly(path, tokenizer, max_seq_length, model_type, family, generation_config)
     _check_dataset_family(path, family, flag)
     try:
         loaded = datasets.load_from_disk(path)
@@ -589,7 +591,26 @@ def _load_dataset(
             f"{flag} {path} has no labels column, which the {family.name} family's rows have: it was tokenized for a "
             "text-prompt model; re-run `instructglm tokenize` with this model's --model_name_or_path"
         )
-    return loaded, eval_dataset
+    return loaded, eval_dataset, _data_meta(path)
+
+
+def _tokenize_on_the_fly(path: str, tokenizer, max_seq_length: int, model_type, family, generation_config=None):
+    """(dataset, None, meta) of a converted jsonl, tokenized as `instructglm tokenize` does: the same meta it
+    records (template, counts, `dropped_at`), and the same summary with the file:line of the first dropped rows."""
+    # data.tokenize has no public call returning the drop locations and the meta of an in-memory tokenization
+    # (`tokenize_dataset` gives only the counts), so its steps are taken here one by one, as `tokenize_jsonl` takes them.
+    from instructglm.data import tokenize
+
+    encoder = tokenize._encoder(tokenizer, max_seq_length, model_type, 1, 1000, generation_config)
+    rows = tokenize.read_jsonl_rows(path)
+    dataset, counts, dropped_at = tokenize._tokenize_rows(encoder, rows, 1, 1000, True)
+    meta = tokenize._dataset_meta(path, rows, tokenizer, encoder, max_seq_length, counts, None)
+    meta["dropped_at"] = dropped_at
+    print(f"{path} tokenized on the fly for the {family.name} family: {counts.summary()}", flush=True)
+    for outcome, locations in dropped_at.items():
+        more = ", ..." if getattr(counts, outcome) > len(locations) else ""
+        print(f"  {outcome}: {getattr(counts, outcome)} (at {', '.join(locations)}{more})", flush=True)
+    return dataset, None, meta
 
 
 def _check_dataset_family(path: str, family, flag: str) -> None:
