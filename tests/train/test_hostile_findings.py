@@ -13,7 +13,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import shutil
 import subprocess
 import sys
@@ -299,7 +298,7 @@ def test_a_full_disk_in_a_checkpoint_save_is_one_line_and_leaves_no_partial_chec
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
     out = tmp_path / "run"
     message = user_error(capsys, *common_flags(tiny_llama_dir, llama_dataset, out, max_steps=4, save_steps=2))
-    assert f"No space left on device while saving checkpoint-2" in message and str(out) in message
+    assert "No space left on device while saving checkpoint-2" in message and str(out) in message
     assert not (out / "checkpoint-2").exists()
 
 
@@ -364,3 +363,30 @@ def test_a_truncated_checkpoint_file_is_named_in_one_line(tiny_llama_dir, llama_
     message = user_error(capsys, *common_flags(tiny_llama_dir, llama_dataset, out, max_steps=4, save_steps=2),
                          "--resume_from_checkpoint", str(out / "checkpoint-2"))
     assert f"{optimizer} was refused" in message and "truncated or corrupt" in message
+
+
+def test_a_full_disk_in_the_final_save_is_one_line_and_resume_saves_it(tiny_llama_dir, llama_dataset, tmp_path, capsys, monkeypatch):
+    import instructglm.train.finetune as finetune
+
+    real = finetune.publish_staged_run
+
+    def full(staging, output_dir):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(finetune, "publish_staged_run", full)
+    out = tmp_path / "run"
+    flags = common_flags(tiny_llama_dir, llama_dataset, out, max_steps=2, save_steps=2)
+    message = user_error(capsys, *flags)
+    assert "No space left on device while saving the final adapter" in message and str(out) in message
+    assert not (out / ".instructglm-final-save").exists() and not (out / "adapter_config.json").exists()
+    monkeypatch.setattr(finetune, "publish_staged_run", real)
+    assert train_in_process(*flags, "--resume_from_checkpoint", "last") == 0
+    torch.testing.assert_close(adapter_tensors(out), adapter_tensors(out / "checkpoint-2"), rtol=0, atol=0)
+
+
+def test_a_run_refused_before_writing_leaves_no_empty_output_dir(tiny_llama_dir, llama_dataset, tmp_path, capsys):
+    out = tmp_path / "new"
+    message = user_error(capsys, *common_flags(tiny_llama_dir, llama_dataset, out), "--resume_from_checkpoint",
+                         str(tmp_path / "nope"))
+    assert "not a complete checkpoint (no such directory)" in message
+    assert not out.exists()

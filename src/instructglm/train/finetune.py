@@ -7,7 +7,9 @@ One GPU (or the CPU, for tiny models):
 Continue from an adapter (a peft dir or the seed's chatglm-lora.pt):
     ... --output_dir output/belle --is_resume True --resume_path output/alpaca/chatglm-lora.pt
 Continue an interrupted run exactly (optimizer, scheduler, RNG, data position):
-    ... --resume_from_checkpoint output/checkpoint-1000     (or `last`: the newest complete one in --output_dir)
+    ... --resume_from_checkpoint output/checkpoint-1000     (or `last`: the newest complete one in --output_dir;
+    with none there, `last` starts a new run and says so; from a checkpoint at --max_steps nothing more is trained
+    and its adapter is saved as the final one)
 Many GPUs: `torchrun --nproc_per_node N finetune.py ...` (DDP; per-device batch N times over), or
 add `--deepspeed configs/ds_zero2.json` (ZeRO-2) / `configs/ds_zero3.json` (ZeRO-3).
 
@@ -16,8 +18,9 @@ README.md), `chatglm-lora.pt` (the seed's plain state dict of the LoRA tensors),
 files, `instructglm_train.json` (hyperparameters, template, data counts and fingerprint, final
 metrics), `loss.png` and `checkpoint-<step>` dirs (adapter + tokenizer + optimizer/scheduler/RNG/
 trainer state + the run's instructglm_train.json). An --output_dir holding another run is refused
-unless --overwrite_output_dir true; `--resume_from_checkpoint` continues only a checkpoint of a run
-with the same data and flags. A NaN/inf loss or gradient stops the run naming the last checkpoint
+unless --overwrite_output_dir true, and so is an --output_dir that is (or holds) a model; while a run
+goes, a second one into its dir is refused (a lock file naming its pid); `--resume_from_checkpoint`
+continues only a checkpoint of a run with the same data and flags. A NaN/inf loss or gradient stops the run naming the last checkpoint
 with finite weights. The dataset's `seq_len` column is read by the collator, so
 `--remove_unused_columns` is always false here, whatever is passed.
 
@@ -35,6 +38,7 @@ family (a ChatGLM-6B dataset for a ChatGLM3-6B model, say) is refused. Rows with
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -60,7 +64,7 @@ from instructglm.models.lora import (
 from instructglm.train.args import FinetuneArguments, TrainingArguments, activation_checkpointing
 from instructglm.train.callbacks import LossPlotCallback, NonFiniteGuard, RunRecordCallback
 from instructglm.train.collator import collator_for
-from instructglm.train.trainer import InstructGLMTrainer, check_speed_flags, packing_data, trainer_kwargs_for
+from instructglm.train.trainer import InstructGLMTrainer, check_speed_flags, disk_full, packing_data, trainer_kwargs_for
 from instructglm.train.run_dir import (
     RUN_OUTPUTS,
     STAGING_DIR,
@@ -340,12 +344,23 @@ def save_run(trainer, record: dict[str, Any], metrics: dict[str, Any] | None = N
     if trainer.args.should_save:
         shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))
-    if trainer.args.should_save:
-        umask_modes(staging)  # safetensors writes the adapter 0600 whatever the umask
-        torch.save(seed_state_dict_from_saved(_saved_adapter_tensors(staging)), staging / SEED_ADAPTER_FILE)
-        write_json(staging / RUN_CONFIG, {**record, "metrics": metrics, "eval_metrics": last_eval_metrics(trainer)}, default=str)
-        publish_staged_run(staging, output_dir)
+    try:
+        trainer.save_model(str(staging))
+        if trainer.args.should_save:
+            umask_modes(staging)  # safetensors writes the adapter 0600 whatever the umask
+            torch.save(seed_state_dict_from_saved(_saved_adapter_tensors(staging)), staging / SEED_ADAPTER_FILE)
+            write_json(staging / RUN_CONFIG, {**record, "metrics": metrics, "eval_metrics": last_eval_metrics(trainer)}, default=str)
+            publish_staged_run(staging, output_dir)
+    except (OSError, RuntimeError) as error:
+        if not trainer.args.should_save or not disk_full(error, output_dir):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OSError(
+            errno.ENOSPC,
+            "No space left on device while saving the final adapter (the partial save was removed, the checkpoints "
+            "are kept: free space, then rerun with --resume_from_checkpoint last to save it)",
+            str(output_dir),
+        ) from error
     trainer.accelerator.wait_for_everyone()
     return output_dir
 

@@ -371,6 +371,7 @@ def output_dir_lock(output_dir: str | os.PathLike, take: bool = True) -> Iterato
         yield
         return
     root = Path(output_dir)
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     path = root / LOCK_FILE
     fd = _lock(path, fcntl)
@@ -381,6 +382,11 @@ def output_dir_lock(output_dir: str | os.PathLike, take: bool = True) -> Iterato
     finally:
         path.unlink(missing_ok=True)  # before the unlock: no later run ever locks a file that is going away
         os.close(fd)
+        if created:  # a run refused before writing anything leaves no empty dir behind
+            try:
+                root.rmdir()
+            except OSError:
+                pass
 
 
 def _lock(path: Path, fcntl) -> int:

@@ -203,7 +203,7 @@ class InstructGLMTrainer(Trainer):
         try:
             super()._save_checkpoint(model, trial)
         except (OSError, RuntimeError) as error:
-            if not self.args.should_save or not _disk_full(error, checkpoint):
+            if not self.args.should_save or not disk_full(error, checkpoint):
                 raise
             # a partial checkpoint would hold the space the next save needs, and `last` skips it anyway
             shutil.rmtree(checkpoint, ignore_errors=True)
@@ -235,7 +235,7 @@ class InstructGLMTrainer(Trainer):
         return metrics
 
 
-def _disk_full(error: BaseException, directory: Path) -> bool:
+def disk_full(error: BaseException, directory: Path) -> bool:
     """Whether a failed save failed for want of space: ENOSPC/EDQUOT, or torch's stream error (it names no
     errno: `basic_ios::clear: iostream error`, `PytorchStreamWriter failed writing`) on a nearly full disk."""
     if isinstance(error, OSError):
@@ -308,6 +308,7 @@ __all__ = [
     "InstructGLMTrainer",
     "SpeedArguments",
     "check_speed_flags",
+    "disk_full",
     "generation_scores",
     "packing_data",
     "trainer_kwargs_for",
