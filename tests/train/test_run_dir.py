@@ -55,8 +55,12 @@ def test_last_without_a_complete_checkpoint_and_an_incomplete_named_one(run_with
     out, flags = run_with_checkpoints
     for checkpoint in out.glob("checkpoint-*"):
         (checkpoint / "adapter_model.safetensors").unlink()
-    message = one_line_error(capsys, *common_flags(**flags, max_steps=8), "--resume_from_checkpoint", "last")
-    assert "no complete checkpoint-<step>" in message and "3 incomplete or non-finite ones skipped" in message
+    # `last` with nothing to resume asks for a new run, which a dir holding another run refuses
+    capsys.readouterr()
+    assert train_in_process(*common_flags(**flags, max_steps=8), "--resume_from_checkpoint", "last") == 2
+    err = capsys.readouterr().err
+    assert f"no complete checkpoint-<step> in {out} (3 incomplete or non-finite ones skipped); starting a new run" in err
+    assert f"--output_dir {out} already holds a run" in err
     message = one_line_error(capsys, *common_flags(**flags, max_steps=8), "--resume_from_checkpoint", str(out / "checkpoint-4"))
     assert f"{out / 'checkpoint-4'}: not a complete checkpoint (no adapter weights" in message
 

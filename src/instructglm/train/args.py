@@ -3,15 +3,17 @@
 `FinetuneArguments` holds what is ours: data, base model, LoRA and resume options. Everything
 else is transformers' `TrainingArguments`, parsed beside it, so every HF flag (`--bf16`,
 `--gradient_checkpointing`, `--deepspeed`, `--report_to`, `--resume_from_checkpoint`, ...) passes
-through unchanged. `TrainingArguments` here is the HF class with four checks run before its own:
-`--deepspeed` without DeepSpeed installed (an error naming the fix), `--fp16` on a machine without
-CUDA (fp32 with a warning), torchrun on a machine without CUDA (DDP over gloo on the CPU), and
+through unchanged. `TrainingArguments` here is the HF class with checks run before its own: batch
+sizes, steps, epochs and the learning rate in range (one error naming each bad flag), `--deepspeed`
+without DeepSpeed installed (an error naming the fix), `--fp16` or `--bf16` on a machine without a
+GPU (fp32 with a warning), torchrun on a machine without CUDA (DDP over gloo on the CPU), and
 `--fsdp` there (accelerate shards only on accelerators: a warning that the run is DDP).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -131,6 +133,7 @@ class TrainingArguments(transformers.TrainingArguments):
     """transformers' `TrainingArguments`, with early checks that name the flag to change."""
 
     def __post_init__(self) -> None:
+        _check_schedule_flags(self)
         if self.deepspeed and importlib.util.find_spec("deepspeed") is None:
             raise MissingDependency(
                 f"--deepspeed {self.deepspeed} needs DeepSpeed, which is not installed: `pip install 'instructglm[gpu]'` "
@@ -150,6 +153,16 @@ class TrainingArguments(transformers.TrainingArguments):
         # the CPU; otherwise every process would silently train its own copy and race on the output files.
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
             self.use_cpu = True
+        # transformers refuses --bf16 without a bf16 accelerator unless told the run is on the CPU; like --fp16,
+        # the README's command lines then run in fp32 with one warning instead of a traceback.
+        if self.bf16 and not self.use_cpu and not torch.cuda.is_available() and not _mps_available():
+            print(
+                "warning: --bf16 needs a GPU and none is available: training in fp32 on the CPU instead "
+                "(drop --bf16 to silence this)",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.bf16 = False
         # The seed's and our README's --gradient_checkpointing is, from transformers 5.2x on, the deprecated alias
         # of --activation_checkpointing: take it as the new name there, so it works without a FutureWarning
         # (older 5.x have only the old name, which is then the one used).
@@ -167,3 +180,30 @@ class TrainingArguments(transformers.TrainingArguments):
                 flush=True,
             )
         super().__post_init__()
+
+
+def _mps_available() -> bool:
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
+def _check_schedule_flags(args) -> None:
+    """Refuse the batch, step and learning-rate values transformers takes and then trains wrongly or crashes on.
+
+    Raises:
+        BadValue: naming every bad flag at once (batch size or accumulation < 1, a learning rate that is not
+            a finite number >= 0, --max_steps 0 or below -1, --num_train_epochs <= 0 without --max_steps).
+    """
+    problems = []
+    for flag in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        value = getattr(args, flag)
+        if value < 1:
+            problems.append(f"--{flag} must be >= 1, got {value}")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate >= 0):  # 0: a run that keeps its adapter
+        problems.append(f"--learning_rate must be a finite number >= 0, got {args.learning_rate}")
+    if args.max_steps == 0 or args.max_steps < -1:
+        problems.append(f"--max_steps must be >= 1 (or -1: train --num_train_epochs epochs), got {args.max_steps}")
+    elif args.max_steps == -1 and not (math.isfinite(args.num_train_epochs) and args.num_train_epochs > 0):
+        problems.append(f"--num_train_epochs must be > 0 when --max_steps is not set, got {args.num_train_epochs}")
+    if problems:
+        raise BadValue("invalid train flags: " + "; ".join(problems))

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from instructglm.data.io import write_json
+from instructglm.data.io import release, temp_sibling, write_json
 from instructglm.errors import UserError
 from instructglm.layout import LOSS_PLOT_FILE, RUN_CONFIG
 
@@ -68,13 +68,14 @@ def plot_loss(log_history: list[dict], path: str) -> None:
     figure.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     # Drawn beside and renamed: a kill while drawing never leaves a cut-off picture.
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    # The temp name is io's, so a run killed while drawing leaves one the next run recognises and removes.
+    tmp = temp_sibling(path)
     try:
-        figure.savefig(tmp, format="png")
+        figure.savefig(str(tmp), format="png")
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
+        release(tmp)
 
 
 class TrainingDiverged(UserError, FloatingPointError):
@@ -88,7 +89,8 @@ class NonFiniteGuard(TrainerCallback):
     optimizer on whatever gradient it has, so a diverged run can log plausible numbers while its
     weights turn to NaN or grow without bound (lr 1e9: an inf gradient norm at every step) and get
     checkpointed. This guard records a non-finite loss at every training forward pass, and before
-    each optimizer step checks the gradients of the trainable (LoRA) tensors. Under DDP, FSDP or
+    each optimizer step checks the gradients of the trainable (LoRA) tensors and their norm before
+    clipping (clipping by an inf norm zeroes finite gradients, which would then pass). Under DDP, FSDP or
     DeepSpeed the two findings are summed over all processes, so every process stops at the same
     step (none is left waiting in a collective for one that stopped). It raises `TrainingDiverged`
     (a user error: one line, naming the step and the last checkpoint whose weights are finite).
@@ -101,6 +103,11 @@ class NonFiniteGuard(TrainerCallback):
         self.check_grads = check_grads
         self._handle = None
         self._bad_loss: float | None = None
+        self._grad_norm: float | None = None  # the step's pre-clip norm, from `InstructGLMTrainer`
+
+    def record_grad_norm(self, grad_norm) -> None:
+        """Take the gradient norm of the step about to be applied (global over processes, before clipping)."""
+        self._grad_norm = None if grad_norm is None else float(grad_norm)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._bad_loss = None
@@ -118,7 +125,9 @@ class NonFiniteGuard(TrainerCallback):
             self._bad_loss = loss.detach().float().item() if loss.numel() == 1 else float("nan")
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        bad_grads = self.check_grads and model is not None and not _grads_finite(model)
+        bad_norm = self._grad_norm is not None and not math.isfinite(self._grad_norm)
+        bad_grads = self.check_grads and (bad_norm or (model is not None and not _grads_finite(model)))
+        self._grad_norm = None
         found = torch.tensor([self._bad_loss is not None, bad_grads], dtype=torch.float32, device=args.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized() and args.world_size > 1:
             torch.distributed.all_reduce(found)  # sum: on how many processes each was seen

@@ -7,7 +7,9 @@ One GPU (or the CPU, for tiny models):
 Continue from an adapter (a peft dir or the seed's chatglm-lora.pt):
     ... --output_dir output/belle --is_resume True --resume_path output/alpaca/chatglm-lora.pt
 Continue an interrupted run exactly (optimizer, scheduler, RNG, data position):
-    ... --resume_from_checkpoint output/checkpoint-1000     (or `last`: the newest complete one in --output_dir)
+    ... --resume_from_checkpoint output/checkpoint-1000     (or `last`: the newest complete one in --output_dir;
+    with none there, `last` starts a new run and says so; from a checkpoint at --max_steps nothing more is trained
+    and its adapter is saved as the final one)
 Many GPUs: `torchrun --nproc_per_node N finetune.py ...` (DDP; per-device batch N times over), or
 add `--deepspeed configs/ds_zero2.json` (ZeRO-2) / `configs/ds_zero3.json` (ZeRO-3).
 
@@ -16,8 +18,9 @@ README.md), `chatglm-lora.pt` (the seed's plain state dict of the LoRA tensors),
 files, `instructglm_train.json` (hyperparameters, template, data counts and fingerprint, final
 metrics), `loss.png` and `checkpoint-<step>` dirs (adapter + tokenizer + optimizer/scheduler/RNG/
 trainer state + the run's instructglm_train.json). An --output_dir holding another run is refused
-unless --overwrite_output_dir true; `--resume_from_checkpoint` continues only a checkpoint of a run
-with the same data and flags. A NaN/inf loss or gradient stops the run naming the last checkpoint
+unless --overwrite_output_dir true, and so is an --output_dir that is (or holds) a model; while a run
+goes, a second one into its dir is refused (a lock file naming its pid); `--resume_from_checkpoint`
+continues only a checkpoint of a run with the same data and flags. A NaN/inf loss or gradient stops the run naming the last checkpoint
 with finite weights. The dataset's `seq_len` column is read by the collator, so
 `--remove_unused_columns` is always false here, whatever is passed.
 
@@ -35,6 +38,7 @@ family (a ChatGLM-6B dataset for a ChatGLM3-6B model, say) is refused. Rows with
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -46,7 +50,7 @@ from typing import Any
 
 import torch
 
-from instructglm.data.io import write_json
+from instructglm.data.io import remove_stale_siblings, same_file, umask_modes, write_json
 from instructglm.errors import BadValue, MissingDependency, MissingFile, UserError
 from instructglm.layout import DATA_META, LOSS_PLOT_FILE, RUN_CONFIG, SEED_ADAPTER_FILE
 from instructglm.models.lora import (
@@ -60,8 +64,15 @@ from instructglm.models.lora import (
 from instructglm.train.args import FinetuneArguments, TrainingArguments, activation_checkpointing
 from instructglm.train.callbacks import LossPlotCallback, NonFiniteGuard, RunRecordCallback
 from instructglm.train.collator import collator_for
-from instructglm.train.trainer import InstructGLMTrainer, check_speed_flags, packing_data, trainer_kwargs_for
-from instructglm.train.run_dir import STAGING_DIR, prepare_output_dir, publish_staged_run, run_fingerprint
+from instructglm.train.trainer import InstructGLMTrainer, check_speed_flags, disk_full, packing_data, trainer_kwargs_for
+from instructglm.train.run_dir import (
+    RUN_OUTPUTS,
+    STAGING_DIR,
+    output_dir_lock,
+    prepare_output_dir,
+    publish_staged_run,
+    run_fingerprint,
+)
 
 ARGUMENTS = (FinetuneArguments, TrainingArguments)
 
@@ -104,30 +115,38 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> Finet
         from instructglm.eval.metrics import require_eval_deps
 
         require_eval_deps()  # before the model loads: a missing extra fails in a second
+    _check_output_dir(args, training_args)
     fingerprint = run_fingerprint(args, training_args)
-    # The main process checks (and, with --overwrite_output_dir, clears) the dir first; the others then see its result.
-    with training_args.main_process_first(local=False, desc="checking --output_dir"):
-        resume_from = prepare_output_dir(
-            training_args.output_dir,
-            fingerprint,
-            training_args.resume_from_checkpoint,
-            overwrite=args.overwrite_output_dir,
-            need_optimizer=not training_args.save_only_model,
-            is_main_process=training_args.process_index == 0,
-        )
-    # Seed before the adapter is created: LoRA A is randomly initialised, and the Trainer seeds only later.
-    transformers.set_seed(training_args.seed)
+    is_main = training_args.process_index == 0
+    # One run per dir for the whole run (the main process holds the lock for all of them).
+    with output_dir_lock(training_args.output_dir, take=is_main):
+        if is_main:
+            remove_stale_temp_files(training_args.output_dir)
+        # The main process checks (and, with --overwrite_output_dir, clears) the dir first; the others then see its result.
+        with training_args.main_process_first(local=False, desc="checking --output_dir"):
+            resume_from = prepare_output_dir(
+                training_args.output_dir,
+                fingerprint,
+                training_args.resume_from_checkpoint,
+                overwrite=args.overwrite_output_dir,
+                need_optimizer=not training_args.save_only_model,
+                is_main_process=is_main,
+            )
+        if resume_from is not None:
+            _check_steps_left(resume_from, training_args, say=is_main)
+        # Seed before the adapter is created: LoRA A is randomly initialised, and the Trainer seeds only later.
+        transformers.set_seed(training_args.seed)
 
-    model, tokenizer = load_base(args, training_args)
-    data = load_data(args, tokenizer, model.config, warn=training_args.process_index == 0, generation_config=model.generation_config)
-    _settle_training_args(training_args, data)  # before the record, which shows the arguments the run uses
-    model = attach_adapter(model, args)
-    if training_args.should_log:
-        model.print_trainable_parameters()
-    record = run_record(args, training_args, model, data, fingerprint, tokenizer)
-    trainer = build_trainer(model, tokenizer, data, training_args, record, args)
-    result = fit(trainer, resume_from)
-    output_dir = save_run(trainer, record, result.metrics)
+        model, tokenizer = load_base(args, training_args)
+        data = load_data(args, tokenizer, model.config, warn=is_main, generation_config=model.generation_config)
+        _settle_training_args(training_args, data)  # before the record, which shows the arguments the run uses
+        model = attach_adapter(model, args)
+        if training_args.should_log:
+            model.print_trainable_parameters()
+        record = run_record(args, training_args, model, data, fingerprint, tokenizer)
+        trainer = build_trainer(model, tokenizer, data, training_args, record, args)
+        result = fit(trainer, resume_from)
+        output_dir = save_run(trainer, record, result.metrics)
     return FinetuneResult(output_dir=output_dir, metrics=result.metrics, record={**record, "metrics": result.metrics})
 
 
@@ -178,12 +197,13 @@ def load_data(
     from instructglm.models.registry import family_for
 
     family = family_for(model_type, tokenizer)
-    train, eval_dataset = _load_dataset(args.dataset_path, tokenizer, args.max_seq_length, model_type, family, generation_config)
+    train, eval_dataset, meta = _load_dataset(
+        args.dataset_path, tokenizer, args.max_seq_length, model_type, family, generation_config
+    )
     if args.eval_dataset_path:
-        eval_dataset, _ = _load_dataset(
+        eval_dataset, _, _ = _load_dataset(
             args.eval_dataset_path, tokenizer, args.max_seq_length, model_type, family, generation_config, "--eval_dataset_path"
         )
-    meta = _data_meta(args.dataset_path)
     template, source = _training_template(args, meta)
     if template == "messages" and not family.role_tokens:
         # a text family wrote the conversations with its own round template: record that one, which every
@@ -204,6 +224,7 @@ def attach_adapter(model, args: FinetuneArguments):
     """`model` wrapped with a fresh LoRA adapter, or with the one at --resume_path (--is_resume), trainable."""
     if not args.is_resume:
         alpha = args.lora_alpha if args.lora_alpha is not None else SEED_LORA_ALPHA
+        _check_lora_rank(model, args)
         return attach_lora(model, args.lora_rank, alpha, args.lora_dropout, args.lora_target_modules)
     model = load_adapter(
         model,
@@ -216,6 +237,46 @@ def attach_adapter(model, args: FinetuneArguments):
     )
     print(f"continuing from adapter {args.resume_path}", flush=True)
     return model
+
+
+def _check_lora_rank(model, args: FinetuneArguments) -> None:
+    """--lora_rank must not exceed the smallest in/out size of a targeted layer: a larger rank adds no capacity
+    (the update's rank is at most that size) and its A and B matrices can exhaust memory on a 6B model.
+
+    Raises:
+        BadValue: naming the rank, the narrowest targeted layer and its sizes.
+    """
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from instructglm.models.lora import lora_config
+
+    config = lora_config(getattr(model.config, "model_type", None), args.lora_rank, target=args.lora_target_modules)
+    narrowest = None
+    for name, module in model.named_modules():
+        dims = _linear_dims(module)
+        if dims is None or not name:
+            continue
+        if config.target_modules != "all-linear" and not check_target_module_exists(config, name):
+            continue
+        if narrowest is None or min(dims) < min(narrowest[1]):
+            narrowest = (name, dims)
+    if narrowest is not None and args.lora_rank > min(narrowest[1]):
+        name, (inputs, outputs) = narrowest
+        raise BadValue(
+            f"--lora_rank {args.lora_rank} is larger than the targeted layer {name} ({inputs} in, {outputs} out) allows: "
+            f"pass --lora_rank <= {min(inputs, outputs)}"
+        )
+
+
+def _linear_dims(module) -> tuple[int, int] | None:
+    """(in, out) features of a linear layer (torch's, bitsandbytes', or GPT-2's transposed Conv1D); None otherwise."""
+    inputs, outputs = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if isinstance(inputs, int) and isinstance(outputs, int):
+        return inputs, outputs
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and weight is not None and weight.dim() == 2:
+        return tuple(weight.shape)  # Conv1D stores (in, out)
+    return None
 
 
 def build_trainer(
@@ -252,10 +313,22 @@ def build_trainer(
 
 
 def fit(trainer, resume_from: str | None = None):
-    """`trainer.train()`, from the checkpoint `resume_from` if given (its LoRA must be the model's)."""
-    if resume_from is not None:
-        _check_checkpoint_lora(resume_from, trainer.model)
-    return trainer.train(resume_from_checkpoint=resume_from)
+    """`trainer.train()`, from the checkpoint `resume_from` if given (its LoRA must be the model's).
+
+    Raises:
+        BadValue: a file of `resume_from` holds pickled objects other than tensors (refused, never run).
+    """
+    if resume_from is None:
+        return trainer.train()
+    _check_checkpoint_lora(resume_from, trainer.model)
+    from instructglm.models.loading import is_unreadable_weights
+
+    try:
+        return trainer.train(resume_from_checkpoint=resume_from)
+    except Exception as error:
+        if not is_unreadable_weights(error):
+            raise
+        raise BadValue(_unreadable_checkpoint_message(resume_from, error)) from None
 
 
 def save_run(trainer, record: dict[str, Any], metrics: dict[str, Any] | None = None) -> Path:
@@ -271,11 +344,23 @@ def save_run(trainer, record: dict[str, Any], metrics: dict[str, Any] | None = N
     if trainer.args.should_save:
         shutil.rmtree(staging, ignore_errors=True)
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))
-    if trainer.args.should_save:
-        torch.save(seed_state_dict_from_saved(_saved_adapter_tensors(staging)), staging / SEED_ADAPTER_FILE)
-        write_json(staging / RUN_CONFIG, {**record, "metrics": metrics, "eval_metrics": last_eval_metrics(trainer)}, default=str)
-        publish_staged_run(staging, output_dir)
+    try:
+        trainer.save_model(str(staging))
+        if trainer.args.should_save:
+            umask_modes(staging)  # safetensors writes the adapter 0600 whatever the umask
+            torch.save(seed_state_dict_from_saved(_saved_adapter_tensors(staging)), staging / SEED_ADAPTER_FILE)
+            write_json(staging / RUN_CONFIG, {**record, "metrics": metrics, "eval_metrics": last_eval_metrics(trainer)}, default=str)
+            publish_staged_run(staging, output_dir)
+    except (OSError, RuntimeError) as error:
+        if not trainer.args.should_save or not disk_full(error, output_dir):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OSError(
+            errno.ENOSPC,
+            "No space left on device while saving the final adapter (the partial save was removed, the checkpoints "
+            "are kept: free space, then rerun with --resume_from_checkpoint last to save it)",
+            str(output_dir),
+        ) from error
     trainer.accelerator.wait_for_everyone()
     return output_dir
 
@@ -357,6 +442,92 @@ def _settle_training_args(training_args: TrainingArguments, data: TrainData | No
         training_args.ddp_find_unused_parameters = False
 
 
+def _check_output_dir(args: FinetuneArguments, training_args: TrainingArguments) -> None:
+    """--output_dir must not be the base model's dir, nor any dir holding a model: the adapter files written
+    there would make a plain `from_pretrained` of that model load base + LoRA without a word."""
+    output_dir = training_args.output_dir
+    if os.path.isdir(args.model_name_or_path) and same_file(output_dir, args.model_name_or_path):
+        raise BadValue(
+            f"--output_dir {output_dir} is the base model's dir (--model_name_or_path {args.model_name_or_path}): "
+            "the adapter would be written into the model; pass another --output_dir"
+        )
+    held = [name for name in MODEL_WEIGHT_FILES if os.path.exists(os.path.join(output_dir, name))]
+    if held and os.path.isfile(os.path.join(output_dir, "config.json")):
+        raise BadValue(
+            f"--output_dir {output_dir} holds a model (config.json, {held[0]}): the adapter files written there would "
+            "turn it into base + LoRA for every loader; pass another --output_dir"
+        )
+
+
+# What marks a dir as a saved model (besides its config.json): transformers' weight files and shard indexes.
+MODEL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json")
+
+
+def remove_stale_temp_files(output_dir: str) -> None:
+    """Delete the temp files a killed run left beside the run dir's files (loss.png's, the record's)."""
+    if os.path.isdir(output_dir):
+        for name in RUN_OUTPUTS:
+            remove_stale_siblings(os.path.join(output_dir, name))
+
+
+def _check_steps_left(checkpoint: str, training_args: TrainingArguments, say: bool = True) -> None:
+    """A checkpoint past --max_steps is refused; one at it has nothing left to train (said in one line), and
+    the run only re-saves its adapter as the final one."""
+    from instructglm.train.run_dir import TRAINER_STATE
+
+    step = json.loads(Path(checkpoint, TRAINER_STATE).read_text(encoding="utf-8"))["global_step"]
+    max_steps = training_args.max_steps
+    if max_steps > 0 and step > max_steps:
+        raise BadValue(
+            f"--resume_from_checkpoint {checkpoint} is at step {step}, past --max_steps {max_steps}: pass --max_steps "
+            f">= {step} to continue it, or resume an earlier checkpoint-<step>"
+        )
+    if max_steps > 0 and step == max_steps and say:
+        print(
+            f"{checkpoint} is at --max_steps {max_steps}: the run is finished, nothing left to train; saving its adapter "
+            f"as the final one in {training_args.output_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _unreadable_checkpoint_message(checkpoint: str, error: BaseException) -> str:
+    """One line naming the checkpoint file that could not be read (refused pickle, truncated file) and the fix."""
+    from instructglm.models.loading import unreadable_weights
+
+    culprit = _unreadable_checkpoint_file(Path(checkpoint))
+    where = f"{culprit}" if culprit is not None else f"a file of {checkpoint}"
+    return (
+        f"--resume_from_checkpoint {checkpoint}: {where} was refused, nothing was run: {unreadable_weights(error)}; "
+        f"delete {checkpoint} and resume another checkpoint-<step> (or drop the flag to start over)"
+    )
+
+
+def _unreadable_checkpoint_file(checkpoint: Path) -> Path | None:
+    """The first weight file of a checkpoint that does not load as the Trainer loads it (a pickle
+    `torch.load(weights_only=True)` refuses, a truncated file)."""
+    from transformers.trainer import safe_globals
+
+    from instructglm.models.loading import is_unreadable_weights
+
+    from safetensors.torch import load_file
+
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix not in (".pt", ".pth", ".bin", ".safetensors") or not path.is_file():
+            continue
+        try:
+            if path.suffix == ".safetensors":
+                load_file(str(path))
+                continue
+            with safe_globals():
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001  only to name the file; the caller reports the error
+            if is_unreadable_weights(error):
+                return path
+    return None
+
+
 def _check_paths(args: FinetuneArguments) -> None:
     problems = []
     for flag, path in (("--dataset_path", args.dataset_path), ("--eval_dataset_path", args.eval_dataset_path)):
@@ -402,17 +573,12 @@ def _load_kwargs(args: FinetuneArguments, training_args: TrainingArguments) -> d
 def _load_dataset(
     path: str, tokenizer, max_seq_length: int, model_type, family, generation_config=None, flag: str = "--dataset_path"
 ):
-    """(train, eval-or-None) from a tokenized dataset dir (tokenized for `family`), or a converted .jsonl tokenized now."""
+    """(train, eval-or-None, meta) from a tokenized dataset dir (tokenized for `family`; meta: its
+    instructglm_data.json), or a converted .jsonl tokenized now (meta: what tokenize would record of it)."""
     import datasets
 
     if os.path.isfile(path):
-        from instructglm.data.tokenize import tokenize_dataset
-
-        dataset, counts = tokenize_dataset(
-            path, tokenizer, max_seq_length, model_type=model_type, generation_config=generation_config
-        )
-        print(f"{path} tokenized on the fly for the {family.name} family: {counts.summary()}", flush=True)
-        return dataset, None
+        return _tokenize_on_the_fly(path, tokenizer, max_seq_length, model_type, family, generation_config)
     _check_dataset_family(path, family, flag)
     try:
         loaded = datasets.load_from_disk(path)
@@ -440,7 +606,26 @@ def _load_dataset(
             f"{flag} {path} has no labels column, which the {family.name} family's rows have: it was tokenized for a "
             "text-prompt model; re-run `instructglm tokenize` with this model's --model_name_or_path"
         )
-    return loaded, eval_dataset
+    return loaded, eval_dataset, _data_meta(path)
+
+
+def _tokenize_on_the_fly(path: str, tokenizer, max_seq_length: int, model_type, family, generation_config=None):
+    """(dataset, None, meta) of a converted jsonl, tokenized as `instructglm tokenize` does: the same meta it
+    records (template, counts, `dropped_at`), and the same summary with the file:line of the first dropped rows."""
+    # data.tokenize has no public call returning the drop locations and the meta of an in-memory tokenization
+    # (`tokenize_dataset` gives only the counts), so its steps are taken here one by one, as `tokenize_jsonl` takes them.
+    from instructglm.data import tokenize
+
+    encoder = tokenize._encoder(tokenizer, max_seq_length, model_type, 1, 1000, generation_config)
+    rows = tokenize.read_jsonl_rows(path)
+    dataset, counts, dropped_at = tokenize._tokenize_rows(encoder, rows, 1, 1000, True)
+    meta = tokenize._dataset_meta(path, rows, tokenizer, encoder, max_seq_length, counts, None)
+    meta["dropped_at"] = dropped_at
+    print(f"{path} tokenized on the fly for the {family.name} family: {counts.summary()}", flush=True)
+    for outcome, locations in dropped_at.items():
+        more = ", ..." if getattr(counts, outcome) > len(locations) else ""
+        print(f"  {outcome}: {getattr(counts, outcome)} (at {', '.join(locations)}{more})", flush=True)
+    return dataset, None, meta
 
 
 def _check_dataset_family(path: str, family, flag: str) -> None:

@@ -27,7 +27,8 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -259,7 +260,8 @@ def prepare_output_dir(
         OutputExists: a new run into a dir that holds another run, without `overwrite`.
         BadValue: the checkpoint to resume belongs to a run with other data or flags (each named),
             or `last` together with `overwrite`.
-        MissingFile: `last` finds no complete checkpoint, or the named checkpoint is incomplete.
+        MissingFile: the named checkpoint is incomplete. (`last` with no complete checkpoint starts a new
+            run, saying so, as a run without the flag would: refused if the dir holds another run.)
     """
     say = (lambda line: print(line, file=sys.stderr, flush=True)) if is_main_process else None
     if is_main_process:
@@ -276,11 +278,13 @@ def prepare_output_dir(
     if str(flag).lower() in ("last", "true"):
         checkpoint, skipped = last_complete_checkpoint(output_dir, need_optimizer, say, need_finite=True)
         if checkpoint is None:
-            found = f" ({len(skipped)} incomplete or non-finite ones skipped)" if skipped else ""
-            raise MissingFile(
-                f"--resume_from_checkpoint last: no complete checkpoint-<step> in {output_dir}{found}; drop the flag to "
-                "start a new run (with --overwrite_output_dir true if the dir holds an earlier run)"
-            )
+            # "resume if there is something to resume" (what HF and LLaMA-Factory users expect of `last`):
+            # a new run, under the same checks as one asked for without the flag
+            if say is not None:
+                found = f" ({len(skipped)} incomplete or non-finite ones skipped)" if skipped else ""
+                say(f"--resume_from_checkpoint last: no complete checkpoint-<step> in {output_dir}{found}; starting a new run")
+            _check_new_run(output_dir, fingerprint, False, is_main_process)
+            return None
     else:
         checkpoint = Path(flag)
         problem = checkpoint_problem(checkpoint, need_optimizer)
@@ -338,6 +342,73 @@ def clear_run(root: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+# ---- one run at a time ----
+
+LOCK_FILE = ".instructglm-train.lock"
+
+
+@contextmanager
+def output_dir_lock(output_dir: str | os.PathLike, take: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on `output_dir` (created if missing) for the block: a second run into it is refused.
+
+    Two runs into one dir would interleave their checkpoints and leave one run's record beside the other's
+    adapter. The lock is an `fcntl.flock` on a file in the dir holding the holder's pid; the kernel drops it
+    when the holder dies, so a killed run never leaves the dir locked. The file is removed on release
+    (a waiter that opened it before then finds it renamed away and retries). `take=False` (the other
+    processes of a distributed run, which the main one speaks for) only runs the block. Where `fcntl` does
+    not exist (Windows) nothing is locked.
+
+    Raises:
+        OutputExists: another live run holds the lock (its pid is named).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if not take or fcntl is None:
+        yield
+        return
+    root = Path(output_dir)
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK_FILE
+    fd = _lock(path, fcntl)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the unlock: no later run ever locks a file that is going away
+        os.close(fd)
+        if created:  # a run refused before writing anything leaves no empty dir behind
+            try:
+                root.rmdir()
+            except OSError:
+                pass
+
+
+def _lock(path: Path, fcntl) -> int:
+    """An fd of `path` holding its flock (retried while the file is replaced under us)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputExists(
+                f"--output_dir {path.parent} is in use by another `instructglm train` (pid {holder}, holding {path}): "
+                "wait for it to finish, or pass another --output_dir"
+            ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the holder removed this file as it finished: lock the new one
 
 
 # ---- the final save ----

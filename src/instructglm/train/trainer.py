@@ -26,13 +26,19 @@ combinations that cannot work, naming the flag).
 
 from __future__ import annotations
 
+import errno
+import shutil
 from dataclasses import dataclass, field
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from instructglm.data.io import umask_modes
 from instructglm.errors import BadValue
+from instructglm.train.callbacks import NonFiniteGuard
 from instructglm.train.loss import DEFAULT_CHUNK_SIZE, labelled_only_loss
 from instructglm.train.packing import DEFAULT_WINDOW, PackedCollator, PackedDataset, packed_collator_for
 
@@ -175,6 +181,41 @@ class InstructGLMTrainer(Trainer):
             loss = loss * self._loss_scale_across_devices()
         return loss
 
+    def _run_epoch(self, *args, **kwargs):
+        # A run resumed from the checkpoint at its --max_steps (killed before the final save, or rerun when
+        # finished) has nothing left to train; transformers would still run one more step before checking.
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # The pre-clip norm, handed to the non-finite guard: clipping by an inf norm zeroes every finite
+        # gradient, so after it the gradients look finite while Adam's moments still move the weights.
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, NonFiniteGuard):
+                callback.record_grad_norm(grad_norm)
+        return grad_norm
+
+    def _save_checkpoint(self, model, trial) -> None:
+        checkpoint = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as error:
+            if not self.args.should_save or not disk_full(error, checkpoint):
+                raise
+            # a partial checkpoint would hold the space the next save needs, and `last` skips it anyway
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            raise OSError(
+                errno.ENOSPC,
+                f"No space left on device while saving checkpoint-{self.state.global_step} (the partial checkpoint "
+                "was removed; free space or pass another --output_dir, then resume with --resume_from_checkpoint last)",
+                str(checkpoint.parent),
+            ) from error
+        if self.args.should_save and checkpoint.is_dir():
+            umask_modes(checkpoint)  # safetensors writes the adapter 0600 whatever the umask
+
     def _loss_scale_across_devices(self) -> int:
         """What `Trainer.compute_loss` multiplies a loss normalised over every device's tokens by."""
         processes = self.accelerator.num_processes
@@ -192,6 +233,26 @@ class InstructGLMTrainer(Trainer):
             self.log(generated)
             metrics.update(generated)
         return metrics
+
+
+def disk_full(error: BaseException, directory: Path) -> bool:
+    """Whether a failed save failed for want of space: ENOSPC/EDQUOT, or torch's stream error (it names no
+    errno: `basic_ios::clear: iostream error`, `PytorchStreamWriter failed writing`) on a nearly full disk."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(error)
+    if "No space left" in text:
+        return True
+    if "iostream error" not in text and "failed writing" not in text:
+        return False
+    try:
+        usage = shutil.disk_usage(directory.parent if not directory.exists() else directory)
+    except OSError:
+        return False
+    return usage.free < max(NEARLY_FULL_BYTES, usage.total // 100)
+
+
+NEARLY_FULL_BYTES = 64 << 20  # a stream error with less free than this (or 1% of the disk) is a full disk
 
 
 GENERATION_METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l", "exact_match")
@@ -247,6 +308,7 @@ __all__ = [
     "InstructGLMTrainer",
     "SpeedArguments",
     "check_speed_flags",
+    "disk_full",
     "generation_scores",
     "packing_data",
     "trainer_kwargs_for",
