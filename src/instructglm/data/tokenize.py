@@ -523,9 +523,31 @@ def tokenize_dataset(
     result does not depend on either. Raises `DataError` for bad lines, a tokenizer without eos, a
     `max_seq_length` that fits no row, and when every row is dropped.
     """
-    encoder = _encoder(tokenizer, max_seq_length, model_type, num_proc, batch_size, generation_config)
-    dataset, counts, _ = _tokenize_rows(encoder, read_jsonl_rows(jsonl_path), num_proc, batch_size, progress)
+    dataset, counts, _ = tokenize_with_meta(
+        jsonl_path, tokenizer, max_seq_length, num_proc, batch_size, model_type, progress, generation_config
+    )
     return dataset, counts
+
+
+def tokenize_with_meta(
+    jsonl_path: str | os.PathLike,
+    tokenizer,
+    max_seq_length: int,
+    num_proc: int = 1,
+    batch_size: int = 1000,
+    model_type=None,
+    progress: bool = True,
+    generation_config=None,
+    model_name_or_path: str | None = None,
+):
+    """`tokenize_dataset`, plus the meta `tokenize_jsonl` records as `instructglm_data.json` (template, family,
+    counts, `dropped_at`: the first locations of the rows each outcome dropped); returns (dataset, counts, meta)."""
+    encoder = _encoder(tokenizer, max_seq_length, model_type, num_proc, batch_size, generation_config)
+    rows = read_jsonl_rows(jsonl_path)
+    dataset, counts, dropped_at = _tokenize_rows(encoder, rows, num_proc, batch_size, progress)
+    meta = _dataset_meta(jsonl_path, rows, tokenizer, encoder, max_seq_length, counts, model_name_or_path)
+    meta["dropped_at"] = dropped_at
+    return dataset, counts, meta
 
 
 def _encoder(tokenizer, max_seq_length: int, model_type, num_proc: int, batch_size: int, generation_config=None) -> RowEncoder:
@@ -770,11 +792,10 @@ def tokenize_jsonl(
         save_path = save_path.resolve()
     recover_interrupted_swap(save_path)
     _check_save_path(save_path)
-    encoder = _encoder(tokenizer, max_seq_length, model_type, num_proc, batch_size, generation_config)
-    rows = read_jsonl_rows(jsonl_path)
-    dataset, counts, dropped_at = _tokenize_rows(encoder, rows, num_proc, batch_size, progress)
-    meta = _dataset_meta(jsonl_path, rows, tokenizer, encoder, max_seq_length, counts, model_name_or_path)
-    meta["dropped_at"] = dropped_at
+    dataset, counts, meta = tokenize_with_meta(
+        jsonl_path, tokenizer, max_seq_length, num_proc, batch_size, model_type, progress, generation_config,
+        model_name_or_path,
+    )
     save_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(save_path, "tmp")
     try:

@@ -612,15 +612,12 @@ def _load_dataset(
 def _tokenize_on_the_fly(path: str, tokenizer, max_seq_length: int, model_type, family, generation_config=None):
     """(dataset, None, meta) of a converted jsonl, tokenized as `instructglm tokenize` does: the same meta it
     records (template, counts, `dropped_at`), and the same summary with the file:line of the first dropped rows."""
-    # data.tokenize has no public call returning the drop locations and the meta of an in-memory tokenization
-    # (`tokenize_dataset` gives only the counts), so its steps are taken here one by one, as `tokenize_jsonl` takes them.
-    from instructglm.data import tokenize
+    from instructglm.data.tokenize import tokenize_with_meta
 
-    encoder = tokenize._encoder(tokenizer, max_seq_length, model_type, 1, 1000, generation_config)
-    rows = tokenize.read_jsonl_rows(path)
-    dataset, counts, dropped_at = tokenize._tokenize_rows(encoder, rows, 1, 1000, True)
-    meta = tokenize._dataset_meta(path, rows, tokenizer, encoder, max_seq_length, counts, None)
-    meta["dropped_at"] = dropped_at
+    dataset, counts, meta = tokenize_with_meta(
+        path, tokenizer, max_seq_length, model_type=model_type, generation_config=generation_config
+    )
+    dropped_at = meta["dropped_at"]
     print(f"{path} tokenized on the fly for the {family.name} family: {counts.summary()}", flush=True)
     for outcome, locations in dropped_at.items():
         more = ", ..." if getattr(counts, outcome) > len(locations) else ""
