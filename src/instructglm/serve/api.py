@@ -75,6 +75,7 @@ from typing import Any, Literal, Optional, Union
 from instructglm.errors import BadValue
 from instructglm.infer.generate import EngineArguments, GenerationArguments, context_limit
 from instructglm.infer.load import ModelArguments, load_from_args
+from instructglm.serve.web import check_port
 
 logger = logging.getLogger(__name__)
 
@@ -107,16 +108,6 @@ class ServeArguments:
                 raise BadValue(f"--{name} must be at least 1, got {getattr(self, name)}: the server would refuse every request")
         if self.max_queue < 0:
             raise BadValue(f"--max_queue must be 0 or more, got {self.max_queue}")
-
-
-def check_port(port: int) -> None:
-    """A TCP port: 1..65535, or 0 for any free one (the server logs the one it got).
-
-    Raises:
-        BadValue: outside 0..65535.
-    """
-    if not 0 <= port <= 65535:
-        raise BadValue(f"--port {port} is not a TCP port; give 1..65535, or 0 for any free port")
 
 
 ARGUMENTS = (ModelArguments, ServeArguments, EngineArguments, GenerationArguments)

@@ -27,14 +27,22 @@ from instructglm.infer.load import ModelArguments, load_from_args
 TITLE = "InstructGLM: Streaming Chatbot with Gradio"
 
 
+def check_port(port: int) -> None:
+    """A TCP port: 1..65535, or 0 for any free one (the server logs the one it got); web's and serve's `--port`.
+
+    Raises:
+        BadValue: outside 0..65535.
+    """
+    if not 0 <= port <= 65535:
+        raise BadValue(f"--port {port} is not a TCP port; give 1..65535, or 0 for any free port")
+
+
 @dataclass
 class WebArguments:
     host: str = field(default="127.0.0.1", metadata={"help": "Address to bind; 0.0.0.0 exposes the app to the network."})
     port: int = field(default=7860, metadata={"help": "TCP port."})
 
     def __post_init__(self):
-        from instructglm.serve.api import check_port
-
         check_port(self.port)
 
 
