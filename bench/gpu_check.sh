@@ -27,7 +27,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu_check}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-export INSTRUCTGLM_SHARED=${INSTRUCTGLM_SHARED:-$PWD/.shared}
+# the goldens: the carried .shared/ on a lent machine, else ../shared beside the repo (a local dry run)
+if [[ -d .shared ]]; then default_shared=$PWD/.shared; else default_shared=$(dirname "$PWD")/shared; fi
+export INSTRUCTGLM_SHARED=${INSTRUCTGLM_SHARED:-$default_shared}
 PY=${PY:-python3}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 BUDGET=${GPU_CHECK_SECONDS:-470}
