@@ -294,11 +294,23 @@ def _check_attention_mask(attention_mask: torch.Tensor, past_length: int, query_
     if not past_length:
         check_segment_ids(attention_mask)
         return False
+    return cached_mask_is_all_real(attention_mask)
+
+
+def cached_mask_is_all_real(padding_mask: torch.Tensor) -> bool:
+    """Whether a 2-D padding mask after a KV cache marks every token real, checking it is 0/1.
+
+    The values are read with one host sync (min and max together), and inside a compiled step (`torch.compile` of
+    a static-cache decode step) not at all: no check, and the mask is used as given, so the step has no graph break.
+
+    Raises:
+        ValueError: negative or fractional values, or packed rows' segment ids (which cannot continue a cache).
+    """
     if torch.compiler.is_compiling():
         return False
-    low, high = torch.stack((attention_mask.min(), attention_mask.max())).tolist()
+    low, high = torch.stack((padding_mask.min(), padding_mask.max())).tolist()
     if low < 0 or high > 1:
-        check_segment_ids(attention_mask)  # names negative or fractional values
+        check_segment_ids(padding_mask)  # names negative or fractional values
         raise ValueError("packed rows (segment ids above 1 in attention_mask) cannot continue a KV cache")
     return low == 1
 

@@ -52,7 +52,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from instructglm.errors import BadValue
-from instructglm.models.chatglm.model import check_flex_attention_device, check_segment_ids, first_in_segment
+from instructglm.models.chatglm.model import (
+    cached_mask_is_all_real,
+    check_flex_attention_device,
+    check_segment_ids,
+    first_in_segment,
+)
 from instructglm.models.chatglm3.config import ChatGLM3Config
 
 # transformers renamed the outputs' `past_key_values` to `cache` (5.2x); write whichever this version has.
@@ -100,11 +105,8 @@ def causal_rows_allowed(
 
 
 def padding_mask_is_all_real(padding_mask: torch.Tensor, past_length: int) -> bool:
-    """Check a 2-D padding mask (or packed rows' segment ids, without a cache) and say whether every token is real.
-
-    After a cache the values are read with one host sync (min and max together), and inside a compiled step
-    (`torch.compile` of a static-cache decode step) not at all: no check, and the mask is used as given, so the
-    step has no graph break.
+    """Check a 2-D padding mask (or packed rows' segment ids, without a cache) and say whether every token is real
+    (after a cache: `cached_mask_is_all_real`, one host sync and none inside a compiled step).
 
     Raises:
         ValueError: negative or fractional values, a packed row split in several runs, or packed rows after a cache.
@@ -112,13 +114,7 @@ def padding_mask_is_all_real(padding_mask: torch.Tensor, past_length: int) -> bo
     if not past_length:
         check_segment_ids(padding_mask)
         return bool((padding_mask == 1).all())
-    if torch.compiler.is_compiling():
-        return False
-    low, high = torch.stack((padding_mask.min(), padding_mask.max())).tolist()
-    if low < 0 or high > 1:
-        check_segment_ids(padding_mask)  # names negative or fractional values
-        raise ValueError("packed rows (segment ids above 1 in attention_mask) cannot continue a KV cache")
-    return low == 1
+    return cached_mask_is_all_real(padding_mask)
 
 
 def chatglm_attention_mask(
