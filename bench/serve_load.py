@@ -31,9 +31,7 @@ once to the engine (merged). Each measurement that fails prints FAILED with its 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,6 +40,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from machine import machine  # bench/machine.py (this directory is on sys.path when a bench runs)
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -54,19 +54,6 @@ PROMPTS = [
     "一二三四五六七八九十",
     "say hello",
 ]
-
-
-def machine() -> str:
-    """'<CPU model>, N cores' (or the GPU's name)."""
-    name = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -30,13 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import machine  # bench/machine.py (this directory is on sys.path when a bench runs)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("INSTRUCTGLM_SHARED", REPO.parent / "shared"))
@@ -220,25 +221,13 @@ def run_worker(args: argparse.Namespace) -> dict:
 # -- report (parent process) ------------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    name = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores (shared)"
-
-
 def markdown(args: argparse.Namespace, data: dict, results: list[dict]) -> str:
     mib = 1024**2
     base = next((r for r in results if r["variant"] == BASELINE), results[0])
     lines = [
         f"train speed: ChatGLM-6B architecture, {args.num_layers} layers x {args.hidden_size}, vocab 130528 (tied head), "
         f"LoRA r=8 on query_key_value, fp32, sdpa, batch {args.batch} x up to {args.max_seq_length} tokens; "
-        f"{machine()}, {results[0]['threads']} torch thread(s) per variant; {args.steps} timed steps after {args.warmup}, "
+        f"{machine()} (shared), {results[0]['threads']} torch thread(s) per variant; {args.steps} timed steps after {args.warmup}, "
         f"fastest of {args.repeat} interleaved rounds",
         f"data: {data['rows']} BELLE-shaped rows, real ChatGLM-6B tokenizer, max_seq_length {args.max_seq_length} "
         f"(tokens per row: mean {data['mean_tokens']:.0f}, median {data['median_tokens']:.0f}; "
